@@ -97,9 +97,14 @@ def seed_everything(seed, rank=0):
     return seed
 
 
+def is_main_process():
+    """True on rank 0 of a torchrun job, and in a plain single process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def log(*args, **kwargs):
     """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main_process():
         print(*args, **kwargs, flush=True)
 
 

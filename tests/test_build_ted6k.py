@@ -1,0 +1,354 @@
+"""01_build_ted6k.py: exact counts, the public file format, the training splits, determinism, input
+validation with clear errors and no half-written output, and statements from an LLM (a fake one and
+a tiny random transformers model)."""
+import copy
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import world
+from common import DataError, read_jsonl
+
+build = importlib.import_module("01_build_ted6k")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world_bench():
+    return build.build_world_benchmark(seed=0)
+
+
+def _tiny_args(out):
+    return ["--out", str(out / "ted6k"), "--world-out", str(out / "world"), "--bench-fraction", "0.02",
+            "--t2x-images", "6", "--t2x-videos", "4", "--vqa", "12", "--caption-pairs", "8", "--eval", "4"]
+
+
+#################################################################################
+#                                --source world                                 #
+#################################################################################
+
+def test_world_benchmark_has_the_papers_16_cells(world_bench):
+    bench, side = world_bench
+    counts = build.count_cells(bench)
+    for stype, (n_img, n_vid) in build.PAPER_COUNTS.items():
+        assert counts[(stype, "image")] == n_img and counts[(stype, "video")] == n_vid, stype
+    assert sum(counts.values()) == 6641
+    assert sum(k.startswith("image_") for k in bench) == 260 and sum(k.startswith("video_") for k in bench) == 766
+    table = build.format_table(counts)
+    assert "| all | 1374 | 5267 | 6641 | 1374 | 5267 |" in table
+
+
+def test_world_benchmark_is_in_the_public_format(world_bench):
+    bench, _ = world_bench
+    for key, rec in bench.items():
+        assert set(rec) == {"caption", "caption_type", "statements"}
+        assert key.startswith(rec["caption_type"] + "_")
+        assert set(rec["statements"]) == set(world.STATEMENT_TYPES)
+        for stype, info in rec["statements"].items():
+            assert set(info) == {"question", "correct_statement", "incorrect_statements"}
+            if info["correct_statement"]["status"] == "success":
+                assert len(info["incorrect_statements"]) == 3
+                assert all(o["status"] == "success" for o in info["incorrect_statements"])
+            else:
+                assert info["correct_statement"]["statement"] is None and info["incorrect_statements"] == []
+            if rec["caption_type"] == "image" and stype in world.VIDEO_ONLY_TYPES:
+                assert info["correct_statement"]["status"] != "success"
+    # The public reader's path through the file (normalise) keeps every instance.
+    assert build.count_cells(build.normalise_benchmark(bench)) == build.count_cells(bench)
+
+
+def test_world_benchmark_ocr_only_where_asked(world_bench):
+    """Captions without an OCR statement show no words: a null type means 'nothing of this kind'."""
+    bench, side = world_bench
+    for key, rec in bench.items():
+        has_words = any(o["word"] for o in side[key]["scene"]["objects"])
+        assert has_words == (rec["statements"]["OCR"]["correct_statement"]["status"] == "success")
+
+
+def test_main_writes_splits_deterministically(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build.main(_tiny_args(a))
+    build.main(_tiny_args(b))
+    out = capsys.readouterr().out
+    assert "| type | image | video |" in out
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 20
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert not [p for p in a.rglob("*.tmp")]
+    # A different seed gives a different world.
+    c = tmp_path / "c"
+    build.main(_tiny_args(c) + ["--seed", "1"])
+    assert (c / "ted6k/ted6k.json").read_bytes() != (a / "ted6k/ted6k.json").read_bytes()
+
+
+def test_training_split_records(tmp_path):
+    build.main(_tiny_args(tmp_path))
+    wd = tmp_path / "world"
+    pairs = read_jsonl(wd / "caption_pairs.jsonl", required=("a", "b", "kind"))
+    assert len(pairs) == 8 and all(p["a"] != p["b"] for p in pairs)
+    vqa = read_jsonl(wd / "vqa.jsonl", required=("media", "kind", "messages"))
+    assert len(vqa) == 12 and all(r["messages"][0]["role"] == "user" for r in vqa)
+    t2x = read_jsonl(wd / "t2x.jsonl", required=("media", "caption", "kind", "prompt", "scene"))
+    ev = read_jsonl(wd / "eval.jsonl", required=("media", "caption", "kind", "prompt", "scene"))
+    assert [r["kind"] for r in t2x] == ["image"] * 6 + ["video"] * 4 and len(ev) == 4
+    for rec in t2x + ev + vqa:
+        px = world.load_media(wd / rec["media"])
+        assert px.shape == ((32, 32, 3) if rec["kind"] == "image" else (8, 32, 32, 3))
+    for rec in t2x + ev:
+        scores = world.check_sample(world.load_media(wd / rec["media"]), rec["scene"])
+        assert all(v in (None, 1.0) for v in scores.values()), scores
+    scenes = read_jsonl(wd / "scenes.jsonl", required=("id", "split", "kind", "media", "scene"))
+    assert len(scenes) == 14
+    # Benchmark, held-out and training scenes are disjoint.
+    side = json.loads((tmp_path / "ted6k/scenes.json").read_text())
+    keys = [world.scene_key(s["scene"]) for s in side.values()] + [world.scene_key(r["scene"]) for r in t2x + ev]
+    assert len(set(keys)) == len(keys)
+    assert (wd / "preview.png").is_file() and (wd / "preview.gif").is_file()
+
+
+#################################################################################
+#                                --source file                                  #
+#################################################################################
+
+def _base():
+    ok = {"statement": "The circle is blue.", "status": "success"}
+    return {
+        "image_0": {"caption": "A red circle on black.", "caption_type": "image", "statements": {
+            "Adjective": {"question": "q", "correct_statement": {"statement": "The circle is red.", "status": "success"},
+                          "incorrect_statements": [ok, {"statement": None, "status": "failed"},
+                                                   {"statement": "The circle is green.", "status": "error"}]},
+            "OCR": {"question": "q", "correct_statement": None, "incorrect_statements": []},
+            "Quantity": {"question": "q", "correct_statement": {"statement": None, "status": "success"},
+                         "incorrect_statements": [ok]}}},
+        "video_0": {"caption": "A blue square moves left.", "caption_type": "video", "statements": {
+            "Action Recognition": {"question": "q",
+                                   "correct_statement": {"statement": "The square moves left.", "status": "success"},
+                                   "incorrect_statements": [dict(ok, statement=f"The square moves {d}.")
+                                                            for d in ("right", "up", "down")]}}},
+    }
+
+
+def test_file_source_normalises(tmp_path, capsys):
+    src = tmp_path / "TED-6k.json"
+    src.write_text(json.dumps(_base()))
+    out = build.main(["--source", "file", "--input", str(src), "--out", str(tmp_path / "o")])
+    assert set(out["image_0"]["statements"]) == {"Adjective"}        # null / non-success positives dropped
+    assert out["image_0"]["statements"]["Adjective"]["incorrect_statements"] == [
+        {"statement": "The circle is blue.", "status": "success"}]    # failed / null negatives dropped
+    assert len(out["video_0"]["statements"]["Action Recognition"]["incorrect_statements"]) == 3
+    written = json.loads((tmp_path / "o/ted6k.json").read_text())
+    assert written == out
+    assert "| Adjective | 1 | 0 | 1 |" in capsys.readouterr().out
+    # Normalising is idempotent.
+    assert build.normalise_benchmark(written) == written
+
+
+def test_file_source_roundtrips_the_world_benchmark(tmp_path):
+    build.main(["--out", str(tmp_path), "--bench-fraction", "0.05", "--no-splits"])
+    before = json.loads((tmp_path / "ted6k.json").read_text())
+    after = build.main(["--source", "file", "--input", str(tmp_path / "ted6k.json"), "--out", str(tmp_path / "n")])
+    assert build.count_cells(after) == build.count_cells(before) and sum(build.count_cells(after).values()) > 300
+
+
+def _set(path, value):
+    def edit(d):
+        node = d
+        for k in path[:-1]:
+            node = node[k]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return d
+    return edit
+
+
+def _rename_type(d):
+    d["image_0"]["statements"]["Colour"] = d["image_0"]["statements"].pop("Adjective")
+    return d
+
+
+BAD = {
+    "missing key": (_set(["video_0", "caption"], KeyError), "record 'video_0': missing key 'caption'"),
+    "missing statements": (_set(["image_0", "statements"], KeyError), "record 'image_0': missing key 'statements'"),
+    "unknown type": (_rename_type, "record 'image_0': unknown statement type 'Colour'"),
+    "caption type": (_set(["video_0", "caption_type"], "audio"), "record 'video_0': caption_type 'audio'"),
+    "empty caption": (_set(["image_0", "caption"], "  "), "record 'image_0': empty caption"),
+    "too few options": (_set(["video_0", "statements", "Action Recognition", "incorrect_statements"],
+                             [{"statement": None, "status": "success"}, {"statement": "x", "status": "failed"}]),
+                        "record 'video_0', type 'Action Recognition': fewer than two valid options"),
+    "missing question": (_set(["video_0", "statements", "Action Recognition", "question"], KeyError),
+                         "missing key 'question'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_file_source_errors_name_the_record(tmp_path, case):
+    edit, expected = BAD[case]
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(edit(copy.deepcopy(_base()))))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ted6k.json").write_text("previous")
+    with pytest.raises(DataError) as e:
+        build.main(["--source", "file", "--input", str(src), "--out", str(out)])
+    assert str(src) in str(e.value) and expected in str(e.value), str(e.value)
+    assert (out / "ted6k.json").read_text() == "previous"      # nothing half-written, nothing replaced
+    assert [p.name for p in out.iterdir()] == ["ted6k.json"]
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps(_base())[:-40], "[]", "{}"])
+def test_file_source_rejects_malformed_json(tmp_path, text):
+    src = tmp_path / "bad.json"
+    src.write_text(text)
+    with pytest.raises(DataError) as e:
+        build.main(["--source", "file", "--input", str(src), "--out", str(tmp_path / "o")])
+    assert str(src) in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_reports_one_clear_error(tmp_path):
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(_set(["video_0", "caption_type"], "audio")(_base())))
+    r = subprocess.run([sys.executable, str(ROOT / "01_build_ted6k.py"), "--source", "file", "--input", str(src),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0
+    assert "error:" in r.stderr and "video_0" in r.stderr and "Traceback" not in r.stderr
+
+
+#################################################################################
+#                                 --source llm                                  #
+#################################################################################
+
+class FakeGenerator:
+    """Well-formed JSON (wrapped in chatter, as real models do); null for OCR."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompt):
+        self.prompts.append(prompt)
+        if "Write ONE" in prompt:
+            if "(OCR)" in prompt:
+                return '{"statement": null}'
+            return 'Sure! ```json\n{"statement": "The red circle is on the left."}\n```'
+        return '{"statements": ["The blue circle is on the left.", "The red circle is on the right.", ' \
+               '"The red square is on the left."]}'
+
+
+class BadGenerator:
+    """Every way a model's reply can be unusable, one per statement type (and one crash)."""
+
+    def generate(self, prompt):
+        if "Write ONE" in prompt:
+            if "(Adjective)" in prompt:
+                return "I think the circle is red."                       # no JSON
+            if "(Quantity)" in prompt:
+                raise RuntimeError("CUDA out of memory")                  # generator crashes
+            if "(Adverb)" in prompt:
+                return '{"statement": 42}'
+            return '{"statement": "The circle is red."}'
+        if "(Basic Event)" in prompt:
+            return '{"statements": ["a", "b"]}'                           # two, not three
+        if "(Coreference)" in prompt:
+            return '{"statements": ["The circle is red.", "x", "x"]}'     # duplicates of the positive / each other
+        return '{"statements": ["one", "two", "three"]}'
+
+
+def _captions(tmp_path):
+    p = tmp_path / "captions.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"caption": "A red circle on the left of a blue square.", "caption_type": "image"},
+        {"caption": "A red circle slides left, then stops.", "kind": "video", "key": "clip_a"}]) + "\n")
+    return p
+
+
+def test_llm_source_with_a_fake_generator(tmp_path):
+    gen = FakeGenerator()
+    out = build.main(["--source", "llm", "--captions", str(_captions(tmp_path)), "--out", str(tmp_path / "o")],
+                     generator=gen)
+    assert list(out) == ["image_0", "clip_a"]
+    assert set(out["image_0"]["statements"]) == set(world.STATEMENT_TYPES) - set(world.VIDEO_ONLY_TYPES)
+    assert set(out["clip_a"]["statements"]) == set(world.STATEMENT_TYPES)
+    adj = out["clip_a"]["statements"]["Adjective"]
+    assert adj["correct_statement"] == {"statement": "The red circle is on the left.", "status": "success"}
+    assert [o["status"] for o in adj["incorrect_statements"]] == ["success"] * 3
+    assert out["clip_a"]["statements"]["OCR"]["correct_statement"] == {"statement": None, "status": "null"}
+    assert any("A red circle slides left" in p and "(Temporal)" in p for p in gen.prompts)
+    counts = build.count_cells(build.normalise_benchmark(json.loads((tmp_path / "o/ted6k.json").read_text())))
+    assert counts[("Adjective", "video")] == 1 and counts[("OCR", "video")] == 0 and sum(counts.values()) == 6 + 8
+
+
+def test_llm_source_marks_failures_instead_of_crashing(tmp_path):
+    out = build.main(["--source", "llm", "--captions", str(_captions(tmp_path)), "--out", str(tmp_path / "o")],
+                     generator=BadGenerator())
+    st = out["clip_a"]["statements"]
+    for t in ("Adjective", "Quantity", "Adverb"):
+        assert st[t]["correct_statement"]["status"].startswith("failed"), t
+    assert all(o["status"].startswith("failed") for o in st["Basic Event"]["incorrect_statements"])
+    assert st["Basic Event"]["correct_statement"]["status"].startswith("failed")   # unusable without a negative
+    assert [o["status"] for o in st["Coreference"]["incorrect_statements"]] == \
+        ["failed: duplicate of another option", "success", "failed: duplicate of another option"]
+    assert st["Coreference"]["correct_statement"]["status"] == "success"
+    assert st["OCR"]["correct_statement"]["status"] == "success"
+    # The file is valid input for --source file.
+    normal = build.normalise_benchmark(json.loads((tmp_path / "o/ted6k.json").read_text()))
+    assert set(normal["clip_a"]["statements"]) == {"Coreference", "OCR", "Spatial Relationship", "Temporal",
+                                                   "Action Recognition"}
+
+
+def test_llm_captions_file_errors(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"caption": "x", "caption_type": "audio"}) + "\n")
+    with pytest.raises(DataError, match="record 1: caption_type 'audio'"):
+        build.main(["--source", "llm", "--captions", str(p), "--out", str(tmp_path / "o")], generator=FakeGenerator())
+    p.write_text(json.dumps({"caption": "", "caption_type": "image"}) + "\n")
+    with pytest.raises(DataError, match="record 1: empty caption"):
+        build.main(["--source", "llm", "--captions", str(p), "--out", str(tmp_path / "o")], generator=FakeGenerator())
+    assert not (tmp_path / "o").exists()
+
+
+def _tiny_causal_lm(path):
+    """A randomly initialised 2-layer Llama with a word-level tokenizer and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[UNK]", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(world.text_corpus(200, seed=0), trainers.WordLevelTrainer(special_tokens=specials))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>",
+                                 bos_token="<|im_start|>", eos_token="<|im_end|>")
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    cfg = LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      pad_token_id=hf.pad_token_id, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    hf.save_pretrained(path)
+    return path
+
+
+def test_llm_source_with_a_tiny_random_model(tmp_path):
+    """Real transformers generation end to end: the model emits garbage, every option is marked failed,
+    and the file is still valid input for --source file."""
+    import torch
+    torch.set_num_threads(1)
+    model_dir = _tiny_causal_lm(tmp_path / "tiny")
+    gen = build.HFGenerator(str(model_dir), max_new_tokens=12)
+    reply = gen.generate("Reply with JSON only")
+    assert isinstance(reply, str)
+    out = build.main(["--source", "llm", "--captions", str(_captions(tmp_path)), "--out", str(tmp_path / "o"),
+                      "--generator", str(model_dir), "--max-new-tokens", "12"])
+    for rec in out.values():
+        for info in rec["statements"].values():
+            assert info["correct_statement"]["status"].startswith("failed"), info
+    again = build.main(["--source", "file", "--input", str(tmp_path / "o/ted6k.json"), "--out", str(tmp_path / "n")])
+    assert sum(build.count_cells(again).values()) == 0

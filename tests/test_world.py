@@ -1,0 +1,379 @@
+"""The built-in world: statements are true/false on their scenes, negatives do not leak through word
+choice, the checker reads the world's own renders back, renders and media are exact, all deterministic."""
+import collections
+import importlib
+import json
+import random
+
+import numpy as np
+import pytest
+
+import world
+
+build = importlib.import_module("01_build_ted6k")
+
+
+@pytest.fixture(scope="module")
+def ted():
+    """The full default world benchmark (6,641 instances, ~3 s) and its scenes + claims."""
+    return build.build_world_benchmark(seed=0)
+
+
+#################################################################################
+#                       Statements: truth and hardness                          #
+#################################################################################
+
+def _walk_truth(bench, side):
+    """Re-evaluate every stored claim on its scene; return the number of instances."""
+    n = 0
+    for key, rec in bench.items():
+        scene = side[key]["scene"]
+        for stype, info in rec["statements"].items():
+            if info["correct_statement"]["status"] != "success":
+                assert stype not in side[key]["claims"]
+                continue
+            claims = side[key]["claims"][stype]
+            # The stored text is exactly the rendering of the stored claim ...
+            assert world.render_claim(claims["correct"]) == info["correct_statement"]["statement"]
+            assert [world.render_claim(c) for c in claims["incorrect"]] == \
+                [o["statement"] for o in info["incorrect_statements"]]
+            # ... and the claim, evaluated on the scene, is true for the positive, false for each negative.
+            assert world.evaluate_claim(claims["correct"], scene), (key, stype)
+            for c in claims["incorrect"]:
+                assert not world.evaluate_claim(c, scene), (key, stype, world.render_claim(c))
+            texts = [info["correct_statement"]["statement"]] + [o["statement"] for o in info["incorrect_statements"]]
+            assert len(set(texts)) == 4
+            n += 1
+    return n
+
+
+def test_every_statement_evaluates_right_on_its_scene(ted):
+    assert _walk_truth(*ted) == 6641
+
+
+def test_difficulty_knobs(monkeypatch, ted):
+    """One fact per statement and negatives drawn from any minimal edit: still exact and true/false."""
+    monkeypatch.setattr(world, "MAX_FACTS", 1)
+    monkeypatch.setattr(world, "NEGATIVE_STYLE", "any")
+    bench, side = build.build_world_benchmark(seed=3, fraction=0.1)
+    counts = build.count_cells(bench)
+    assert counts[("Adjective", "video")] == 76 and counts[("Temporal", "image")] == 0
+    assert _walk_truth(bench, side) == sum(counts.values())
+
+    def words(b):
+        return np.mean([len(i["correct_statement"]["statement"].split()) for r in b.values()
+                        for i in r["statements"].values() if i["correct_statement"]["status"] == "success"])
+    assert words(bench) < words(ted[0]) - 1
+
+
+def test_evaluation_reads_the_scene_not_the_words():
+    """Change the scene under a fixed claim and its truth changes with it."""
+    scene = {"kind": "image", "objects": [
+        {"shape": "circle", "colour": "red", "size": "large", "cell": [0, 0], "word": "CAT"},
+        {"shape": "square", "colour": "blue", "size": "small", "cell": [2, 2], "word": None}]}
+    left = {"type": "Spatial Relationship", "kind": "image", "form": 0,
+            "subject": {"shape": "circle"}, "relations": [["left", {"shape": "square"}]]}
+    adj = {"type": "Adjective", "kind": "image", "form": 0,
+           "facts": [{"ref": {"shape": "circle"}, "colour": "red"}, {"ref": {"shape": "square"}, "colour": "blue"}]}
+    ocr = {"type": "OCR", "kind": "image", "form": 0, "ref": {"shape": "circle"}, "word": "CAT"}
+    qty = {"type": "Quantity", "kind": "image", "form": 0, "facts": [{"what": {"shape": "circle"}, "n": 1}]}
+    for claim in (left, adj, ocr, qty):
+        assert world.evaluate_claim(claim, scene)
+    swapped = json.loads(json.dumps(scene))
+    swapped["objects"][0]["cell"], swapped["objects"][1]["cell"] = [2, 2], [0, 0]
+    swapped["objects"][0]["colour"], swapped["objects"][1]["colour"] = "blue", "red"
+    swapped["objects"][0]["word"] = "CAR"
+    swapped["objects"][1]["shape"] = "circle"
+    for claim in (left, adj, ocr, qty):
+        assert not world.evaluate_claim(claim, swapped), world.render_claim(claim)
+
+
+def _bow_by_type(bench):
+    acc = collections.defaultdict(list)
+    for rec in bench.values():
+        for stype, info in rec["statements"].items():
+            if info["correct_statement"]["status"] == "success":
+                acc[stype].append(world.bow_score(rec["caption"], info["correct_statement"]["statement"],
+                                                  [o["statement"] for o in info["incorrect_statements"]]))
+    return {t: float(np.mean(v)) for t, v in acc.items()}
+
+
+def test_bag_of_words_is_near_chance(ted):
+    """Negatives reuse the caption's words: a word-count cosine scorer cannot beat chance (25%)."""
+    acc = _bow_by_type(ted[0])
+    print({t: round(100 * a, 1) for t, a in acc.items()})
+    for t in ("Adjective", "Spatial Relationship", "Temporal", "Coreference"):
+        assert acc[t] <= 0.31, (t, acc[t])
+    for t, a in acc.items():
+        assert a <= 0.36, (t, a)
+
+
+def test_bag_of_words_scorer_itself_works():
+    """The baseline is not broken: it does find a positive whose words are in the caption."""
+    cap = "A red circle sits in the top left corner."
+    assert world.bow_score(cap, "The red circle is top left.", ["A green star.", "Blue boxes.", "Purple."]) == 1.0
+    assert world.bow_score(cap, "green star", ["red circle", "c", "d"]) == 0.0
+    assert world.bow_score(cap, "red circle", ["circle red", "x", "y"]) == 0.5
+
+
+def test_negatives_are_minimal_edits(ted):
+    """Each negative is the positive with bindings swapped or one detail changed: their word
+    multisets differ by at most a phrase (e.g. "in the top-right corner" for "in the centre")."""
+    bench, _ = ted
+    same_words = 0
+    for rec in bench.values():
+        for info in rec["statements"].values():
+            if info["correct_statement"]["status"] != "success":
+                continue
+            pos = collections.Counter(world.bow_tokens(info["correct_statement"]["statement"]))
+            for o in info["incorrect_statements"]:
+                neg = collections.Counter(world.bow_tokens(o["statement"]))
+                diff = sum(((pos - neg) + (neg - pos)).values())
+                assert diff <= 8, (info["correct_statement"]["statement"], o["statement"])
+                same_words += diff == 0
+    assert same_words >= 6641 * 3 * 0.4      # most are pure re-bindings of the same words
+
+
+def test_make_statements_covers_all_types_and_is_deterministic():
+    def run(seed):
+        rng = random.Random(seed)
+        out = []
+        for kind in ("image", "video"):
+            for _ in range(30):
+                scene = world.sample_scene(rng, kind)
+                for t in world.STATEMENT_TYPES:
+                    s = world.make_statement(scene, t, rng)
+                    if s is not None:
+                        out.append((t, kind, world.render_claim(s["correct"])))
+        return out
+    a, b = run(5), run(5)
+    assert a == b and a != run(6)
+    made = {(t, k) for t, k, _ in a}
+    for t in world.STATEMENT_TYPES:
+        assert (t, "video") in made, t
+        if t not in world.VIDEO_ONLY_TYPES:
+            assert (t, "image") in made, t
+    assert not any(k == "image" and t in world.VIDEO_ONLY_TYPES for t, k, _ in a)
+
+
+#################################################################################
+#                         Scenes, captions, prompts, VQA                        #
+#################################################################################
+
+def test_scenes_are_plain_json_and_valid():
+    rng = random.Random(0)
+    for i in range(200):
+        kind = "video" if i % 2 else "image"
+        scene = world.sample_scene(rng, kind)
+        assert json.loads(json.dumps(scene)) == scene
+        objs = scene["objects"]
+        assert 1 <= len(objs) <= 4
+        assert len({tuple(o["cell"]) for o in objs}) == len(objs)
+        for o in objs:
+            assert o["colour"] in world.PALETTE and o["shape"] in world.SHAPES and o["size"] in world.SIZES
+            if kind == "video":
+                assert o["direction"] in world.DIRECTIONS
+                assert (o["speed"] is None) == (o["direction"] == "none")
+                t0, t1 = world.first_segment(o)
+                assert t1 - t0 >= 3      # direction and speed are readable from pixels
+
+
+def test_captions_are_two_detailed_independent_phrasings():
+    rng = random.Random(1)
+    for i in range(100):
+        scene = world.sample_scene(rng, "video" if i % 2 else "image")
+        caps = world.write_captions(scene, rng)
+        assert len(caps) >= 2 and caps[0] != caps[1]
+        for c in caps:
+            assert (15 if len(scene["objects"]) == 1 else 30) <= len(c.split()) <= 170, c
+            for o in scene["objects"]:
+                assert o["colour"] in c and o["shape"] in c
+                if o["word"]:
+                    assert f'"{o["word"]}"' in c
+        # Different templates, not the same sentence with one word changed.
+        a, b = (set(world.bow_tokens(c)) for c in caps)
+        assert len(a ^ b) >= 5
+        prompt = world.write_prompt(scene)
+        assert len(prompt.split()) < len(caps[0].split())
+
+
+def test_vqa_messages():
+    rng = random.Random(2)
+    kinds = collections.Counter()
+    for i in range(100):
+        scene = world.sample_scene(rng, "video" if i % 2 else "image")
+        msgs = world.write_vqa(scene, rng)
+        assert len(msgs) >= 2 and len(msgs) % 2 == 0
+        for j, m in enumerate(msgs):
+            assert m["role"] == ("user" if j % 2 == 0 else "assistant")
+            assert isinstance(m["content"], str) and m["content"]
+        kinds["describe" if "detail" in msgs[0]["content"] or "thorough" in msgs[0]["content"] else "qa"] += 1
+    assert kinds["describe"] > 10 and kinds["qa"] > 40
+
+
+def test_vqa_answers_follow_the_scene():
+    scene = {"kind": "video", "objects": [
+        {"shape": "circle", "colour": "red", "size": "large", "cell": [1, 1], "word": None,
+         "direction": "left", "speed": "fast", "enter": 0, "event": "stops", "event_frame": 4},
+        {"shape": "square", "colour": "blue", "size": "small", "cell": [0, 2], "word": "GO",
+         "direction": "none", "speed": None, "enter": 2, "event": None, "event_frame": None}]}
+    qa = dict(world._qa_pairs(scene, random.Random(0)))
+    assert qa["What colour is the circle?"] == "It is red."
+    assert qa["In which direction does the circle move?"] == "To the left."
+    assert qa["How fast does the circle move, slowly or quickly?"] == "Quickly."
+    assert qa['What word is written on the square?'] == 'The word "GO".'
+    assert qa["How many objects are there in the video?"] == "Two."
+    assert qa["Which happens earlier: the square appears, or the circle stops?"] == "The square appears."
+
+
+def test_text_corpus():
+    a = world.text_corpus(300, seed=0)
+    assert len(a) == 300 and all(isinstance(s, str) and s for s in a)
+    assert a == world.text_corpus(300, seed=0) and a != world.text_corpus(300, seed=1)
+    joined = " ".join(a)
+    for w in ("circle", "left", "quickly", "before", "word", "How", "detail"):
+        assert w in joined, w
+
+
+#################################################################################
+#                                 Rendering                                     #
+#################################################################################
+
+def test_render_shapes_and_sizes():
+    for shape, lo, hi in (("square", 0.99, 1.0), ("circle", 0.75, 0.9), ("triangle", 0.45, 0.6)):
+        for size, side in world.SIZES.items():
+            scene = {"kind": "image", "objects": [{"shape": shape, "colour": "green", "size": size,
+                                                    "cell": [1, 1], "word": None}]}
+            img = world.render_image(scene)
+            assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+            ys, xs = np.nonzero(img.any(-1))
+            assert ys.max() - ys.min() + 1 == side and xs.max() - xs.min() + 1 == side
+            fill = len(ys) / side ** 2
+            assert lo <= fill <= hi, (shape, size, fill)
+            assert (img[ys, xs] == world.PALETTE["green"]).all()
+
+
+def test_render_video_motion_in_pixels():
+    scene = {"kind": "video", "objects": [
+        {"shape": "square", "colour": "red", "size": "small", "cell": [1, 0], "word": None,
+         "direction": "right", "speed": "fast", "enter": 0, "event": "stops", "event_frame": 5},
+        {"shape": "circle", "colour": "cyan", "size": "small", "cell": [2, 2], "word": None,
+         "direction": "up", "speed": "slow", "enter": 2, "event": "disappears", "event_frame": 7}]}
+    vid = world.render_video(scene)
+    assert vid.shape == (8, 32, 32, 3)
+    xs = [np.nonzero((f == world.PALETTE["red"]).all(-1))[1].mean() for f in vid]
+    assert np.allclose(np.diff(xs), [2, 2, 2, 2, 2, 0, 0])        # fast = 2 px/frame, then stops
+    cyan = [(f == world.PALETTE["cyan"]).all(-1) for f in vid]
+    assert [m.any() for m in cyan] == [False, False, True, True, True, True, True, False]
+    ys = [np.nonzero(m)[0].mean() for m in cyan if m.any()]
+    assert np.allclose(np.diff(ys), -1)                            # slow = 1 px/frame upward
+
+
+def test_words_only_drawn_at_viewing_size():
+    obj = {"shape": "square", "colour": "yellow", "size": "large", "cell": [1, 1], "word": None}
+    plain = {"kind": "image", "objects": [obj]}
+    worded = {"kind": "image", "objects": [dict(obj, word="SALE")]}
+    assert (world.render_image(plain) == world.render_image(worded)).all()
+    big_plain, big_worded = world.render_image(plain, world.VIEW_SCALE), world.render_image(worded, world.VIEW_SCALE)
+    assert big_plain.shape == (256, 256, 3)
+    diff = (big_plain != big_worded).any(-1)
+    assert diff.sum() > 100                                         # the text is there ...
+    ys, xs = np.nonzero(diff)
+    assert 88 <= xs.min() and xs.max() < 168 and 88 <= ys.min() and ys.max() < 168   # ... inside the square
+
+
+def test_media_roundtrip_exact(tmp_path):
+    rng = random.Random(4)
+    for kind in ("image", "video"):
+        scene = world.sample_scene(rng, kind, n_objects=4)
+        data, ext = world.encode_media(scene)
+        p = tmp_path / f"m.{ext}"
+        p.write_bytes(data)
+        assert (world.load_media(p) == world.render(scene)).all()
+        assert world.encode_media(scene)[0] == data       # byte-identical
+    # A clip where nothing moves keeps all its frames (GIF writers merge identical frames).
+    still = {"kind": "video", "objects": [{"shape": "circle", "colour": "white", "size": "small", "cell": [0, 0],
+                                           "word": None, "direction": "none", "speed": None, "enter": 0,
+                                           "event": None, "event_frame": None}]}
+    (tmp_path / "still.gif").write_bytes(world.encode_media(still)[0])
+    frames = world.load_media(tmp_path / "still.gif")
+    assert frames.shape == (8, 32, 32, 3) and (frames == world.render_video(still)).all()
+
+
+#################################################################################
+#                                  The checker                                  #
+#################################################################################
+
+def test_checker_recovers_own_renders():
+    """>= 99% of objects: colour, shape, size, cell; counts exact; motion and speed on videos."""
+    rng = random.Random(10)
+    per_obj = collections.Counter()
+    n_obj = 0
+    for i in range(300):
+        kind = "video" if i % 2 else "image"
+        scene = world.sample_scene(rng, kind)
+        px = world.render(scene)
+        scores = world.check_sample(px, scene)
+        assert scores["count"] == 1.0, scene
+        for k in ("colour", "position", "shape") + (("motion",) if kind == "video" else ()):
+            per_obj[k] += scores[k] * len(scene["objects"])
+        if kind == "image":
+            assert scores["motion"] is None and scores["speed"] is None
+            read = world.read_objects(px)
+            for o in scene["objects"]:
+                match = [r for r in read if r["cell"] == o["cell"]]
+                per_obj["size"] += len(match) == 1 and match[0]["size"] == o["size"]
+        n_obj += len(scene["objects"])
+    for k in ("colour", "position", "shape"):
+        assert per_obj[k] / n_obj >= 0.99, (k, per_obj[k] / n_obj)
+    assert per_obj["motion"] > 0
+
+
+def test_checker_motion_and_speed_on_videos():
+    rng = random.Random(11)
+    motion, speed = [], []
+    for _ in range(150):
+        scene = world.sample_scene(rng, "video")
+        s = world.check_sample(world.render_video(scene), scene)
+        motion.append(s["motion"])
+        if s["speed"] is not None:
+            speed.append(s["speed"])
+    assert np.mean(motion) >= 0.99 and np.mean(speed) >= 0.99
+
+
+def test_checker_is_robust_to_noise():
+    rng, nrng = random.Random(12), np.random.default_rng(0)
+    scores = collections.defaultdict(list)
+    for i in range(100):
+        scene = world.sample_scene(rng, "video" if i % 2 else "image")
+        px = world.render(scene).astype(float)
+        px = np.clip(px + nrng.normal(0, 25, px.shape), 0, 255).astype(np.uint8)
+        for k, v in world.check_sample(px, scene).items():
+            if v is not None:
+                scores[k].append(v)
+    for k, v in scores.items():
+        assert np.mean(v) >= 0.97, (k, np.mean(v))
+
+
+def test_checker_catches_each_kind_of_mistake():
+    scene = {"kind": "video", "objects": [
+        {"shape": "circle", "colour": "red", "size": "large", "cell": [1, 1], "word": None,
+         "direction": "left", "speed": "slow", "enter": 0, "event": None, "event_frame": None},
+        {"shape": "triangle", "colour": "green", "size": "large", "cell": [2, 2], "word": None,
+         "direction": "up", "speed": "fast", "enter": 0, "event": None, "event_frame": None}]}
+    ok = world.check_sample(world.render_video(scene), scene)
+    assert all(v == 1.0 for v in ok.values()), ok
+
+    def wrong(i=0, **change):
+        other = json.loads(json.dumps(scene))
+        other["objects"][i].update(change)
+        return world.check_sample(world.render_video(other), scene)
+    assert wrong(colour="blue")["colour"] == 0.5
+    assert wrong(shape="square")["shape"] == 0.5
+    assert wrong(cell=[0, 1])["position"] == 0.5
+    assert wrong(direction="right")["motion"] == 0.5
+    assert wrong(1, speed="slow")["speed"] == 0.5
+    missing = world.check_sample(world.render_video({"kind": "video", "objects": scene["objects"][1:]}), scene)
+    assert missing["count"] == 0.0 and missing["colour"] == 0.5
+    blank = world.check_sample(np.zeros((8, 32, 32, 3), np.uint8), scene)
+    assert all(v == 0.0 for v in blank.values()), blank
