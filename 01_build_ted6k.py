@@ -168,14 +168,15 @@ def build_world_benchmark(seed, fraction=1.0, taken=None):
                                            count_weights=world.BENCH_OBJECT_COUNT_WEIGHTS)
                 if world.scene_key(scene) in taken:
                     continue
-                made = world.make_statements(scene, rng, wanted) if wanted else {}
+                # The caption first: negatives that match its words better than the positive go last.
+                caption = world.write_captions(scene, rng)[0]
+                made = world.make_statements(scene, rng, wanted, caption=caption) if wanted else {}
                 if made is not None:
                     break
             else:
                 raise RuntimeError(f"could not build a {kind} scene with types {wanted}")
             taken.add(world.scene_key(scene))
             key = f"{kind}_{i}"
-            caption = world.write_captions(scene, rng)[0]
             statements = {}
             for stype in world.STATEMENT_TYPES:
                 if stype in made:
@@ -224,6 +225,16 @@ def _media_records(rng, prefix, n_images, n_videos, taken, out_dir, desc):
     return records
 
 
+def interleave_kinds(kinds):
+    """Indices of `kinds` with images and videos spread evenly (each in proportion to its count),
+    so that any prefix (e.g. the first --vqa records) holds both kinds in the same ratio."""
+    pos = {}
+    for k in set(kinds):
+        idx = [i for i, x in enumerate(kinds) if x == k]
+        pos.update({i: (j + 0.5) / len(idx) for j, i in enumerate(idx)})
+    return sorted(range(len(kinds)), key=lambda i: (pos[i], kinds[i]))
+
+
 def write_world_splits(args, taken):
     """caption_pairs / vqa / t2x / eval / scenes jsonl + media under args.world_out."""
     out = Path(args.world_out)
@@ -232,11 +243,10 @@ def write_world_splits(args, taken):
     eval_recs = _media_records(random.Random(f"{args.seed}-eval"), "eval", args.eval // 2,
                                args.eval - args.eval // 2, taken, out, "eval media")
     t2x = _media_records(rng, "t2x", args.t2x_images, args.t2x_videos, taken, out, "t2x media")
+    mixed = interleave_kinds([r["kind"] for r in t2x])
     vqa = []
-    for i in tqdm(range(args.vqa), desc="vqa", leave=False):
-        rec = t2x[i % len(t2x)] if t2x else None
-        if rec is None:
-            break
+    for i in tqdm(range(args.vqa if t2x else 0), desc="vqa", leave=False):
+        rec = t2x[mixed[i % len(mixed)]]
         vqa.append({"media": rec["media"], "kind": rec["kind"],
                     "messages": world.write_vqa(rec["scene"], rng, rec["captions"])})
     pairs = []

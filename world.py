@@ -66,6 +66,13 @@ BENCH_OBJECT_COUNT_WEIGHTS = {2: 3, 3: 4, 4: 3}     # objects per benchmark scen
 MAX_FACTS = 3            # facts joined in one statement (more = more binding to get right)
 NEGATIVE_STYLE = "permute"   # "permute": prefer negatives that reuse exactly the positive's words
 #                              (a swap of bindings; invisible to bag-of-words); "any": any minimal edit
+# How many of the 3 negatives substitute a value ABSENT from the scene (a colour no object has, a count
+# no group has, a direction / speed / event no object has, a one-letter misspelling): like the real
+# TED negatives, which bring in a contradicting value, these let lexical encoders earn partial credit.
+ABSENT_NEGATIVES = 2          # for ABSENT_TYPES (Quantity, Adverb, OCR, Basic Event, Action Recognition)
+ABSENT_NEGATIVES_BINDING = 0  # for the binding types (Adjective, Spatial, Temporal, Coreference): 0 keeps
+#                               them pure re-bindings of the caption's own words (bag-of-words at chance)
+ABSENT_TYPES = ("Action Recognition", "Adverb", "Basic Event", "OCR", "Quantity")
 WORD_PROB = 0.15         # chance that an object carries a word (training scenes)
 EVENT_PROB = 0.6         # chance that a video object has an event (stops / turns around / disappears)
 LATE_ENTRY_PROB = 0.35   # chance that a video object enters after the first frame
@@ -74,7 +81,7 @@ STATEMENT_TYPES = ["Action Recognition", "Adjective", "Adverb", "Basic Event", "
                    "Quantity", "Spatial Relationship", "Temporal"]
 VIDEO_ONLY_TYPES = ("Action Recognition", "Temporal")
 
-NUMBER_WORDS = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 ROW_NAMES = ["top", "middle", "bottom"]
 COL_NAMES = ["left", "middle", "right"]
 
@@ -449,7 +456,8 @@ def join_and(items):
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-DIR_PHRASES = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}
+# One word each: "to the left" would share "to the" with every caption and outscore "upward".
+DIR_PHRASES = {"left": "leftward", "right": "rightward", "up": "upward", "down": "downward"}
 SPEED_WORDS = {"slow": "slowly", "fast": "quickly"}
 EVENT_PHRASES = {"appears": "appears", "disappears": "disappears", "stops": "stops",
                  "turns around": "turns around"}
@@ -748,11 +756,11 @@ def render_claim(claim):
             parts.append(f"{np_phrase(f['ref'])} is {' and '.join(adjs)}")
         return capital(join_and(parts) if form == 0 else "; ".join(parts)) + "."
     if t == "Quantity":
-        items = [f"{NUMBER_WORDS[f['n']]} {_bare_noun(f['what'], f['n'] != 1)}" for f in claim["facts"]]
-        verb = "is" if claim["facts"][0]["n"] == 1 else "are"
-        where = "in the image" if kind == "image" else "in the video"
-        return (f"There {verb} {join_and(items)} {where}." if form == 0
-                else f"The {'image' if kind == 'image' else 'video'} contains exactly {join_and(items)}.")
+        # The noun keeps one form whatever the number, so a changed count changes one word only.
+        noun = "image" if kind == "image" else "video"
+        items = [f"the number of {_bare_noun(f['what'], True)} is {NUMBER_WORDS[f['n']]}" for f in claim["facts"]]
+        return (capital(f"in the {noun}, {join_and(items)}.") if form == 0
+                else capital(join_and(items)) + f" in the {noun}.")
     if t == "Spatial Relationship":
         verb = "is" if kind == "image" else "starts out"
         rels = [f"{REL_PHRASES[rel]} {np_phrase(ref)}" for rel, ref in claim["relations"]]
@@ -792,10 +800,11 @@ def render_claim(claim):
 #################################################################################
 #                   Statement builders: a positive and minimal edits            #
 #################################################################################
-# Each builder returns (positive claim, [candidate negatives]) or None when the scene has nothing
-# for that type. Candidates are minimal edits of the positive; `make_statement` keeps those that
-# evaluate false, preferring (NEGATIVE_STYLE="permute") those that reuse the positive's exact
-# words, i.e. swap which object gets which value.
+# Each builder returns (positive claim, same, other, absent) or None when the scene has nothing
+# for that type: `same` re-bind the positive's exact words (swap which object gets which value),
+# `other` are other minimal edits with values present in the scene, `absent` substitute a value no
+# object has. `make_statement` keeps those that evaluate false: ABSENT_NEGATIVES substitutions, the
+# rest re-bindings first (NEGATIVE_STYLE="permute").
 
 QUESTIONS = {
     "Action Recognition": "What actions do the objects perform?",
@@ -836,6 +845,17 @@ def _claim(t, kind, rng, forms=1, **fields):
     return {"type": t, "kind": kind, "form": rng.randrange(forms), **fields}
 
 
+def _absent_colours(scene):
+    """Palette colours that no object in the scene has."""
+    return [c for c in COLOURS if all(o["colour"] != c for o in scene["objects"])]
+
+
+def _absent_directions(scene, with_none):
+    """Directions (and "none" when asked) that no object in the scene moves in."""
+    have = {o["direction"] for o in scene["objects"]}
+    return [d for d in DIRECTIONS if d not in have and (with_none or d != "none")]
+
+
 def _b_adjective(scene, rng):
     objs = [o for o in scene["objects"] if unique_ref(o, scene, ("shape",))]
     if len(objs) < 2:
@@ -866,7 +886,9 @@ def _b_adjective(scene, rng):
         for c in present:
             if c != f["colour"]:
                 other.append({**pos, "facts": [dict(g, colour=c) if j == i else g for j, g in enumerate(facts)]})
-    return pos, same, other
+    absent = [{**pos, "facts": [dict(g, colour=c) if j == i else g for j, g in enumerate(facts)]}
+              for i in range(len(facts)) for c in _absent_colours(scene)]
+    return pos, same, other, absent
 
 
 def _b_quantity(scene, rng):
@@ -892,7 +914,10 @@ def _b_quantity(scene, rng):
         for n in mentioned + [f["n"] - 1, f["n"] + 1]:
             if 1 <= n <= 4 and n != f["n"]:
                 other.append({**pos, "facts": [dict(g, n=n) if j == i else g for j, g in enumerate(facts)]})
-    return pos, same, other
+    counts = {len(resolve({k: o[k]}, scene)) for o in objs for k in ("shape", "colour")} | {len(objs)}
+    absent = [{**pos, "facts": [dict(g, n=n) if j == i else g for j, g in enumerate(facts)]}
+              for i in range(len(facts)) for n in range(1, 7) if n not in counts]
+    return pos, same, other, absent
 
 
 def _b_spatial(scene, rng):
@@ -903,7 +928,8 @@ def _b_spatial(scene, rng):
     ids = [i for i, r in enumerate(refs) if r]
     if len(ids) < 2:
         return None
-    chosen = _pick(rng, ids, 1 + rng.randint(1, min(2, MAX_FACTS)))
+    # Two relations where there are three objects: more ways to re-bind the same words.
+    chosen = _pick(rng, ids, 1 + min(2, MAX_FACTS, len(ids) - 1))
     a, others = chosen[0], chosen[1:]
     rels = []
     for b in others:
@@ -927,7 +953,10 @@ def _b_spatial(scene, rng):
             if refs[k] not in slots:
                 other.append({**pos, "relations": [[rel, refs[k]] if j == i else [rel, r]
                                                    for j, (rel, r) in enumerate(rels)]})
-    return pos, same, other
+    absent = [{**pos, "relations": [[rel, dict(r, colour=c)] if j == i else [rel, r]
+                                    for j, (rel, r) in enumerate(rels)]}
+              for i in range(len(rels)) for c in _absent_colours(scene)]
+    return pos, same, other, absent
 
 
 def _b_adverb_image(scene, rng):
@@ -960,7 +989,8 @@ def _b_adverb_image(scene, rng):
         flip = "diagonally" if f["adv"] == "directly" else "directly"
         other.append({**pos, "facts": [dict(g, adv=flip) if j == i else g for j, g in enumerate(facts)]})
         other.append({**pos, "facts": [dict(g, rel=INVERSE_REL[g["rel"]]) if j == i else g for j, g in enumerate(facts)]})
-    return pos, same, other
+    absent, other = other, []   # the adverb flipped / relation inverted: words no caption uses
+    return pos, same, other, absent
 
 
 def _b_motion(scene, rng, t, with_speed):
@@ -1000,7 +1030,13 @@ def _b_motion(scene, rng, t, with_speed):
         if with_speed:
             flip = "fast" if f["speed"] == "slow" else "slow"
             other.insert(0, {**pos, "facts": [dict(g, speed=flip) if j == i else g for j, g in enumerate(facts)]})
-    return pos, same, other
+    absent = [{**pos, "facts": [dict(g, dir=d) if j == i else g for j, g in enumerate(facts)]}
+              for i in range(len(facts)) for d in _absent_directions(scene, not with_speed)]
+    if with_speed and len({o["speed"] for o in scene["objects"] if o["speed"]}) == 1:
+        flip = "fast" if facts[0]["speed"] == "slow" else "slow"
+        absent += [{**pos, "facts": [dict(g, speed=flip) if j == i else g for j, g in enumerate(facts)]}
+                   for i in range(len(facts))]
+    return pos, same, other, absent
 
 
 def _b_basic_event_image(scene, rng):
@@ -1020,7 +1056,9 @@ def _b_basic_event_image(scene, rng):
             if o["colour"] != f["ref"]["colour"]:
                 other.append({**pos, "facts": [dict(g, ref=dict(g["ref"], colour=o["colour"])) if j == i else g
                                                for j, g in enumerate(facts)]})
-    return pos, same, other
+    absent = [{**pos, "facts": [dict(g, ref=dict(g["ref"], colour=c)) if j == i else g for j, g in enumerate(facts)]}
+              for i in range(len(facts)) for c in _absent_colours(scene)]
+    return pos, same, other, absent
 
 
 def _b_basic_event_video(scene, rng):
@@ -1049,7 +1087,9 @@ def _b_basic_event_video(scene, rng):
             r = unique_ref(o, scene)
             if r and r != f["ref"]:
                 other.append({**pos, "facts": [dict(g, ref=r) if j == k else g for j, g in enumerate(facts)]})
-    return pos, same, other
+    absent = [{**pos, "facts": [dict(g, event=e) if j == k else g for j, g in enumerate(facts)]}
+              for k in range(len(facts)) for e in EVENTS if e not in verbs]
+    return pos, same, other, absent
 
 
 def _b_temporal(scene, rng):
@@ -1076,7 +1116,9 @@ def _b_temporal(scene, rng):
         for e2 in EVENTS:
             if e2 != e:
                 other.append({**pos, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(events)]})
-    return pos, same, other
+    absent = [{**pos, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(events)]}
+              for k2 in range(len(events)) for e2 in EVENTS if e2 not in {e for _, _, e in evs}]
+    return pos, same, other, absent
 
 
 def _b_coreference(scene, rng):
@@ -1122,7 +1164,9 @@ def _b_coreference(scene, rng):
         other.append({**pos, "pred": {"size": "small" if pred["size"] == "large" else "large"}})
     if "dir" in pred and pred["dir"] != "none":
         other.append({**pos, "pred": {"dir": OPPOSITE[pred["dir"]]}})
-    return pos, same, other
+    absent = [{**pos, "mentions": [dict(m, colour=c) if j == target else m for j, m in enumerate(mentions)]}
+              for c in _absent_colours(scene)]
+    return pos, same, other, absent
 
 
 def _b_ocr(scene, rng):
@@ -1139,8 +1183,11 @@ def _b_ocr(scene, rng):
             same.append({**pos, "ref": r})                      # the word put on another object
         if p is not o and p.get("word"):
             same.append({**pos, "word": p["word"]})             # another object's word put here
-    other = [{**pos, "word": _mutate_word(o["word"], rng)} for _ in range(6)]   # an unseen misspelling
-    return pos, same, other
+    seen = {p.get("word") for p in objs}
+    absent = [w for w in (_mutate_word(o["word"], rng) for _ in range(12)) if w not in seen]
+    absent = [{**pos, "word": w} for w in dict.fromkeys(absent)]   # an unseen misspelling
+    other = []
+    return pos, same, other, absent
 
 
 BUILDERS = {
@@ -1156,39 +1203,65 @@ BUILDERS = {
 }
 
 
-def make_statement(scene, stype, rng, n_negatives=3):
+def make_statement(scene, stype, rng, n_negatives=3, caption=None):
     """{"question", "correct": claim, "incorrect": [claims]} for one type, or None if impossible.
 
-    The positive evaluates true, every negative false, all texts distinct.
+    The positive evaluates true, every negative false, all texts distinct. ABSENT_NEGATIVES (or
+    ABSENT_NEGATIVES_BINDING) of the negatives substitute a value absent from the scene, the rest are
+    re-bindings / minimal edits. With `caption`, the re-bindings are picked so that the caption's
+    words do not systematically favour a negative (that would be a wording artefact, not a hard
+    negative): bag-of-words ties first, then lower and higher matches in turn.
     """
     built = BUILDERS[stype](scene, rng)
     if built is None:
         return None
-    pos, same, other = built
+    pos, same, other, absent = built
     if not evaluate_claim(pos, scene):
         raise AssertionError(f"builder for {stype} made a false positive: {pos}")
     rng.shuffle(same)
     rng.shuffle(other)
-    pool = same + other if NEGATIVE_STYLE == "permute" else rng.sample(same + other, len(same + other))
+    rng.shuffle(absent)
+    rest = same + other if NEGATIVE_STYLE == "permute" else rng.sample(same + other, len(same + other))
+    if caption is not None:
+        # Re-bindings that tie with the positive on the caption's words first, then ones that match
+        # them less and more in turn, so that wording favours neither the positive nor a negative;
+        # substitutions (absent values) that match less first. Sorting is stable: the shuffled /
+        # preferred order is kept within each class.
+        top = bow_cosine(caption, render_claim(pos))
+        lex = lambda c: (lambda d: 0 if abs(d) < 1e-9 else (1 if d < 0 else 2))(
+            bow_cosine(caption, render_claim(c)) - top)
+        absent = sorted(absent, key=lambda c: (1, 0, 2)[lex(c)])
+        lower, higher = [c for c in rest if lex(c) == 1], [c for c in rest if lex(c) == 2]
+        mixed = [c for pair in itertools.zip_longest(lower, higher) for c in pair if c is not None]
+        rest = [c for c in rest if lex(c) == 0] + mixed
+    n_absent = ABSENT_NEGATIVES if stype in ABSENT_TYPES else ABSENT_NEGATIVES_BINDING
     texts = {render_claim(pos)}
     negatives = []
-    for cand in pool:
-        text = render_claim(cand)
-        if text in texts or evaluate_claim(cand, scene):
-            continue
-        texts.add(text)
-        negatives.append(cand)
-        if len(negatives) == n_negatives:
-            return {"question": QUESTIONS[stype], "correct": pos, "incorrect": negatives}
+
+    def take(pool, limit):
+        for cand in pool:
+            if len(negatives) >= limit:
+                return
+            text = render_claim(cand)
+            if text in texts or evaluate_claim(cand, scene):
+                continue
+            texts.add(text)
+            negatives.append(cand)
+
+    take(absent, min(n_absent, n_negatives))
+    take(rest, n_negatives)
+    take(absent, n_negatives)       # too few re-bindings: more substitutions
+    if len(negatives) == n_negatives:
+        return {"question": QUESTIONS[stype], "correct": pos, "incorrect": negatives}
     return None
 
 
-def make_statements(scene, rng, types=None):
+def make_statements(scene, rng, types=None, caption=None):
     """make_statement for each of `types` (default: all that apply); None if any of them fails."""
     types = types or [t for t in STATEMENT_TYPES if scene["kind"] == "video" or t not in VIDEO_ONLY_TYPES]
     out = {}
     for t in types:
-        s = make_statement(scene, t, rng)
+        s = make_statement(scene, t, rng, caption=caption)
         if s is None:
             return None
         out[t] = s
@@ -1200,38 +1273,38 @@ def make_statements(scene, rng, types=None):
 #################################################################################
 
 def _qa_pairs(scene, rng):
-    """Candidate (question, answer) pairs over the TED perspectives."""
+    """Candidate (question, answer, perspective) triples over the TED perspectives."""
     objs, kind = scene["objects"], scene["kind"]
     noun = "image" if kind == "image" else "video"
     qa = []
     for o in objs:
         r = unique_ref(o, scene, ("shape", "size"))
         if r:
-            qa.append((f"What colour is {np_phrase(r)}?", f"It is {o['colour']}."))
+            qa.append((f"What colour is {np_phrase(r)}?", f"It is {o['colour']}.", "colour"))
         r = unique_ref(o, scene)
         if not r:
             continue
         if kind == "image":
-            qa.append((f"Where is {np_phrase(r)}?", capital(f"in {cell_phrase(o['cell'])}.")))
+            qa.append((f"Where is {np_phrase(r)}?", capital(f"in {cell_phrase(o['cell'])}."), "position"))
         else:
-            qa.append((f"Where does {np_phrase(r)} start?", f"It starts in {cell_phrase(o['cell'])}."))
-        qa.append((f"Is {np_phrase(r)} large or small?", f"It is {o['size']}."))
+            qa.append((f"Where does {np_phrase(r)} start?", f"It starts in {cell_phrase(o['cell'])}.", "position"))
+        qa.append((f"Is {np_phrase(r)} large or small?", f"It is {o['size']}.", "size"))
         if o.get("word"):
-            qa.append((f"What word is written on {np_phrase(r)}?", f'The word "{o["word"]}".'))
+            qa.append((f"What word is written on {np_phrase(r)}?", f'The word "{o["word"]}".', "ocr"))
         if kind == "video":
             if o["direction"] == "none":
-                qa.append((f"How does {np_phrase(r)} move?", "It stays still."))
+                qa.append((f"How does {np_phrase(r)} move?", "It stays still.", "motion"))
             else:
-                qa.append((f"In which direction does {np_phrase(r)} move?", capital(DIR_PHRASES[o['direction']]) + "."))
-                qa.append((f"How fast does {np_phrase(r)} move, slowly or quickly?", capital(SPEED_WORDS[o['speed']]) + "."))
+                qa.append((f"In which direction does {np_phrase(r)} move?", capital(DIR_PHRASES[o['direction']]) + ".", "motion"))
+                qa.append((f"How fast does {np_phrase(r)} move, slowly or quickly?", capital(SPEED_WORDS[o['speed']]) + ".", "speed"))
             evs = [e for e in EVENTS if event_frame(o, e) is not None]
             answer = f"It {join_and([EVENT_PHRASES[e] for e in evs])}." if evs else \
                 "Nothing special: it stays on screen the whole time."
-            qa.append((f"What happens to {np_phrase(r)}?", answer))
+            qa.append((f"What happens to {np_phrase(r)}?", answer, "event"))
     for s in SHAPES:
         k = len(resolve({"shape": s}, scene))
-        qa.append((f"How many {s}s are there in the {noun}?", capital(f"{NUMBER_WORDS[k]}.") if k else "None."))
-    qa.append((f"How many objects are there in the {noun}?", capital(f"{NUMBER_WORDS[len(objs)]}.")))
+        qa.append((f"How many {s}s are there in the {noun}?", capital(f"{NUMBER_WORDS[k]}.") if k else "None.", "count"))
+    qa.append((f"How many objects are there in the {noun}?", capital(f"{NUMBER_WORDS[len(objs)]}."), "count"))
     refs = [(o, unique_ref(o, scene)) for o in objs]
     refs = [(o, r) for o, r in refs if r]
     for (a, ra), (b, rb) in itertools.permutations(refs, 2):
@@ -1240,30 +1313,35 @@ def _qa_pairs(scene, rng):
         verb = "Is" if kind == "image" else "Does"
         tail = "" if kind == "image" else " start out"
         q = f"{verb} {np_phrase(ra)}{tail} {REL_PHRASES[rel]} {np_phrase(rb)}?"
-        qa.append((q, "Yes." if ok else "No."))
+        qa.append((q, "Yes." if ok else "No.", "spatial"))
     if kind == "video":
         evs = _scene_events(scene)
         for (f1, i1, e1), (f2, i2, e2) in itertools.combinations(evs, 2):
             r1, r2 = unique_ref(objs[i1], scene), unique_ref(objs[i2], scene)
             if r1 and r2 and f1 != f2 and i1 != i2:
                 a, b = (f"{np_phrase(r1)} {EVENT_PHRASES[e1]}", f"{np_phrase(r2)} {EVENT_PHRASES[e2]}")
-                qa.append((f"Which happens earlier: {a}, or {b}?", capital(a if f1 < f2 else b) + "."))
+                qa.append((f"Which happens earlier: {a}, or {b}?", capital(a if f1 < f2 else b) + ".", "temporal"))
     return qa
 
 
 def write_vqa(scene, rng, captions=None):
-    """Chat messages about the scene: either a describe prompt or a few question/answer turns."""
+    """Chat messages about the scene: either a describe prompt or a few question/answer turns.
+
+    Each assistant turn carries a "perspective" key: colour, position, size, ocr, motion, speed,
+    event, count, spatial, temporal or describe.
+    """
     noun = "image" if scene["kind"] == "image" else "video"
     if rng.random() < 0.3:
         caption = (captions or write_captions(scene, rng))[0]
         prompt = rng.choice([f"Describe this {noun} in detail.", f"Write a detailed caption for this {noun}.",
                              f"What is shown in this {noun}? Be thorough."])
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
+        return [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": caption, "perspective": "describe"}]
     qa = _qa_pairs(scene, rng)
     turns = rng.sample(qa, min(len(qa), rng.randint(1, 3)))
     msgs = []
-    for q, a in turns:
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for q, a, persp in turns:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a, "perspective": persp}]
     return msgs
 
 

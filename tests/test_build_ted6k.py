@@ -94,6 +94,9 @@ def test_training_split_records(tmp_path):
     assert len(pairs) == 8 and all(p["a"] != p["b"] for p in pairs)
     vqa = read_jsonl(wd / "vqa.jsonl", required=("media", "kind", "messages"))
     assert len(vqa) == 12 and all(r["messages"][0]["role"] == "user" for r in vqa)
+    # Spread over images and videos in proportion (6 images, 4 videos), every answer tagged.
+    assert [r["kind"] for r in vqa[:10]].count("video") == 4
+    assert all("perspective" in m for r in vqa for m in r["messages"] if m["role"] == "assistant")
     t2x = read_jsonl(wd / "t2x.jsonl", required=("media", "caption", "kind", "prompt", "scene"))
     ev = read_jsonl(wd / "eval.jsonl", required=("media", "caption", "kind", "prompt", "scene"))
     assert [r["kind"] for r in t2x] == ["image"] * 6 + ["video"] * 4 and len(ev) == 4

@@ -88,24 +88,65 @@ def test_evaluation_reads_the_scene_not_the_words():
         assert not world.evaluate_claim(claim, swapped), world.render_claim(claim)
 
 
-def _bow_by_type(bench):
+def _bow_by_type(bench, ties_lose=False):
+    """Bag-of-words accuracy per type: ties broken at random, or (ties_lose) counted as losses."""
     acc = collections.defaultdict(list)
     for rec in bench.values():
         for stype, info in rec["statements"].items():
             if info["correct_statement"]["status"] == "success":
-                acc[stype].append(world.bow_score(rec["caption"], info["correct_statement"]["statement"],
-                                                  [o["statement"] for o in info["incorrect_statements"]]))
+                pos, negs = info["correct_statement"]["statement"], [o["statement"] for o in info["incorrect_statements"]]
+                if ties_lose:
+                    top = max(world.bow_cosine(rec["caption"], n) for n in negs)
+                    acc[stype].append(world.bow_cosine(rec["caption"], pos) > top + 1e-9)
+                else:
+                    acc[stype].append(world.bow_score(rec["caption"], pos, negs))
     return {t: float(np.mean(v)) for t, v in acc.items()}
 
 
-def test_bag_of_words_is_near_chance(ted):
-    """Negatives reuse the caption's words: a word-count cosine scorer cannot beat chance (25%)."""
-    acc = _bow_by_type(ted[0])
-    print({t: round(100 * a, 1) for t, a in acc.items()})
-    for t in ("Adjective", "Spatial Relationship", "Temporal", "Coreference"):
-        assert acc[t] <= 0.31, (t, acc[t])
-    for t, a in acc.items():
-        assert a <= 0.36, (t, a)
+BINDING_TYPES = ("Adjective", "Spatial Relationship", "Temporal", "Coreference")
+
+
+def test_bag_of_words_near_chance_on_binding_types_and_above_it_elsewhere(ted):
+    """Binding types re-bind the caption's own words: a word-count cosine scorer stays near chance
+    (25%). The other types carry ABSENT_NEGATIVES substitutions of a value the scene lacks, like the
+    real TED negatives: lexical matching earns partial credit there, but nowhere near all of it."""
+    acc, strict = _bow_by_type(ted[0]), _bow_by_type(ted[0], ties_lose=True)
+    print({t: (round(100 * a, 1), round(100 * strict[t], 1)) for t, a in acc.items()})
+    for t in BINDING_TYPES:
+        assert acc[t] <= 0.33 and strict[t] <= 0.06, (t, acc[t], strict[t])
+    for t in world.ABSENT_TYPES:
+        assert 0.4 <= acc[t] <= 0.85, (t, acc[t])
+
+
+def test_caption_words_never_systematically_favour_a_negative(ted):
+    """A negative that matches the caption's words better than the positive is a wording artefact;
+    on no type may that happen in many questions while the positive rarely wins."""
+    diffs = collections.defaultdict(list)
+    for rec in ted[0].values():
+        for stype, info in rec["statements"].items():
+            if info["correct_statement"]["status"] == "success":
+                p = world.bow_cosine(rec["caption"], info["correct_statement"]["statement"])
+                n = max(world.bow_cosine(rec["caption"], o["statement"]) for o in info["incorrect_statements"])
+                diffs[stype].append(0 if abs(p - n) < 1e-9 else (1 if p > n else -1))
+    for t, d in diffs.items():
+        assert np.mean([x < 0 for x in d]) <= 0.25, t
+        if t in world.ABSENT_TYPES:
+            assert np.mean([x < 0 for x in d]) < np.mean([x > 0 for x in d]), t
+
+
+def test_absent_negative_knobs(monkeypatch):
+    """ABSENT_NEGATIVES=0 brings the lexical cue back down; ABSENT_NEGATIVES_BINDING>0 raises it on
+    the binding types. Every statement stays true / false on its scene."""
+    base, _ = build.build_world_benchmark(seed=4, fraction=0.1)
+    monkeypatch.setattr(world, "ABSENT_NEGATIVES", 0)
+    monkeypatch.setattr(world, "ABSENT_NEGATIVES_BINDING", 2)
+    bench, side = build.build_world_benchmark(seed=4, fraction=0.1)
+    assert _walk_truth(bench, side) == sum(build.count_cells(bench).values())
+    a, b = _bow_by_type(base), _bow_by_type(bench)
+    for t in ("Quantity", "OCR", "Action Recognition"):
+        assert b[t] < a[t] - 0.1, (t, a[t], b[t])
+    for t in ("Adjective", "Spatial Relationship", "Coreference"):
+        assert b[t] > a[t] + 0.1, (t, a[t], b[t])
 
 
 def test_bag_of_words_scorer_itself_works():
@@ -131,7 +172,9 @@ def test_negatives_are_minimal_edits(ted):
                 diff = sum(((pos - neg) + (neg - pos)).values())
                 assert diff <= 8, (info["correct_statement"]["statement"], o["statement"])
                 same_words += diff == 0
-    assert same_words >= 6641 * 3 * 0.4      # most are pure re-bindings of the same words
+    # Most binding-type negatives are pure re-bindings of the same words.
+    n_binding = sum(build.count_cells(bench)[(t, k)] for t in BINDING_TYPES for k in ("image", "video"))
+    assert same_words >= n_binding * 3 * 0.5
 
 
 def test_make_statements_covers_all_types_and_is_deterministic():
@@ -197,9 +240,13 @@ def test_captions_are_two_detailed_independent_phrasings():
         assert len(prompt.split()) < len(caps[0].split())
 
 
+PERSPECTIVES = ("colour", "position", "size", "ocr", "motion", "speed", "event", "count", "spatial",
+                "temporal", "describe")
+
+
 def test_vqa_messages():
     rng = random.Random(2)
-    kinds = collections.Counter()
+    kinds, persps = collections.Counter(), collections.Counter()
     for i in range(100):
         scene = world.sample_scene(rng, "video" if i % 2 else "image")
         msgs = world.write_vqa(scene, rng)
@@ -207,8 +254,12 @@ def test_vqa_messages():
         for j, m in enumerate(msgs):
             assert m["role"] == ("user" if j % 2 == 0 else "assistant")
             assert isinstance(m["content"], str) and m["content"]
+            if m["role"] == "assistant":
+                assert m["perspective"] in PERSPECTIVES, m
+                persps[m["perspective"]] += 1
         kinds["describe" if "detail" in msgs[0]["content"] or "thorough" in msgs[0]["content"] else "qa"] += 1
     assert kinds["describe"] > 10 and kinds["qa"] > 40
+    assert set(persps) >= set(PERSPECTIVES) - {"ocr", "temporal"}
 
 
 def test_vqa_answers_follow_the_scene():
@@ -217,9 +268,14 @@ def test_vqa_answers_follow_the_scene():
          "direction": "left", "speed": "fast", "enter": 0, "event": "stops", "event_frame": 4},
         {"shape": "square", "colour": "blue", "size": "small", "cell": [0, 2], "word": "GO",
          "direction": "none", "speed": None, "enter": 2, "event": None, "event_frame": None}]}
-    qa = dict(world._qa_pairs(scene, random.Random(0)))
-    assert qa["What colour is the circle?"] == "It is red."
-    assert qa["In which direction does the circle move?"] == "To the left."
+    triples = world._qa_pairs(scene, random.Random(0))
+    qa = {q: a for q, a, _ in triples}
+    persp = {q: p for q, _, p in triples}
+    assert qa["What colour is the circle?"] == "It is red." and persp["What colour is the circle?"] == "colour"
+    assert qa["In which direction does the circle move?"] == "Leftward."
+    assert persp["How fast does the circle move, slowly or quickly?"] == "speed"
+    assert persp["Which happens earlier: the square appears, or the circle stops?"] == "temporal"
+    assert persp["How many objects are there in the video?"] == "count"
     assert qa["How fast does the circle move, slowly or quickly?"] == "Quickly."
     assert qa['What word is written on the square?'] == 'The word "GO".'
     assert qa["How many objects are there in the video?"] == "Two."

@@ -1,0 +1,320 @@
+"""Sample the DiT of 05 (50 Euler steps, classifier-free guidance) and score prompt fidelity.
+
+The paper samples with 50 steps and CFG 4.0 (T2I) / 5.0 (T2V) and scores GenAI-Bench with a VQA
+model. Here the world's checker plays the judge: it reads colour, count, position, shape, motion and
+speed back out of the pixels, so fidelity is measured exactly, per aspect, on held-out prompts.
+
+    python 06_sample.py                                   # a few held-out world prompts -> runs/samples/
+    python 06_sample.py --prompts "a red circle on the left" "a blue square" --kind image
+    python 06_sample.py --prompt-file my_prompts.txt --kind video --seeds 0 1 2 3
+    python 06_sample.py --eval                            # fidelity table: renders / DiT / empty caption
+    python 06_sample.py --eval --ckpt runs/layer_weights --out runs/samples/two_step
+
+`--ckpt` takes a checkpoint file or a folder whose latest `checkpoints/step_*.pt` is used; the text
+encoder and layer fusion are the ones that checkpoint was trained with. EMA weights by default.
+Outputs: images.png (rows: prompts, columns: seeds, upscaled), videos.gif (the same, animated),
+prompts.txt; with --eval, eval.json and eval.md (plus eval_images.png / eval_videos.gif).
+"""
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import common
+from common import DataError, log
+from dit import DiT, RectifiedFlow
+
+t2x = importlib.import_module("05_train_diffusion")
+ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")
+
+
+#################################################################################
+#                           Model and text conditions                           #
+#################################################################################
+
+def load_model(ckpt, device, use_ema=True):
+    """(DiT in eval mode, checkpoint dict) from a checkpoint file or a run folder."""
+    path = Path(ckpt)
+    if path.is_dir():
+        found = common.latest_checkpoint(path)
+        if found is None:
+            raise DataError(f"{path}: no checkpoints/step_*.pt (train with 05_train_diffusion.py first)")
+        path = found
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = DiT(**state["config"])
+    weights = state["ema"]["model"] if use_ema else state["model"]
+    common.load_state_dict_strict(model, weights, str(path))
+    state["path"] = str(path)
+    return model.to(device).eval(), state
+
+
+class Conditioner:
+    """Text -> (feats, mask) exactly as in training: same encoder, max length, fusion, dtype round trip."""
+
+    def __init__(self, state, device, encoder=None):
+        from encoders import LayerFusion, load_encoder
+        args = state["args"]
+        self.encoder = encoder or load_encoder(state["encoder"], device=device,
+                                               dtype=common.pick_dtype(device, args["encoder_dtype"]))
+        if self.encoder.name != state["encoder"]:
+            raise DataError(f"{state['path']}: trained with encoder {state['encoder']!r}, got {self.encoder.name!r}")
+        fs = state["fusion"]
+        self.fusion = LayerFusion(args["fusion"], state["num_layers"], weights=fs.get("weights"))
+        common.load_state_dict_strict(self.fusion, fs, f"{state['path']} (layer fusion)")
+        self.fusion.to(device)
+        self.max_length, self.device, self.store = args["max_length"], device, args["cache_dtype"]
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        store = common.pick_dtype(self.device, self.store)
+        feats, offsets = t2x.encode_texts(self.encoder, self.fusion, list(texts), self.max_length, store)
+        bank = t2x.FeatureBank(feats, offsets)
+        f, m = bank.batch(list(range(len(texts))), self.device)
+        return (self.fusion(f) if self.fusion.mode == "learned" else f), m
+
+
+def to_uint8(x):
+    """[B, C, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, C]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(model, cond_fn, texts, seeds, kind, state, steps, cfg, batch, null=None, desc="sample"):
+    """uint8 [len(texts), len(seeds), T, H, W, 3]: sample (text i, seed s) starts from the noise of
+    seed s alone, so a seed means the same noise for every prompt and for the empty-caption floor.
+    `cfg=None` samples the condition alone (no guidance pass)."""
+    a = state["args"]
+    T = 1 if kind == "image" else a["frames"]
+    shape = (3, T, a["size"], a["size"])
+    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds}
+    jobs = [(i, s) for i in range(len(texts)) for s in seeds]
+    feats, mask = cond_fn(texts)
+    null_cond = cond_fn([""]) if cfg is not None else None
+    rf, out = RectifiedFlow(), np.zeros((len(texts), len(seeds), T, a["size"], a["size"], 3), np.uint8)
+    device = next(model.parameters()).device
+    dtype = common.pick_dtype(device, a.get("dtype", "auto"))
+    for s in tqdm(range(0, len(jobs), batch), desc=desc, leave=False, dynamic_ncols=True):
+        chunk = jobs[s:s + batch]
+        ti = torch.tensor([i for i, _ in chunk], device=feats.device)
+        z = torch.stack([noise[sd] for _, sd in chunk]).to(device)
+        with common.autocast(device, dtype):
+            x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0)
+        for (i, sd), px in zip(chunk, to_uint8(x)):
+            out[i, seeds.index(sd)] = px
+    return out
+
+
+#################################################################################
+#                                Writing samples                                #
+#################################################################################
+
+def grid(pixels, scale, pad=1):
+    """[R, C, T, H, W, 3] -> [T, R*(H*scale+pad)+pad, ...] frames with white gutters."""
+    R, C, T, H, W, _ = pixels.shape
+    h, w = H * scale, W * scale
+    out = np.full((T, R * (h + pad) + pad, C * (w + pad) + pad, 3), 255, np.uint8)
+    up = pixels.repeat(scale, axis=3).repeat(scale, axis=4)
+    for r in range(R):
+        for c in range(C):
+            out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = up[r, c]
+    return out
+
+
+def write_png(path, frame):
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    common.atomic_write_bytes(path, buf.getvalue())
+
+
+def write_gif(path, frames, ms=125):
+    import io
+    buf = io.BytesIO()
+    ims = [Image.fromarray(f) for f in frames]
+    ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=ms, loop=0)
+    common.atomic_write_bytes(path, buf.getvalue())
+
+
+def view_scale():
+    try:
+        import world
+        return world.VIEW_SCALE
+    except ImportError:
+        return 8
+
+
+#################################################################################
+#                                   Evaluation                                  #
+#################################################################################
+
+def score(pixels, scenes, check):
+    """Mean checker score per aspect over all samples (aspects a scene does not have are skipped)."""
+    acc = {a: [] for a in ASPECTS}
+    for px, scene in zip(pixels, scenes):
+        for sample in px:  # seeds
+            res = check(sample[0] if sample.shape[0] == 1 else sample, scene)
+            for a in ASPECTS:
+                if res.get(a) is not None:
+                    acc[a].append(float(res[a]))
+    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in acc.items()}
+
+
+def evaluate(args, model, state, cond_fn, out):
+    import world
+    recs = common.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
+    limits = {"image": args.eval_images, "video": args.eval_videos}
+    seeds = list(range(args.eval_seeds))
+    size = world.IMAGE_SIZE
+    results, settings = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}
+    for kind in ("image", "video"):
+        rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
+        if not rs:
+            continue
+        if kind == "video" and state["args"]["frames"] != world.FRAMES:
+            raise DataError(f"the checker needs {world.FRAMES} frames, the model makes {state['args']['frames']}")
+        scenes, texts = [r["scene"] for r in rs], [r[args.eval_text] for r in rs]
+        render = world.render_image if kind == "image" else world.render_video
+        ceiling = np.stack([np.asarray(render(s)).reshape(-1, size, size, 3) for s in scenes])[:, None]
+        cfg = args.cfg_image if kind == "image" else args.cfg_video
+        t0 = time.time()
+        gen = generate(model, cond_fn, texts, seeds, kind, state, args.steps, cfg, args.batch, desc=f"eval {kind}")
+        t_gen = time.time() - t0
+        floor = generate(model, cond_fn, [""], seeds, kind, state, args.steps, None, args.batch, desc=f"floor {kind}")
+        floor = np.repeat(floor, len(rs), axis=0)  # the empty caption is one prompt; score it against every scene
+        if gen.shape[-2] != size:
+            gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
+                          size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
+                          *a.shape[:3], size, size, 3)) for a in (gen, floor))
+        results["renders (ceiling)"][kind] = score(ceiling, scenes, world.check_sample)
+        results["DiT + prompt"][kind] = score(gen, scenes, world.check_sample)
+        results["DiT + empty caption (floor)"][kind] = score(floor, scenes, world.check_sample)
+        settings[kind] = {"prompts": len(rs), "seeds": len(seeds), "cfg": cfg, "steps": args.steps,
+                          "seconds_per_sample": t_gen / (len(rs) * len(seeds))}
+        n = min(8, len(rs))
+        frames = grid(np.concatenate([ceiling[:n], gen[:n]], axis=1), view_scale())
+        if kind == "image":
+            write_png(out / "eval_images.png", frames[0])
+        else:
+            write_gif(out / "eval_videos.gif", frames)
+        common.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:n]))
+    report = {"checkpoint": state["path"], "step": state["step"], "encoder": state["encoder"],
+              "fusion": state["args"]["fusion"], "ema": not args.no_ema, "text": args.eval_text,
+              "settings": settings, "results": results}
+    common.atomic_write_json(out / "eval.json", report)
+    common.atomic_write_text(out / "eval.md", markdown(report))
+    log(markdown(report))
+    return report
+
+
+def markdown(report):
+    cols = list(report["results"])
+    lines = [f"Prompt fidelity (world checker, mean in [0,1]); {report['checkpoint']} (step {report['step']}), "
+             f"encoder {report['encoder']}, fusion {report['fusion']}.", "",
+             "| kind | aspect | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for kind in ("image", "video"):
+        for a in ASPECTS:
+            cells = [report["results"][c].get(kind, {}).get(a, {}) for c in cols]
+            if not any(c.get("mean") is not None for c in cells):
+                continue
+            lines.append(f"| {kind} | {a} | " + " | ".join(
+                f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + " |")
+    for kind, s in report["settings"].items():
+        lines.append(f"\n{kind}: {s['prompts']} held-out prompts x {s['seeds']} seeds, {s['steps']} Euler steps, "
+                     f"CFG {s['cfg']}, {s['seconds_per_sample']:.2f} s/sample")
+    return "\n".join(lines) + "\n"
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def read_prompts(args):
+    """(text, kind) pairs from --prompts, --prompt-file (.txt lines or .jsonl), else held-out world prompts."""
+    kinds = ["image", "video"] if args.kind == "both" else [args.kind]
+    if args.prompts:
+        return [(p, k) for p in args.prompts for k in kinds]
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if path.suffix == ".jsonl":
+            recs = common.read_jsonl(path)
+            out = []
+            for i, r in enumerate(recs, 1):
+                text = r.get("prompt", r.get("caption"))
+                if not isinstance(text, str):
+                    raise DataError(f"{path}: record {i}: needs a 'prompt' or 'caption' string")
+                out += [(text, r["kind"])] if r.get("kind") in ("image", "video") else [(text, k) for k in kinds]
+            return out
+        if not path.is_file():
+            raise DataError(f"{path}: no such prompt file")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"{path}: no prompts")
+        return [(p, k) for p in lines for k in kinds]
+    if Path(args.eval_data).is_file():
+        recs = common.read_jsonl(args.eval_data, required=("caption", "kind"))
+        return ([(r["caption"], "image") for r in recs if r["kind"] == "image"][:4]
+                + [(r["caption"], "video") for r in recs if r["kind"] == "video"][:4])
+    return [(p, k) for p in ("a red circle", "a blue square on the left and a green triangle on the right")
+            for k in ("image", "video")]
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/diffusion", help="checkpoint file or run folder (latest checkpoint)")
+    p.add_argument("--out", default="runs/samples")
+    p.add_argument("--prompts", nargs="*", default=None)
+    p.add_argument("--prompt-file", default=None, help=".txt (one prompt a line) or .jsonl ({prompt|caption, kind})")
+    p.add_argument("--kind", default="image", choices=["image", "video", "both"], help="for --prompts / .txt prompts")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-image", type=float, default=4.0)
+    p.add_argument("--cfg-video", type=float, default=5.0)
+    p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
+    p.add_argument("--eval", action="store_true", help="score held-out world prompts with the checker")
+    p.add_argument("--eval-data", default="runs/world/eval.jsonl")
+    p.add_argument("--eval-text", default="caption", choices=["prompt", "caption"], help="field of eval.jsonl to condition on")
+    p.add_argument("--eval-images", type=int, default=48, help="held-out image prompts scored")
+    p.add_argument("--eval-videos", type=int, default=24, help="held-out video prompts scored")
+    p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    common.seed_everything(0)
+    out = Path(args.out)
+    model, state = load_model(args.ckpt, device, use_ema=not args.no_ema)
+    log(f"{state['path']}: step {state['step']}, encoder {state['encoder']}, fusion {state['args']['fusion']}")
+    cond_fn = Conditioner(state, device)
+    if args.eval:
+        evaluate(args, model, state, cond_fn, out)
+        return
+    prompts = read_prompts(args)
+    for kind in ("image", "video"):
+        texts = [t for t, k in prompts if k == kind]
+        if not texts:
+            continue
+        cfg = args.cfg_image if kind == "image" else args.cfg_video
+        px = generate(model, cond_fn, texts, args.seeds, kind, state, args.steps, cfg, args.batch, desc=kind)
+        frames = grid(px, view_scale())
+        path = out / ("images.png" if kind == "image" else "videos.gif")
+        (write_png(path, frames[0]) if kind == "image" else write_gif(path, frames))
+        common.atomic_write_text(out / f"{kind}_prompts.txt", "".join(f"{t}\n" for t in texts))
+        log(f"{len(texts)} {kind} prompt(s) x {len(args.seeds)} seeds -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Benchmark the default DiT: training throughput and 50-step sampling time (not a test).
+
+Training throughput is reported as samples/s per kind and for the 7:3 mix, and as achieved FLOP/s
+(FLOPs counted by torch's FlopCounterMode on one forward+backward) over the FLOP/s of a 1024x1024
+fp32 matmul measured in the same run, the machine's practical peak for this kind of work.
+
+    python bench_diffusion.py                    # default size (05's defaults), CPU
+    python bench_diffusion.py --threads 1        # on a busy machine
+    python bench_diffusion.py --device cuda --dtype bf16
+"""
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+from dit import DiT, RectifiedFlow
+
+
+def timeit(fn, iters, warmup=2, sync=lambda: None):
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--iters", type=int, default=10, help="timed training steps per kind")
+    p.add_argument("--text-len", type=int, default=80, help="caption tokens (world captions: ~75)")
+    p.add_argument("--text-dim", type=int, default=384, help="encoder width (MiniLM: 384)")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--out", default="runs/bench/diffusion.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = common.pick_device(args.device)
+    dtype = common.pick_dtype(d, args.dtype)
+    sync = torch.cuda.synchronize if d.type == "cuda" else (lambda: None)
+    t2x = importlib.import_module("05_train_diffusion").get_parser().parse_args([])
+    torch.manual_seed(0)
+
+    # ---- matmul peak ----
+    a, b = torch.randn(1024, 1024, device=d), torch.randn(1024, 1024, device=d)
+    peak = 2 * 1024 ** 3 / timeit(lambda: a @ b, 20, sync=sync)
+
+    # ---- training ----
+    model = DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
+                patch=t2x.patch, tpatch=t2x.tpatch).to(d)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rf = RectifiedFlow()
+    result = {"device": str(d), "threads": torch.get_num_threads(), "dtype": str(dtype),
+              "params": sum(q.numel() for q in model.parameters()), "config": model.config,
+              "matmul_peak_gflops": peak / 1e9, "train": {}, "sample": {}}
+    for kind, B, T in (("image", t2x.image_batch, 1), ("video", t2x.video_batch, t2x.frames)):
+        x = torch.randn(B, 3, T, t2x.size, t2x.size, device=d)
+        feats = torch.randn(B, args.text_len, args.text_dim, device=d)
+        mask = torch.ones(B, args.text_len, dtype=torch.bool, device=d)
+
+        def step():
+            with common.autocast(d, dtype):
+                loss = rf.loss(model, x, (feats, mask)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with FlopCounterMode(display=False) as fc:
+            with common.autocast(d, dtype):
+                rf.loss(model, x, (feats, mask)).mean().backward()
+        flops = fc.get_total_flops()
+        sec = timeit(step, args.iters, sync=sync)
+        tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
+        result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
+                                 "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
+                                 "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
+    r = result["train"]
+    mix = 0.7 * r["image"]["s_per_step"] + 0.3 * r["video"]["s_per_step"]
+    result["train"]["7:3 mix"] = {"s_per_step": mix, "steps_per_s": 1 / mix,
+                                  "fraction_of_matmul_peak": (0.7 * r["image"]["gflop_per_step"] + 0.3 * r["video"]["gflop_per_step"]) * 1e9 / mix / peak}
+
+    # ---- sampling: 50 Euler steps with CFG (two forward passes a step, batched) ----
+    model.eval()
+    for kind, T, cfg in (("image", 1, 4.0), ("video", t2x.frames, 5.0)):
+        for n in (1, 16):
+            z = torch.randn(n, 3, T, t2x.size, t2x.size, device=d)
+            cond = (torch.randn(n, args.text_len, args.text_dim, device=d), torch.ones(n, args.text_len, dtype=torch.bool, device=d))
+            null = (torch.randn(1, 2, args.text_dim, device=d), torch.ones(1, 2, dtype=torch.bool, device=d))
+
+            def sample():
+                with torch.no_grad(), common.autocast(d, dtype):
+                    rf.sample(model, z, cond, null, steps=args.sample_steps, cfg=cfg)
+            sec = timeit(sample, 2, warmup=1, sync=sync)
+            result["sample"][f"{kind}, batch {n}"] = {"s_per_batch": sec, "s_per_sample": sec / n}
+
+    lines = [f"DiT {result['params'] / 1e6:.2f}M params on {d} ({result['threads']} threads, {dtype}); "
+             f"1024^2 fp32 matmul: {peak / 1e9:.1f} GFLOP/s",
+             "| training | batch | s/step | samples/s | GFLOP/step | achieved GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]
+    for kind in ("image", "video"):
+        t = r[kind]
+        lines.append(f"| {kind} | {t['batch']} | {t['s_per_step']:.3f} | {t['samples_per_s']:.1f} | {t['gflop_per_step']:.1f} | "
+                     f"{t['achieved_gflops']:.1f} | {t['fraction_of_matmul_peak']:.0%} |")
+    m = r["7:3 mix"]
+    lines.append(f"| 7:3 mix | - | {m['s_per_step']:.3f} | - | - | - | {m['fraction_of_matmul_peak']:.0%} |")
+    lines += ["", f"| {args.sample_steps}-step sampling (CFG) | s/batch | s/sample |", "|---|---|---|"]
+    lines += [f"| {k} | {v['s_per_batch']:.2f} | {v['s_per_sample']:.3f} |" for k, v in result["sample"].items()]
+    print("\n".join(lines))
+    result["table"] = "\n".join(lines)
+    common.atomic_write_json(Path(args.out), result)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Test helpers for the diffusion tests: a tiny deterministic stand-in text encoder and a tiny world."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+class StubEncoder:
+    """TextEncoder's interface (name, num_layers, width, dtype, device, encode) over a fixed random
+    word table; counts the texts it encodes so tests can see whether a cache was used."""
+
+    def __init__(self, name="stub", num_layers=3, width=16, seed=0):
+        self.name, self.num_layers, self.width = name, num_layers, width
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(num_layers, 101, width, generator=g)
+        self.calls = 0
+
+    def encode(self, texts, max_length=16):
+        self.calls += len(texts)
+        ids = [[sum(map(ord, w)) % 101 for w in t.split()][:max_length] for t in texts]
+        L = max(1, max(len(i) for i in ids))
+        hidden = torch.zeros(self.num_layers, len(texts), L, self.width)
+        mask = torch.zeros(len(texts), L, dtype=torch.bool)
+        for b, row in enumerate(ids):
+            for j, tok in enumerate(row):
+                hidden[:, b, j] = self.table[:, tok] * (1 + torch.arange(self.num_layers)[:, None])
+                mask[b, j] = True
+        return hidden, mask
+
+
+def make_world(root, n_images=24, n_videos=12, size=8, frames=4, seed=0):
+    """PNG images and GIF videos of one coloured square (videos: moving right or left) + t2x.jsonl."""
+    root = Path(root)
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    recs = []
+    for i in range(n_images + n_videos):
+        kind = "image" if i < n_images else "video"
+        colour = names[rng.integers(len(names))]
+        direction = ["left", "right"][rng.integers(2)]
+        T = 1 if kind == "image" else frames
+        arr = np.zeros((T, size, size, 3), np.uint8)
+        for t in range(T):
+            x = 1 + (t if direction == "right" else T - 1 - t) if kind == "video" else 2
+            arr[t, 2:5, x:x + 3] = COLOURS[colour]
+        if kind == "image":
+            path = f"media/{i:03d}.png"
+            Image.fromarray(arr[0]).save(root / path)
+            cap = f"a {colour} square"
+        else:
+            path = f"media/{i:03d}.gif"
+            frames_ = [Image.fromarray(a) for a in arr]
+            frames_[0].save(root / path, save_all=True, append_images=frames_[1:], duration=100, loop=0)
+            cap = f"a {colour} square moving {direction}"
+        recs.append({"media": path, "caption": cap, "kind": kind})
+    (root / "t2x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root / "t2x.jsonl"
+
+
+TINY = ["--size", "8", "--frames", "4", "--hidden", "32", "--depth", "2", "--heads", "2", "--patch", "4",
+        "--tpatch", "2", "--image-batch", "4", "--video-batch", "2", "--warmup", "0", "--log-every", "2",
+        "--max-length", "8", "--quiet", "--device", "cpu"]
+

@@ -1,0 +1,269 @@
+"""02_probe_encoders.py: the TED scoring protocol with known answers, bad input, DDP == single process."""
+import hashlib
+import importlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import DataError
+
+probe = importlib.import_module("02_probe_encoders")
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- hand-built data
+# TED-style data with known answers: captions state three (colour, shape) facts; positives are caption
+# facts, negatives are absent facts.
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle"]
+TYPES = ["Adjective", "Quantity", "Spatial Relationship"]
+FACT = re.compile(r"(red|green|blue|yellow|purple|orange) (circle|square|triangle)")
+
+
+def scene(rng):
+    """Three distinct (colour, shape) facts."""
+    return rng.sample([(c, s) for c in COLOURS for s in SHAPES], 3)
+
+
+def caption(facts, style):
+    if style == 0:
+        return " ".join(f"There is a {c} {s}." for c, s in facts)
+    return "The picture holds " + ", ".join(f"one {c} {s}" for c, s in reversed(facts)) + "."
+
+
+def make_benchmark(n=24, seed=0):
+    """TED-format dict: each instance's positives are caption facts, negatives are absent facts."""
+    rng = random.Random(seed)
+    bench = {}
+    for i in range(n):
+        kind = "image" if i % 2 == 0 else "video"
+        facts = scene(rng)
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in facts]
+        statements = {}
+        for t in TYPES:
+            pos = rng.choice(facts)
+            negs = rng.sample(absent, 3)
+            statements[t] = {"question": "?", "correct_statement": {"statement": f"The {pos[0]} {pos[1]} is shown.",
+                                                                     "status": "success"},
+                             "incorrect_statements": [{"statement": f"The {c} {s} is shown.", "status": "success"}
+                                                      for c, s in negs]}
+        bench[f"{kind}_{i}"] = {"caption": caption(facts, 0), "caption_type": kind, "statements": statements}
+    return bench
+
+
+def make_pairs(n=64, seed=1):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        facts = scene(rng)
+        out.append({"a": caption(facts, 0), "b": caption(facts, 1), "kind": "image" if i % 2 else "video"})
+    return out
+
+
+def write(tmp_path, n_bench=24, n_pairs=64):
+    bench, pairs = tmp_path / "ted.json", tmp_path / "pairs.jsonl"
+    bench.write_text(json.dumps(make_benchmark(n_bench)))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(n_pairs)))
+    return bench, pairs
+
+
+def facts_of(text):
+    return set(FACT.findall(text))
+
+
+
+def oracle(text):
+    """Bag of the (colour, shape) facts a text states: the caption contains the positive's fact only."""
+    v = torch.zeros(len(COLOURS) * len(SHAPES))
+    for c, s in facts_of(text):
+        v[COLOURS.index(c) * len(SHAPES) + SHAPES.index(s)] = 1
+    return v
+
+
+def questions(tmp_path, n=24):
+    bench, _ = write(tmp_path, n_bench=n)
+    return probe.load_benchmark(bench)
+
+
+# ----------------------------------------------------------------------------- scoring protocol
+
+def test_oracle_scores_100(tmp_path):
+    r = probe.score_questions(questions(tmp_path), oracle)
+    assert r["overall"] == 100.0 and r["n"] == 72
+    assert set(r["by_type"]) == set(TYPES) and set(r["by_caption_type"]) == {"image", "video"}
+    assert all(v == 100.0 for v in r["by_both"].values())
+
+
+def test_anti_oracle_and_constant_score_0(tmp_path):
+    qs = questions(tmp_path)
+    # anti-oracle: captions embed the facts they do NOT state, so the positive is always the farthest
+    anti = lambda t: 1 - oracle(t) if t.startswith("Caption Type:") else oracle(t)  # noqa: E731
+    assert probe.score_questions(qs, anti)["overall"] == 0.0
+    # a constant encoder ties every option: a tie is not a win, whatever the option order
+    assert probe.score_questions(qs, lambda t: torch.ones(4))["overall"] == 0.0
+
+
+def test_random_features_score_chance(tmp_path):
+    qs = questions(tmp_path, n=200)  # 600 questions, 4 options each
+
+    def rand(t):
+        g = torch.Generator().manual_seed(int(hashlib.md5(t.encode()).hexdigest()[:8], 16))
+        return torch.randn(32, generator=g)
+
+    acc = probe.score_questions(qs, rand)["overall"]
+    assert 19.0 < acc < 31.0, acc
+
+
+def test_dropped_options_and_caption_template(tmp_path):
+    bench = make_benchmark(2)
+    st = bench["image_0"]["statements"]
+    st["Adjective"]["incorrect_statements"][0]["status"] = "failed"
+    st["Adjective"]["incorrect_statements"][1]["statement"] = None
+    st["Quantity"]["correct_statement"] = {"statement": None, "status": "success"}
+    for n in st["Spatial Relationship"]["incorrect_statements"]:
+        n["status"] = "error"
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(bench))
+    qs = probe.load_benchmark(path)
+    mine = [q for q in qs if q["key"] == "image_0"]
+    assert [q["type"] for q in mine] == ["Adjective"] and len(mine[0]["negatives"]) == 1
+    assert len(qs) == 4
+    texts = probe.benchmark_texts(qs)
+    assert texts[0] == "Caption Type: image\nCaption: " + bench["image_0"]["caption"]
+    assert len(texts) == len(set(texts))  # deduped
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda b: b["image_0"].pop("caption"), "record 'image_0': missing 'caption'"),
+    (lambda b: b["image_0"].update(caption_type="audio"), "caption_type must be image or video"),
+    (lambda b: b["video_1"].update(statements=[]), "statements must be an object"),
+    (lambda b: b["video_1"]["statements"]["Adjective"].pop("incorrect_statements"), "'Adjective'"),
+    (lambda b: b.update(image_0=5), "expected an object"),
+])
+def test_invalid_benchmark_records(tmp_path, mutate, match):
+    bench = make_benchmark(4)
+    mutate(bench)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bench))
+    with pytest.raises(DataError, match=match):
+        probe.load_benchmark(path)
+
+
+def test_unscorable_or_malformed_benchmark(tmp_path):
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(DataError, match="non-empty JSON object"):
+        probe.load_benchmark(tmp_path / "empty.json")
+    (tmp_path / "trunc.json").write_text('{"image_0": {')
+    with pytest.raises(DataError, match="malformed JSON"):
+        probe.load_benchmark(tmp_path / "trunc.json")
+    bench = make_benchmark(1)
+    for q in bench["image_0"]["statements"].values():
+        q["correct_statement"]["status"] = "failed"
+    (tmp_path / "none.json").write_text(json.dumps(bench))
+    with pytest.raises(DataError, match="no scorable statement"):
+        probe.load_benchmark(tmp_path / "none.json")
+
+
+def test_caption_pair_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no records"):
+        probe.load_pairs(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"a": "x", "b": "", "kind": "image"}\n')
+    with pytest.raises(DataError, match="record 1"):
+        probe.load_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "few.jsonl").write_text('{"a": "x", "b": "y", "kind": "image"}\n')
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        probe.schedule(1, 10, 4, 0)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def test_length_batches_cover_once_within_budget():
+    import encoders
+    enc = encoders.load_encoder("tiny-qwen3")
+    texts = [("red circle " * (i % 7 + 1)).strip() for i in range(24)]
+    batches = probe.length_batches(enc, texts, token_budget=40)
+    assert sorted(i for b in batches for i in b) == list(range(24))
+    lengths = [len(enc.tokenizer(t)["input_ids"]) for t in texts]
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
+    # embeddings do not depend on which batch a text lands in
+    args = probe.parse_args(["--out-dim", "8", "--feature-dtype", "fp32"])
+    fusions = probe.make_fusions(["norm-avg"], enc)
+    torch.manual_seed(0)
+    aggs = {"norm-avg": encoders.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
+    args.token_budget = 40
+    a = probe.embed_texts(enc, fusions, aggs, texts, args, "cpu")["norm-avg"]
+    args.token_budget = 4000
+    b = probe.embed_texts(enc, fusions, aggs, texts, args, "cpu")["norm-avg"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- end to end, DDP
+
+ARGS = ["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--steps", "6", "--batch-size", "8",
+        "--width", "32", "--out-dim", "16", "--heads", "4", "--feature-dtype", "fp32", "--lr", "1e-3",
+        "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+
+
+def _run(tmp_path, bench, pairs, out, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "02_probe_encoders.py"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000)] + cmd[1:]
+    subprocess.run(cmd + ARGS + ["--benchmark", str(bench), "--caption-pairs", str(pairs), "--out", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
+    bench, pairs = write(tmp_path, n_bench=12, n_pairs=32)
+    one = _run(tmp_path, bench, pairs, tmp_path / "one", 1)
+    two = _run(tmp_path, bench, pairs, tmp_path / "two", 2)
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    r1, r2 = one["encoders"]["tiny-qwen3"], two["encoders"]["tiny-qwen3"]
+    for s in ("last", "norm-avg"):
+        assert 0 <= r1["strategies"][s]["overall"] <= 100
+        assert r1["strategies"][s]["overall"] == r2["strategies"][s]["overall"]
+        assert r1["strategies"][s]["by_type"] == r2["strategies"][s]["by_type"]
+        assert abs(r1["strategies"][s]["loss_first"] - r2["strategies"][s]["loss_first"]) < 1e-4
+        sd1 = torch.load(tmp_path / "one" / "aggregators" / f"tiny-qwen3__{s}.pt")["state_dict"]
+        sd2 = torch.load(tmp_path / "two" / "aggregators" / f"tiny-qwen3__{s}.pt")["state_dict"]
+        init = probe.ContextAggregator(64, 32, 16, 4).state_dict()
+        assert any(not torch.allclose(sd1[k], init[k]) for k in sd1)  # it trained
+        for k in sd1:
+            torch.testing.assert_close(sd1[k], sd2[k], atol=1e-4, rtol=1e-4, msg=k)
+    md = (tmp_path / "one" / "results.md").read_text()
+    assert "| LLM | tiny-qwen3 | 4 |" in md and "Table 2" in md
+    assert list((tmp_path / "one" / "tb").glob("tiny-qwen3/events.*"))
+
+
+def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
+    """--steps 0 = one epoch, features streamed batch by batch; frozen:PATH reads 04's layer weights."""
+    import encoders
+    bench, pairs = write(tmp_path, n_bench=6, n_pairs=16)
+    fusion = encoders.LayerFusion("learned", 4)
+    encoders.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
+    args = ["--encoders", "tiny-qwen3", "--strategies", f"norm-avg,frozen:{tmp_path / 'w.pt'}", "--steps", "0",
+            "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32",
+            "--feature-dtype", "fp32", "--benchmark", str(bench), "--caption-pairs", str(pairs),
+            "--out", str(tmp_path / "out"), "--threads", "1"]
+    r = probe.main(args)["encoders"]["tiny-qwen3"]["strategies"]
+    frozen = f"frozen:{tmp_path / 'w.pt'}"
+    assert len(r["norm-avg"]) and r["norm-avg"]["n"] == 18
+    # uniform frozen weights == norm-avg: same features, same seed, same batches -> same result
+    assert r[frozen]["overall"] == r["norm-avg"]["overall"]
+    assert abs(r[frozen]["loss_last"] - r["norm-avg"]["loss_last"]) < 1e-4
+    encoders.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
+    with pytest.raises(DataError, match="layer weights are for encoder 'minilm'"):
+        probe.main(args)
