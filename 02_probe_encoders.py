@@ -427,7 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--encoders", default="minilm,smollm2,tiny-qwen3vl",
                    help="comma list: built-in names, local folders (e.g. runs/stage1/model), .gguf files, hub ids")
     p.add_argument("--strategies", default="last,penultimate,norm-avg",
-                   help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen:PATH")
+                   help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen (with --layer-weights), frozen:PATH")
+    p.add_argument("--layer-weights", default=None, help="04's layer_weights.pt, for the strategy `frozen`")
     p.add_argument("--benchmark", default="runs/ted6k/ted6k.json")
     p.add_argument("--caption-pairs", default="runs/world/caption_pairs.jsonl")
     p.add_argument("--out", default="runs/probe")
@@ -457,6 +458,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.encoders = [e for e in args.encoders.split(",") if e]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    if "frozen" in args.strategies:
+        if not args.layer_weights:
+            p.error("--strategies frozen needs --layer-weights FILE (written by 04_train_layer_weights.py)")
+        args.strategies = [f"frozen:{args.layer_weights}" if s == "frozen" else s for s in args.strategies]
     args.feature_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.feature_dtype]
     return args
 

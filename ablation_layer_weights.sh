@@ -7,14 +7,14 @@
 #   two-step    learned with the DiT, frozen, training goes on  (04, then 05 --fusion frozen --init-from)
 # Then 06 --eval scores each run's prompt fidelity and the table goes to $OUT/table.md.
 #
-#   bash ablation_layer_weights.sh                            # CPU: STEPS=1500 takes about an hour
+#   bash ablation_layer_weights.sh                            # CPU, STEPS=1500: about an hour on 2 cores
 #   STEPS=6000 EXTRA="--device cuda" bash ablation_layer_weights.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-1500}
 ENC=${ENCODER:-runs/stage1/model}
-OUT=${OUT:-runs/ablation}
+OUT=${ABLATION_OUT:-runs/ablation}  # not $OUT: some schedulers set that
 EXTRA=${EXTRA:-}
 EVAL=${EVAL:-}
 

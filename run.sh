@@ -20,13 +20,15 @@ if [ "${1:-}" = "test" ]; then
   exec $PY -m pytest -q tests "$@"
 fi
 
-# The default output of stage N is the default input of stage N+1, so no flags are needed.
-for stage in 01_build_ted6k.py 03_finetune_qwen3vl.py 02_probe_encoders.py \
-             04_train_layer_weights.py 05_train_diffusion.py 06_sample.py; do
-  if [ -f "$stage" ]; then
-    echo "=== $stage"
-    $PY "$stage"
-  fi
-done
-[ -f 06_sample.py ] && $PY 06_sample.py --eval
-echo "done: see runs/"
+# The default output of stage N is the default input of stage N+1. Stage 2 (04) learns the layer
+# weights with the DiT and stops when it freezes them; 05 trains on with them frozen, as the paper does.
+set -x
+$PY 01_build_ted6k.py
+$PY 03_finetune_qwen3vl.py
+$PY 02_probe_encoders.py
+$PY 04_train_layer_weights.py --overwrite
+$PY 05_train_diffusion.py --overwrite --encoder runs/stage1/model --fusion frozen \
+    --layer-weights runs/layer_weights/layer_weights.pt --init-from runs/layer_weights/dit.pt --steps 1000
+$PY 06_sample.py --eval
+set +x
+echo "done: see runs/ (and README.md for what each number means)"

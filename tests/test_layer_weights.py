@@ -101,3 +101,11 @@ def test_run_writes_weights_that_reload_to_the_same_fusion(tmp_path, world):
     res05 = train.train(args05, encoder=StubEncoder(num_layers=3))
     assert res05["step"] == 4
     torch.testing.assert_close(res05["fusion"].layer_weights(), w)
+
+
+def test_probe_takes_frozen_with_layer_weights_flag():
+    probe = importlib.import_module("02_probe_encoders")
+    args = probe.parse_args(["--strategies", "norm-avg,frozen", "--layer-weights", "w.pt"])
+    assert args.strategies == ["norm-avg", "frozen:w.pt"]
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--strategies", "frozen"])
