@@ -162,7 +162,6 @@ def run(args, encoder=None):
             raise DataError("runs/stage1/model does not exist: run 03_finetune_qwen3vl.py first, or pass --encoder")
         encoder = encoders.load_encoder(encoder_name, device=d.device,
                                         dtype=common.pick_dtype(d.device, args.encoder_dtype))
-    encoder_name = encoder.name
     hook = LayerWeightHook(args, encoder.name, encoder.num_layers)
     res = train_diffusion.train(args, hook=hook, encoder=encoder)
     if not d.is_main:
@@ -170,7 +169,7 @@ def run(args, encoder=None):
     out = Path(args.out)
     if res["frozen_at"] is None:  # --continuous: the weights at the end are what this arm used
         encoders.save_layer_weights(out / "layer_weights.pt", res["fusion"], hook.encoder_name, hook.num_layers)
-    common.atomic_torch_save(torch.load(res["checkpoint"], map_location="cpu", weights_only=False), out / "dit.pt")
+    common.atomic_write_bytes(out / "dit.pt", Path(res["checkpoint"]).read_bytes())  # a copy, not a re-serialisation
     arm = "continuous" if args.continuous else f"frozen at step {res['frozen_at']} ({hook.reason})"
     plot_weights(hook.snapshots, out / "weights.png", f"{hook.encoder_name}: softmax layer weights, {arm}")
     common.atomic_write_json(out / "summary.json", {
@@ -181,7 +180,7 @@ def run(args, encoder=None):
     if res["frozen_at"] is not None:
         log("continue with the weights frozen:\n  python 05_train_diffusion.py --fusion frozen "
             f"--layer-weights {out / 'layer_weights.pt'} --init-from {out / 'dit.pt'} "
-            f"--encoder {encoder_name} --steps {args.steps - res['frozen_at']}")
+            f"--encoder {hook.encoder_name} --steps {args.steps - res['frozen_at']}")
     return res
 
 
