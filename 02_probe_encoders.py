@@ -127,6 +127,26 @@ def score_questions(questions, embed):
     return out
 
 
+def bag_of_words_reference(questions):
+    """The same scoring with word-count vectors instead of an encoder: how far wording alone gets.
+
+    An encoder that scores below this has not read more than the words; on the world's benchmark the
+    re-binding negatives use exactly the positive's words, so this reference is near 0 on those types.
+    """
+    vocab = {}
+    tokens = lambda t: re.findall(r"[a-z0-9]+", t.lower())
+    for t in benchmark_texts(questions):
+        for w in tokens(t):
+            vocab.setdefault(w, len(vocab))
+
+    def embed(text):
+        v = torch.zeros(len(vocab))
+        for w in tokens(text):
+            v[vocab[w]] += 1
+        return v
+    return score_questions(questions, embed)
+
+
 def benchmark_texts(questions):
     """Unique texts to embed: formatted captions (they repeat across statement types) and options."""
     seen = dict.fromkeys(caption_text(q["caption"], q["kind"]) for q in questions)
@@ -329,17 +349,23 @@ def markdown(results):
         cells = [_pct(r["strategies"].get(s, {}).get("overall")) for s in strategies]
         lines.append(f"| {r['family']} | {name} | {r['num_layers']} | " + " | ".join(cells)
                      + f" | {r['timings']['total_s']:.0f} |")
+    if "bag_of_words" in results:
+        lines.append("| reference | bag of words (no encoder) | - | "
+                     + " | ".join([_pct(results["bag_of_words"]["overall"])] * len(strategies)) + " | 0 |")
     main = "norm-avg" if "norm-avg" in strategies else strategies[-1]
     types = sorted({t for r in encs.values() for t in r["strategies"][main]["by_type"]})
     kinds = sorted({k for r in encs.values() for k in r["strategies"][main]["by_caption_type"]})
+    bow = results.get("bag_of_words")
     lines += ["", f"## Table 2: accuracy (%) per statement type ({main})", "",
-              "| type | " + " | ".join(encs) + " |", "|---|" + "---|" * len(encs)]
+              "| type | " + " | ".join(encs) + (" | bag of words" if bow else "") + " |",
+              "|---|" + "---|" * (len(encs) + bool(bow))]
     for t in types:
         lines.append(f"| {t} | " + " | ".join(_pct(r["strategies"][main]["by_type"].get(t)) for r in encs.values())
-                     + " |")
+                     + (f" | {_pct(bow['by_type'].get(t))}" if bow else "") + " |")
     for k in kinds:
         lines.append(f"| ({k} captions) | " + " | ".join(
-            _pct(r["strategies"][main]["by_caption_type"].get(k)) for r in encs.values()) + " |")
+            _pct(r["strategies"][main]["by_caption_type"].get(k)) for r in encs.values())
+            + (f" | {_pct(bow['by_caption_type'].get(k))}" if bow else "") + " |")
     lines += ["", "Seconds are wall-clock per encoder (load + aggregator training + scoring).", ""]
     return "\n".join(lines)
 
@@ -483,7 +509,7 @@ def main(argv=None):
     t0 = time.time()
     results = {"config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
                "benchmark": {"questions": len(questions), "instances": n_inst, "chance": chance},
-               "encoders": {}}
+               "bag_of_words": bag_of_words_reference(questions), "encoders": {}}
     results["config"]["world_size"] = ddp.world_size
     for name in args.encoders:
         results["encoders"][name] = probe_encoder(args, name, questions, pairs, ddp, out_dir)

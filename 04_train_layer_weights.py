@@ -141,7 +141,9 @@ def plot_weights(snapshots, path, title):
 def get_parser():
     p = train_diffusion.get_parser()
     p.description = __doc__.split("\n")[0]
-    p.set_defaults(fusion="learned", out="runs/layer_weights", encoder="runs/stage1/model")
+    # Pinned, not inherited from 05: the measured ablation in the README used these.
+    p.set_defaults(fusion="learned", out="runs/layer_weights", encoder="runs/stage1/model", steps=3000,
+                   image_batch=32, video_batch=8, lr=5e-4, warmup=100, decay="constant")
     p.add_argument("--weights-lr", type=float, default=1e-2, help="lr of the layer-weight group")
     p.add_argument("--freeze-window", type=int, default=200, help="steps over which convergence is judged")
     p.add_argument("--freeze-tol", type=float, default=2e-3, help="max change of any softmax weight over the window")

@@ -86,28 +86,32 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def generate(model, cond_fn, texts, seeds, kind, state, steps, cfg, batch, null=None, desc="sample"):
-    """uint8 [len(texts), len(seeds), T, H, W, 3]: sample (text i, seed s) starts from the noise of
-    seed s alone, so a seed means the same noise for every prompt and for the empty-caption floor.
+def generate(model, cond_fn, texts, seeds, kind, state, steps, cfg, batch, null=None, desc="sample", quiet=False,
+             renorm=0.0, trunc=1.0):
+    """uint8 [len(texts), n_seeds, T, H, W, 3]: sample (text i, seed s) starts from the noise of
+    seed s alone, so a seed means the same noise for every prompt. `seeds` is one list for all
+    texts, or one list per text (the eval gives every prompt its own seeds, shared with its floor).
     `cfg=None` samples the condition alone (no guidance pass)."""
     a = state["args"]
     T = 1 if kind == "image" else a["frames"]
     shape = (3, T, a["size"], a["size"])
-    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds}
-    jobs = [(i, s) for i in range(len(texts)) for s in seeds]
+    per_text = [list(s) for s in seeds] if seeds and isinstance(seeds[0], (list, tuple)) else [list(seeds)] * len(texts)
+    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
+    jobs = [(i, j, s) for i in range(len(texts)) for j, s in enumerate(per_text[i])]
     feats, mask = cond_fn(texts)
     null_cond = cond_fn([""]) if cfg is not None else None
-    rf, out = RectifiedFlow(), np.zeros((len(texts), len(seeds), T, a["size"], a["size"], 3), np.uint8)
+    rf, out = RectifiedFlow(), np.zeros((len(texts), len(per_text[0]), T, a["size"], a["size"], 3), np.uint8)
     device = next(model.parameters()).device
     dtype = common.pick_dtype(device, a.get("dtype", "auto"))
-    for s in tqdm(range(0, len(jobs), batch), desc=desc, leave=False, dynamic_ncols=True):
+    for s in tqdm(range(0, len(jobs), batch), desc=desc, leave=False, dynamic_ncols=True, disable=quiet):
         chunk = jobs[s:s + batch]
-        ti = torch.tensor([i for i, _ in chunk], device=feats.device)
-        z = torch.stack([noise[sd] for _, sd in chunk]).to(device)
+        ti = torch.tensor([i for i, _, _ in chunk], device=feats.device)
+        z = torch.stack([noise[sd] for _, _, sd in chunk]).to(device)
         with common.autocast(device, dtype):
-            x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0)
-        for (i, sd), px in zip(chunk, to_uint8(x)):
-            out[i, seeds.index(sd)] = px
+            x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0,
+                          renorm=renorm, trunc=trunc)
+        for (i, j, _), px in zip(chunk, to_uint8(x)):
+            out[i, j] = px
     return out
 
 
@@ -170,7 +174,7 @@ def evaluate(args, model, state, cond_fn, out):
     import world
     recs = common.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
     limits = {"image": args.eval_images, "video": args.eval_videos}
-    seeds = list(range(args.eval_seeds))
+    n = args.eval_seeds
     size = world.IMAGE_SIZE
     results, settings = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}
     for kind in ("image", "video"):
@@ -184,10 +188,14 @@ def evaluate(args, model, state, cond_fn, out):
         ceiling = np.stack([np.asarray(render(s)).reshape(-1, size, size, 3) for s in scenes])[:, None]
         cfg = args.cfg_image if kind == "image" else args.cfg_video
         t0 = time.time()
-        gen = generate(model, cond_fn, texts, seeds, kind, state, args.steps, cfg, args.batch, desc=f"eval {kind}")
+        # Every prompt gets its own seeds and its floor sample starts from the same noise: paired,
+        # and the floor is as many distinct samples as the model's (4 shared seeds made it 4 images).
+        seeds = [[i * n + s for s in range(n)] for i in range(len(rs))]
+        gen = generate(model, cond_fn, texts, seeds, kind, state, args.steps, cfg, args.batch,
+                       desc=f"eval {kind}", quiet=args.quiet, renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         t_gen = time.time() - t0
-        floor = generate(model, cond_fn, [""], seeds, kind, state, args.steps, None, args.batch, desc=f"floor {kind}")
-        floor = np.repeat(floor, len(rs), axis=0)  # the empty caption is one prompt; score it against every scene
+        floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, state, args.steps, None, args.batch,
+                         desc=f"floor {kind}", quiet=args.quiet)
         if gen.shape[-2] != size:
             gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
                           size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
@@ -195,15 +203,16 @@ def evaluate(args, model, state, cond_fn, out):
         results["renders (ceiling)"][kind] = score(ceiling, scenes, world.check_sample)
         results["DiT + prompt"][kind] = score(gen, scenes, world.check_sample)
         results["DiT + empty caption (floor)"][kind] = score(floor, scenes, world.check_sample)
-        settings[kind] = {"prompts": len(rs), "seeds": len(seeds), "cfg": cfg, "steps": args.steps,
-                          "seconds_per_sample": t_gen / (len(rs) * len(seeds))}
-        n = min(8, len(rs))
-        frames = grid(np.concatenate([ceiling[:n], gen[:n]], axis=1), view_scale())
+        settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
+                          "cfg_trunc": args.cfg_trunc, "steps": args.steps,
+                          "seconds_per_sample": t_gen / (len(rs) * n)}
+        shown = min(8, len(rs))
+        frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), view_scale())
         if kind == "image":
             write_png(out / "eval_images.png", frames[0])
         else:
             write_gif(out / "eval_videos.gif", frames)
-        common.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:n]))
+        common.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
     report = {"checkpoint": state["path"], "step": state["step"], "encoder": state["encoder"],
               "fusion": state["args"]["fusion"], "ema": not args.no_ema, "text": args.eval_text,
               "settings": settings, "results": results}
@@ -227,7 +236,9 @@ def markdown(report):
                 f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + " |")
     for kind, s in report["settings"].items():
         lines.append(f"\n{kind}: {s['prompts']} held-out prompts x {s['seeds']} seeds, {s['steps']} Euler steps, "
-                     f"CFG {s['cfg']}, {s['seconds_per_sample']:.2f} s/sample")
+                     f"CFG {s['cfg']}" + (f" (renorm {s['cfg_renorm']})" if s.get("cfg_renorm") else "")
+                     + (f" (guided over the first {s['cfg_trunc']:.0%} of the path)" if s.get("cfg_trunc", 1) < 1 else "")
+                     + f", {s['seconds_per_sample']:.2f} s/sample; the floor: the same seeds, empty caption")
     return "\n".join(lines) + "\n"
 
 
@@ -276,8 +287,12 @@ def get_parser():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-image", type=float, default=4.0)
     p.add_argument("--cfg-video", type=float, default=5.0)
+    p.add_argument("--cfg-renorm", type=float, default=0.0,
+                   help="Lumina-Image-2.0's CFG-Renorm: cap |v| at this times |v_cond| (0: off, plain CFG)")
+    p.add_argument("--cfg-trunc", type=float, default=1.0,
+                   help="Lumina-Image-2.0's CFG-Trunc: guide only this fraction of the path from noise (1: all)")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
-    p.add_argument("--batch", type=int, default=64, help="samples per forward pass")
+    p.add_argument("--batch", type=int, default=16, help="samples per forward pass (16 is ~2x faster per sample than 64 on a CPU)")
     p.add_argument("--eval", action="store_true", help="score held-out world prompts with the checker")
     p.add_argument("--eval-data", default="runs/world/eval.jsonl")
     p.add_argument("--eval-text", default="caption", choices=["prompt", "caption"], help="field of eval.jsonl to condition on")
@@ -285,7 +300,8 @@ def get_parser():
     p.add_argument("--eval-videos", type=int, default=24, help="held-out video prompts scored")
     p.add_argument("--eval-seeds", type=int, default=4)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; 1: see 05's --threads)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -308,7 +324,8 @@ def main(argv=None):
         if not texts:
             continue
         cfg = args.cfg_image if kind == "image" else args.cfg_video
-        px = generate(model, cond_fn, texts, args.seeds, kind, state, args.steps, cfg, args.batch, desc=kind)
+        px = generate(model, cond_fn, texts, args.seeds, kind, state, args.steps, cfg, args.batch, desc=kind,
+                      quiet=args.quiet, renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         frames = grid(px, view_scale())
         path = out / ("images.png" if kind == "image" else "videos.gif")
         (write_png(path, frames[0]) if kind == "image" else write_gif(path, frames))

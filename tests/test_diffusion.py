@@ -34,6 +34,13 @@ def test_schedule_exactly_7_image_steps_in_every_10():
     assert [train_mod.step_kind(s, (1, 1)) for s in range(4)].count("video") == 2
 
 
+def test_lr_warmup_then_constant_or_cosine():
+    f = train_mod.lr_factor
+    assert [f(s, 100, 10) for s in (0, 9, 50, 99)] == [0.1, 1.0, 1.0, 1.0]
+    assert f(9, 100, 10, "cosine") == 1.0 and f(10, 100, 10, "cosine") == 1.0
+    assert abs(f(55, 100, 10, "cosine") - 0.5) < 1e-9 and f(99, 100, 10, "cosine") < 1e-3
+
+
 def test_loss_falls(tmp_path, world):
     res = train_mod.train(args_for(tmp_path, world, "--steps", "80", "--lr", "2e-3"), encoder=StubEncoder())
     first, last = sum(res["losses"][:10]) / 10, sum(res["losses"][-10:]) / 10

@@ -106,16 +106,17 @@ def _bow_by_type(bench, ties_lose=False):
 BINDING_TYPES = ("Adjective", "Spatial Relationship", "Temporal", "Coreference")
 
 
-def test_bag_of_words_near_chance_on_binding_types_and_above_it_elsewhere(ted):
-    """Binding types re-bind the caption's own words: a word-count cosine scorer stays near chance
-    (25%). The other types carry ABSENT_NEGATIVES substitutions of a value the scene lacks, like the
-    real TED negatives: lexical matching earns partial credit there, but nowhere near all of it."""
+def test_bag_of_words_ties_on_binding_types_and_wins_elsewhere(ted):
+    """Binding types: two negatives re-bind the caption's own words (a word-count scorer ties them with
+    the positive, so it never wins outright) and ABSENT_NEGATIVES_BINDING=1 brings in an absent value.
+    The other types' negatives all bring in a value the scene lacks, like the real TED negatives: there
+    reading the words is enough, which is what separates the encoders of 02's zoo (issue 3)."""
     acc, strict = _bow_by_type(ted[0]), _bow_by_type(ted[0], ties_lose=True)
     print({t: (round(100 * a, 1), round(100 * strict[t], 1)) for t, a in acc.items()})
     for t in BINDING_TYPES:
-        assert acc[t] <= 0.33 and strict[t] <= 0.06, (t, acc[t], strict[t])
+        assert acc[t] <= 0.5 and strict[t] <= 0.1, (t, acc[t], strict[t])
     for t in world.ABSENT_TYPES:
-        assert 0.4 <= acc[t] <= 0.85, (t, acc[t])
+        assert acc[t] >= 0.6, (t, acc[t])
 
 
 def test_caption_words_never_systematically_favour_a_negative(ted):
@@ -139,7 +140,7 @@ def test_absent_negative_knobs(monkeypatch):
     the binding types. Every statement stays true / false on its scene."""
     base, _ = build.build_world_benchmark(seed=4, fraction=0.1)
     monkeypatch.setattr(world, "ABSENT_NEGATIVES", 0)
-    monkeypatch.setattr(world, "ABSENT_NEGATIVES_BINDING", 2)
+    monkeypatch.setattr(world, "ABSENT_NEGATIVES_BINDING", 3)
     bench, side = build.build_world_benchmark(seed=4, fraction=0.1)
     assert _walk_truth(bench, side) == sum(build.count_cells(bench).values())
     a, b = _bow_by_type(base), _bow_by_type(bench)
@@ -172,9 +173,9 @@ def test_negatives_are_minimal_edits(ted):
                 diff = sum(((pos - neg) + (neg - pos)).values())
                 assert diff <= 8, (info["correct_statement"]["statement"], o["statement"])
                 same_words += diff == 0
-    # Most binding-type negatives are pure re-bindings of the same words.
+    # Most binding-type negatives that are not the substitution re-bind exactly the same words.
     n_binding = sum(build.count_cells(bench)[(t, k)] for t in BINDING_TYPES for k in ("image", "video"))
-    assert same_words >= n_binding * 3 * 0.5
+    assert same_words >= n_binding * (3 - world.ABSENT_NEGATIVES_BINDING) * 0.6
 
 
 def test_make_statements_covers_all_types_and_is_deterministic():
