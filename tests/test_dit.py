@@ -81,12 +81,15 @@ def test_euler_sampler_follows_straight_paths_to_the_data():
     torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-5)
 
 
-def test_cfg_one_equals_the_conditional_sampler():
-    m = perturbed(tiny()).eval()
+def guidance_setup(frames):
+    """A perturbed tiny DiT, two conditions, a null condition and noise of `frames` frames."""
     feats, mask = cond(2)
     null = (torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool))
-    noise = torch.randn(2, 3, 4, 8, 8)
-    rf = RectifiedFlow()
+    return perturbed(tiny()).eval(), feats, mask, null, torch.randn(2, 3, frames, 8, 8), RectifiedFlow()
+
+
+def test_cfg_one_equals_the_conditional_sampler():
+    m, feats, mask, null, noise, rf = guidance_setup(4)
     plain = rf.sample(m, noise, (feats, mask), steps=5)
     guided1 = rf.sample(m, noise, (feats, mask), null, steps=5, cfg=1.0)
     torch.testing.assert_close(guided1, plain, rtol=1e-4, atol=1e-5)
@@ -98,11 +101,7 @@ def test_cfg_one_equals_the_conditional_sampler():
 
 
 def test_cfg_renorm_and_truncation():
-    m = perturbed(tiny()).eval()
-    feats, mask = cond(2)
-    null = (torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool))
-    noise = torch.randn(2, 3, 1, 8, 8)
-    rf = RectifiedFlow()
+    m, feats, mask, null, noise, rf = guidance_setup(1)
     plain = rf.sample(m, noise, (feats, mask), steps=4)
     guided = rf.sample(m, noise, (feats, mask), null, steps=4, cfg=4.0)
     torch.testing.assert_close(rf.sample(m, noise, (feats, mask), null, steps=4, cfg=4.0, trunc=0.0), plain)
