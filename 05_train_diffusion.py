@@ -4,7 +4,7 @@ The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V, image and video steps i
 512:128) on the text encoder's fused layer features. Here one pixel-space DiT (dit.py) learns both
 from the built-in world, with the same schedule scaled down (8 images : 2 videos a step).
 
-    python 05_train_diffusion.py                                   # built-in world, CPU: 10000 steps, ~15 min
+    python 05_train_diffusion.py                                   # built-in world, CPU: 10000 steps, ~15-20 min
     python 05_train_diffusion.py --threads 0                       # torch's thread count (many idle cores)
     python 05_train_diffusion.py --steps 20000 --encoder minilm --fusion last
     python 05_train_diffusion.py --resume                          # continue the latest checkpoint
