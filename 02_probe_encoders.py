@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (DataError, atomic_torch_save, atomic_write_json, atomic_write_text, cleanup_distributed,
                     init_distributed, log, pick_dtype, read_json, read_jsonl, seed_everything)
 from encoders import ContextAggregator, LayerFusion, info_nce, load_encoder, load_layer_weights
+import world
 
 CAPTION_TEMPLATE = "Caption Type: {kind}\nCaption: {caption}"  # as in the public evaluation code
 OPTION_SEED = 42                                               # the public code shuffles options with 42
@@ -133,18 +134,15 @@ def bag_of_words_reference(questions):
     An encoder that scores below this has not read more than the words; on the world's benchmark the
     re-binding negatives use exactly the positive's words, so this reference is near 0 on those types.
     """
-    vocab = {}
-    tokens = lambda t: re.findall(r"[a-z0-9]+", t.lower())
-    for t in benchmark_texts(questions):
-        for w in tokens(t):
-            vocab.setdefault(w, len(vocab))
-
-    def embed(text):
-        v = torch.zeros(len(vocab))
-        for w in tokens(text):
-            v[vocab[w]] += 1
-        return v
-    return score_questions(questions, embed)
+    texts = benchmark_texts(questions)
+    words = {t: world.bow_tokens(t) for t in texts}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(w for ws in words.values() for w in ws))}
+    counts = {}
+    for t, ws in words.items():  # each unique text once, as the encoders are
+        counts[t] = torch.zeros(len(vocab))
+        for w in ws:
+            counts[t][vocab[w]] += 1
+    return score_questions(questions, counts.__getitem__)
 
 
 def benchmark_texts(questions):

@@ -548,7 +548,7 @@ def get_parser():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--tpatch", type=int, default=2)
-    # CPU default sized for ~15 min on 2 cores: small batches at more steps learned more per second
+    # CPU default sized for ~15-20 min on 2 cores (measured 19.4 with the other core busy): small batches at more steps learned more per second
     # here (batch 8:2 runs ~11 steps/s on one thread, 32:8 ~2) and 10000 steps beat 5000 at 16:4.
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--image-batch", type=int, default=8, help="global; the paper's 512")

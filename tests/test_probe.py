@@ -121,6 +121,17 @@ def test_random_features_score_chance(tmp_path):
     assert 19.0 < acc < 31.0, acc
 
 
+def test_bag_of_words_reference_known_answers():
+    q = lambda pos, negs: {"key": "k", "caption": "a red circle left of a blue square", "kind": "image",  # noqa: E731
+                           "type": "Adjective", "positive": pos, "negatives": negs}
+    # only the positive shares the caption's words: it wins
+    assert probe.bag_of_words_reference([q("red circle", ["green circle", "yellow triangle"])])["overall"] == 100.0
+    # a re-binding uses the same words: a tie, and a tie is not a win
+    assert probe.bag_of_words_reference([q("red circle blue square", ["blue circle red square"])])["overall"] == 0.0
+    # a negative closer in words wins
+    assert probe.bag_of_words_reference([q("green circle", ["red circle"])])["overall"] == 0.0
+
+
 def test_dropped_options_and_caption_template(tmp_path):
     bench = make_benchmark(2)
     st = bench["image_0"]["statements"]
