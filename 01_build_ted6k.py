@@ -33,7 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import world
-from common import DataError, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, write_jsonl
+from common import (DataError, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, ted_records,
+                    valid_option, write_jsonl)
 
 # The paper's TED-6K counts per statement type: (image captions, video captions). 1,374 + 5,267 = 6,641.
 PAPER_COUNTS = {
@@ -50,33 +51,15 @@ KINDS = ("image", "video")
 #                         Reading and normalising a file                        #
 #################################################################################
 
-def _valid_option(opt):
-    return isinstance(opt, dict) and opt.get("status") == "success" and isinstance(opt.get("statement"), str) \
-        and opt["statement"].strip() != ""
-
-
 def normalise_benchmark(data, path="<benchmark>"):
     """Validate a TED-6k-format object and keep only usable options.
 
     A statement type whose positive is null or not `success` is dropped (the caption has nothing for
     it); negatives that are null or not `success` are dropped. Errors name the file and the record.
     """
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
     out = {}
-    for key, rec in data.items():
+    for key, rec in ted_records(data, path):
         where = f"{path}: record {key!r}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-        for k in ("caption", "caption_type", "statements"):
-            if k not in rec:
-                raise DataError(f"{where}: missing key {k!r}")
-        if not isinstance(rec["caption"], str) or not rec["caption"].strip():
-            raise DataError(f"{where}: empty caption")
-        if rec["caption_type"] not in KINDS:
-            raise DataError(f"{where}: caption_type {rec['caption_type']!r} is not 'image' or 'video'")
-        if not isinstance(rec["statements"], dict):
-            raise DataError(f"{where}: 'statements' must be an object keyed by statement type")
         statements = {}
         for stype, info in rec["statements"].items():
             if stype not in world.STATEMENT_TYPES:
@@ -89,9 +72,9 @@ def normalise_benchmark(data, path="<benchmark>"):
             negs = info.get("incorrect_statements", [])
             if not isinstance(negs, list):
                 raise DataError(f"{where}, type {stype!r}: 'incorrect_statements' must be a list")
-            if not _valid_option(info["correct_statement"]):
+            if not valid_option(info["correct_statement"]):
                 continue        # null positive: nothing of this type in the caption
-            valid = [{"statement": o["statement"], "status": "success"} for o in negs if _valid_option(o)]
+            valid = [{"statement": o["statement"], "status": "success"} for o in negs if valid_option(o)]
             if not valid:
                 raise DataError(f"{where}, type {stype!r}: fewer than two valid options "
                                 f"(the positive and no valid negative)")
@@ -108,8 +91,8 @@ def count_cells(bench):
     counts = {(t, k): 0 for t in world.STATEMENT_TYPES for k in KINDS}
     for rec in bench.values():
         for stype, info in rec["statements"].items():
-            if _valid_option(info.get("correct_statement")) and any(
-                    _valid_option(o) for o in info.get("incorrect_statements", [])):
+            if valid_option(info.get("correct_statement")) and any(
+                    valid_option(o) for o in info.get("incorrect_statements", [])):
                 counts[(stype, rec["caption_type"])] += 1
     return counts
 

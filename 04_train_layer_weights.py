@@ -12,7 +12,7 @@ the weights frozen:
 
     python 04_train_layer_weights.py                 # stage-1 encoder of 03 (runs/stage1/model)
     python 05_train_diffusion.py --fusion frozen --layer-weights runs/layer_weights/layer_weights.pt \
-        --init-from runs/layer_weights/dit.pt --steps <remaining steps printed by 04>
+        --init-from runs/layer_weights/dit.pt --hidden 128 --depth 6 --heads 4 --steps <remaining steps printed by 04>
     torchrun --nproc_per_node=8 04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --nproc_per_node=8 04_train_layer_weights.py ...
 
@@ -141,9 +141,11 @@ def plot_weights(snapshots, path, title):
 def get_parser():
     p = train_diffusion.get_parser()
     p.description = __doc__.split("\n")[0]
-    # Pinned, not inherited from 05: the measured ablation in the README used these.
+    # Pinned, not inherited from 05: the measured ablation in the README used these (and this DiT
+    # shape, which 05 must be given again to --init-from 04's dit.pt).
     p.set_defaults(fusion="learned", out="runs/layer_weights", encoder="runs/stage1/model", steps=3000,
-                   image_batch=32, video_batch=8, lr=5e-4, warmup=100, decay="constant")
+                   image_batch=32, video_batch=8, lr=5e-4, warmup=100, decay="constant",
+                   hidden=128, depth=6, heads=4)
     p.add_argument("--weights-lr", type=float, default=1e-2, help="lr of the layer-weight group")
     p.add_argument("--freeze-window", type=int, default=200, help="steps over which convergence is judged")
     p.add_argument("--freeze-tol", type=float, default=2e-3, help="max change of any softmax weight over the window")
@@ -182,7 +184,8 @@ def run(args, encoder=None):
     if res["frozen_at"] is not None:
         log("continue with the weights frozen:\n  python 05_train_diffusion.py --fusion frozen "
             f"--layer-weights {out / 'layer_weights.pt'} --init-from {out / 'dit.pt'} "
-            f"--encoder {hook.encoder_name} --steps {args.steps - res['frozen_at']}")
+            f"--encoder {hook.encoder_name} --hidden {args.hidden} --depth {args.depth} --heads {args.heads} "
+            f"--steps {args.steps - res['frozen_at']}")
     return res
 
 

@@ -159,7 +159,7 @@ def view_scale():
 #################################################################################
 
 def score(pixels, scenes, check):
-    """Mean checker score per aspect over all samples (aspects a scene does not have are skipped)."""
+    """Per aspect, the checker's score of every sample in order (aspects a scene lacks are skipped)."""
     acc = {a: [] for a in ASPECTS}
     for px, scene in zip(pixels, scenes):
         for sample in px:  # seeds
@@ -167,7 +167,22 @@ def score(pixels, scenes, check):
             for a in ASPECTS:
                 if res.get(a) is not None:
                     acc[a].append(float(res[a]))
-    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in acc.items()}
+    return acc
+
+
+def summary(scores):
+    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in scores.items()}
+
+
+def paired_gain(model, floor):
+    """Per aspect, mean and standard error of model - floor over samples paired by prompt and seed:
+    the same noise on both sides cancels much of the sample-to-sample spread of either score."""
+    out = {}
+    for a in model:
+        d = np.asarray(model[a]) - np.asarray(floor[a])
+        out[a] = {"mean": float(d.mean()) if len(d) else None,
+                  "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None}
+    return out
 
 
 def evaluate(args, model, state, cond_fn, out):
@@ -176,7 +191,7 @@ def evaluate(args, model, state, cond_fn, out):
     limits = {"image": args.eval_images, "video": args.eval_videos}
     n = args.eval_seeds
     size = world.IMAGE_SIZE
-    results, settings = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}
+    results, settings, gain = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}, {}
     for kind in ("image", "video"):
         rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
         if not rs:
@@ -200,9 +215,11 @@ def evaluate(args, model, state, cond_fn, out):
             gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
                           size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
                           *a.shape[:3], size, size, 3)) for a in (gen, floor))
-        results["renders (ceiling)"][kind] = score(ceiling, scenes, world.check_sample)
-        results["DiT + prompt"][kind] = score(gen, scenes, world.check_sample)
-        results["DiT + empty caption (floor)"][kind] = score(floor, scenes, world.check_sample)
+        results["renders (ceiling)"][kind] = summary(score(ceiling, scenes, world.check_sample))
+        got, base = score(gen, scenes, world.check_sample), score(floor, scenes, world.check_sample)
+        results["DiT + prompt"][kind] = summary(got)
+        results["DiT + empty caption (floor)"][kind] = summary(base)
+        gain[kind] = paired_gain(got, base)
         settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
                           "cfg_trunc": args.cfg_trunc, "steps": args.steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
@@ -215,7 +232,7 @@ def evaluate(args, model, state, cond_fn, out):
         common.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
     report = {"checkpoint": state["path"], "step": state["step"], "encoder": state["encoder"],
               "fusion": state["args"]["fusion"], "ema": not args.no_ema, "text": args.eval_text,
-              "settings": settings, "results": results}
+              "settings": settings, "results": results, "gain over floor": gain}
     common.atomic_write_json(out / "eval.json", report)
     common.atomic_write_text(out / "eval.md", markdown(report))
     log(markdown(report))
@@ -226,14 +243,18 @@ def markdown(report):
     cols = list(report["results"])
     lines = [f"Prompt fidelity (world checker, mean in [0,1]); {report['checkpoint']} (step {report['step']}), "
              f"encoder {report['encoder']}, fusion {report['fusion']}.", "",
-             "| kind | aspect | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "| kind | aspect | " + " | ".join(cols) + " | prompt - floor (± s.e., paired) |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
     for kind in ("image", "video"):
         for a in ASPECTS:
             cells = [report["results"][c].get(kind, {}).get(a, {}) for c in cols]
             if not any(c.get("mean") is not None for c in cells):
                 continue
+            g = report.get("gain over floor", {}).get(kind, {}).get(a, {})
+            gain = (f"{g['mean']:+.3f} ± {g['se']:.3f}" if g.get("se") is not None
+                    else f"{g['mean']:+.3f}" if g.get("mean") is not None else "-")
             lines.append(f"| {kind} | {a} | " + " | ".join(
-                f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + " |")
+                f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + f" | {gain} |")
     for kind, s in report["settings"].items():
         lines.append(f"\n{kind}: {s['prompts']} held-out prompts x {s['seeds']} seeds, {s['steps']} Euler steps, "
                      f"CFG {s['cfg']}" + (f" (renorm {s['cfg_renorm']})" if s.get("cfg_renorm") else "")

@@ -166,6 +166,33 @@ def read_json(path):
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def ted_records(data, path):
+    """The (key, record) pairs of a TED-6k-format object, each checked for its record-level shape: an
+    object with a non-empty caption, caption_type image or video, and a statements object."""
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
+    for key, rec in data.items():
+        where = f"{path}: record {key!r}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+        for k in ("caption", "caption_type", "statements"):
+            if k not in rec:
+                raise DataError(f"{where}: missing key {k!r}")
+        if not isinstance(rec["caption"], str) or not rec["caption"].strip():
+            raise DataError(f"{where}: empty caption")
+        if rec["caption_type"] not in ("image", "video"):
+            raise DataError(f"{where}: caption_type {rec['caption_type']!r} is not 'image' or 'video'")
+        if not isinstance(rec["statements"], dict):
+            raise DataError(f"{where}: 'statements' must be an object keyed by statement type")
+        yield key, rec
+
+
+def valid_option(opt):
+    """A TED-6k option counts when its statement is a non-empty string and its status is `success`."""
+    return isinstance(opt, dict) and opt.get("status") == "success" and isinstance(opt.get("statement"), str) \
+        and opt["statement"].strip() != ""
+
+
 def read_jsonl(path, required=()):
     """Records of a jsonl file; each must be an object holding the `required` keys."""
     path = Path(path)

@@ -147,7 +147,7 @@ class DiT(nn.Module):
     Patches are pt x p x p; an image (T=1 < pt) is repeated to pt frames on the way in and its pt
     output frames averaged on the way out, so images and videos share one patch embedding."""
 
-    def __init__(self, text_dim, in_channels=3, hidden=128, depth=6, heads=4, patch=4, tpatch=2,
+    def __init__(self, text_dim, in_channels=3, hidden=192, depth=3, heads=6, patch=4, tpatch=2,
                  mlp_ratio=4.0):
         super().__init__()
         self.config = dict(text_dim=text_dim, in_channels=in_channels, hidden=hidden, depth=depth,

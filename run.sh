@@ -28,7 +28,8 @@ $PY 03_finetune_qwen3vl.py
 $PY 02_probe_encoders.py
 $PY 04_train_layer_weights.py --overwrite
 $PY 05_train_diffusion.py --overwrite --encoder runs/stage1/model --fusion frozen \
-    --layer-weights runs/layer_weights/layer_weights.pt --init-from runs/layer_weights/dit.pt --steps 1000
+    --layer-weights runs/layer_weights/layer_weights.pt --init-from runs/layer_weights/dit.pt --steps 1000 \
+    --hidden 128 --depth 6 --heads 4
 $PY 06_sample.py --eval
 set +x
 echo "done: see runs/ (and README.md for what each number means)"

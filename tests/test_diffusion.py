@@ -261,6 +261,12 @@ def test_eval_scores_renders_model_and_floor(tmp_path):
     assert res["DiT + prompt"]["image"]["colour"]["n"] == 4  # 2 prompts x 2 seeds
     assert res["renders (ceiling)"]["video"]["motion"]["mean"] == 1.0
     assert set(res["DiT + empty caption (floor)"]) == {"image", "video"}
+    # The paired gain is the mean of per-sample differences, so it equals the difference of the means.
+    for kind in ("image", "video"):
+        for a, g in report["gain over floor"][kind].items():
+            m, f = res["DiT + prompt"][kind][a]["mean"], res["DiT + empty caption (floor)"][kind][a]["mean"]
+            if m is not None:
+                assert g["mean"] == pytest.approx(m - f, abs=1e-9) and g["se"] is not None and g["se"] >= 0
     md = (tmp_path / "samples" / "eval.md").read_text()
     assert "| image | colour | 1.000 |" in md
     assert (tmp_path / "samples" / "eval_images.png").is_file() and (tmp_path / "samples" / "eval_videos.gif").is_file()

@@ -154,9 +154,9 @@ def test_dropped_options_and_caption_template(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda b: b["image_0"].pop("caption"), "record 'image_0': missing 'caption'"),
-    (lambda b: b["image_0"].update(caption_type="audio"), "caption_type must be image or video"),
-    (lambda b: b["video_1"].update(statements=[]), "statements must be an object"),
+    (lambda b: b["image_0"].pop("caption"), "record 'image_0': missing key 'caption'"),
+    (lambda b: b["image_0"].update(caption_type="audio"), "caption_type 'audio' is not 'image' or 'video'"),
+    (lambda b: b["video_1"].update(statements=[]), "'statements' must be an object"),
     (lambda b: b["video_1"]["statements"]["Adjective"].pop("incorrect_statements"), "'Adjective'"),
     (lambda b: b.update(image_0=5), "expected an object"),
 ])
