@@ -1,4 +1,4 @@
-"""Stage 0: build (or import) the TED-6K benchmark, and write the built-in world's training splits.
+"""01: build (or import) the TED-6K benchmark, and write the built-in world's training splits.
 
 TED-6K (GRAN-TED, arXiv 2512.15560, Sec. 3) pairs a detailed caption with, for each of nine statement
 types, one true statement and three hard negatives (minimal edits that contradict the caption); an
@@ -10,10 +10,10 @@ caption, caption_type and statements{type: {question, correct_statement, incorre
     # the built-in world (default): exactly the paper's 16 (type, caption type) counts, 6,641
     # instances, plus the training splits for the later stages under runs/world/
     python 01_build_ted6k.py
-    python 01_build_ted6k.py --t2x-images 20000 --t2x-videos 5000 --caption-pairs 50000 --vqa 20000
+    python 01_build_ted6k.py --overwrite --t2x-images 20000 --t2x-videos 5000 --pairs 50000 --vqa 20000
 
-    # the public benchmark (or any file in its format): validate, normalise, print the counts
-    python 01_build_ted6k.py --source file --input TED-6k.json
+    # the public benchmark (or any file in its format): check, normalise, print the counts
+    python 01_build_ted6k.py --source file --benchmark TED-6k.json
 
     # your own captions: statements written by a local instruct model, following the paper's recipe
     python 01_build_ted6k.py --source llm --captions captions.jsonl --generator Qwen/Qwen3-8B
@@ -22,19 +22,25 @@ captions.jsonl holds {"caption": str, "caption_type": "image"|"video", "key"?: s
 Everything is single-process (it is I/O and text work, seconds to minutes), so there is no torchrun
 form. Outputs: runs/ted6k/ted6k.json (+ runs/ted6k/scenes.json: the scene and the structured claim
 behind every world statement) and runs/world/{caption_pairs,vqa,t2x,eval,scenes}.jsonl + media/.
+
+Each output folder is built next to its final place and swapped in whole, so a failed or killed run
+leaves the previous one as it was (never captions paired with another run's pictures). A folder that
+already holds a benchmark or a world is replaced only with --overwrite.
 """
 import argparse
 import json
 import random
-import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
+import numpy as np
+import torch
 
-import world
-from common import (DataError, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, ted_records,
-                    valid_option, write_jsonl)
+import plumbing
+from common import KINDS, read_ted, valid_option
+from plumbing import DataError, log
+from world import claims, scenes
 
 # The paper's TED-6K counts per statement type: (image captions, video captions). 1,374 + 5,267 = 6,641.
 PAPER_COUNTS = {
@@ -44,51 +50,15 @@ PAPER_COUNTS = {
 }
 # Captions per caption type: the largest type count, so every cell can be filled exactly.
 PAPER_CAPTIONS = {"image": 260, "video": 766}
-KINDS = ("image", "video")
 
 
 #################################################################################
-#                         Reading and normalising a file                        #
+#                                   Counting                                    #
 #################################################################################
-
-def normalise_benchmark(data, path="<benchmark>"):
-    """Validate a TED-6k-format object and keep only usable options.
-
-    A statement type whose positive is null or not `success` is dropped (the caption has nothing for
-    it); negatives that are null or not `success` are dropped. Errors name the file and the record.
-    """
-    out = {}
-    for key, rec in ted_records(data, path):
-        where = f"{path}: record {key!r}"
-        statements = {}
-        for stype, info in rec["statements"].items():
-            if stype not in world.STATEMENT_TYPES:
-                raise DataError(f"{where}: unknown statement type {stype!r} (known: {world.STATEMENT_TYPES})")
-            if not isinstance(info, dict):
-                raise DataError(f"{where}, type {stype!r}: expected an object")
-            for k in ("question", "correct_statement"):
-                if k not in info:
-                    raise DataError(f"{where}, type {stype!r}: missing key {k!r}")
-            negs = info.get("incorrect_statements", [])
-            if not isinstance(negs, list):
-                raise DataError(f"{where}, type {stype!r}: 'incorrect_statements' must be a list")
-            if not valid_option(info["correct_statement"]):
-                continue        # null positive: nothing of this type in the caption
-            valid = [{"statement": o["statement"], "status": "success"} for o in negs if valid_option(o)]
-            if not valid:
-                raise DataError(f"{where}, type {stype!r}: fewer than two valid options "
-                                f"(the positive and no valid negative)")
-            statements[stype] = {"question": info["question"],
-                                 "correct_statement": {"statement": info["correct_statement"]["statement"],
-                                                       "status": "success"},
-                                 "incorrect_statements": valid}
-        out[key] = {"caption": rec["caption"], "caption_type": rec["caption_type"], "statements": statements}
-    return out
-
 
 def count_cells(bench):
     """{(type, caption type): instances} over valid statements."""
-    counts = {(t, k): 0 for t in world.STATEMENT_TYPES for k in KINDS}
+    counts = {(t, k): 0 for t in claims.STATEMENT_TYPES for k in KINDS}
     for rec in bench.values():
         for stype, info in rec["statements"].items():
             if valid_option(info.get("correct_statement")) and any(
@@ -101,14 +71,14 @@ def format_table(counts, paper=True):
     """Markdown table of the 16 (+2 empty) cells next to the paper's."""
     head = "| type | image | video | total |" + (" paper image | paper video |" if paper else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for t in world.STATEMENT_TYPES:
+    for t in claims.STATEMENT_TYPES:
         i, v = counts[(t, "image")], counts[(t, "video")]
         row = f"| {t} | {i} | {v} | {i + v} |"
         if paper:
             row += f" {PAPER_COUNTS[t][0]} | {PAPER_COUNTS[t][1]} |"
         lines.append(row)
-    ti = sum(counts[(t, "image")] for t in world.STATEMENT_TYPES)
-    tv = sum(counts[(t, "video")] for t in world.STATEMENT_TYPES)
+    ti = sum(counts[(t, "image")] for t in claims.STATEMENT_TYPES)
+    tv = sum(counts[(t, "video")] for t in claims.STATEMENT_TYPES)
     lines.append(f"| all | {ti} | {tv} | {ti + tv} |" + (" 1374 | 5267 |" if paper else ""))
     return "\n".join(lines)
 
@@ -118,11 +88,13 @@ def format_table(counts, paper=True):
 #################################################################################
 
 def _option(text):
+    """A usable TED-6k option."""
     return {"statement": text, "status": "success"}
 
 
 def _null_entry(stype):
-    return {"question": world.QUESTIONS[stype], "correct_statement": {"statement": None, "status": "null"},
+    """A statement type the caption says nothing about, as the public file writes it."""
+    return {"question": claims.QUESTIONS[stype], "correct_statement": {"statement": None, "status": "null"},
             "incorrect_statements": []}
 
 
@@ -136,45 +108,45 @@ def build_world_benchmark(seed, fraction=1.0, taken=None):
     rng = random.Random(f"{seed}-benchmark")
     taken = taken if taken is not None else set()
     bench, side = {}, {}
-    pbar = tqdm(total=sum(round(PAPER_CAPTIONS[k] * fraction) for k in KINDS), desc="benchmark", leave=False)
+    bar = plumbing.Progress(total=sum(round(PAPER_CAPTIONS[k] * fraction) for k in KINDS), desc="benchmark")
     for kind_i, kind in enumerate(KINDS):
         n_caps = round(PAPER_CAPTIONS[kind] * fraction)
         types_of = [[] for _ in range(n_caps)]
-        for stype in world.STATEMENT_TYPES:
+        for stype in claims.STATEMENT_TYPES:
             n = round(PAPER_COUNTS[stype][kind_i] * fraction)
             for i in rng.sample(range(n_caps), min(n, n_caps)):
                 types_of[i].append(stype)
         for i in range(n_caps):
-            wanted = [t for t in world.STATEMENT_TYPES if t in types_of[i]]
+            wanted = [t for t in claims.STATEMENT_TYPES if t in types_of[i]]
             for _ in range(5000):
-                scene = world.sample_scene(rng, kind, words="OCR" in wanted,
-                                           count_weights=world.BENCH_OBJECT_COUNT_WEIGHTS)
-                if world.scene_key(scene) in taken:
+                scene = scenes.sample_scene(rng, kind, words="OCR" in wanted,
+                                            count_weights=claims.BENCH_OBJECT_COUNT_WEIGHTS)
+                if scenes.scene_key(scene) in taken:
                     continue
                 # The caption first: negatives that match its words better than the positive go last.
-                caption = world.write_captions(scene, rng)[0]
-                made = world.make_statements(scene, rng, wanted, caption=caption) if wanted else {}
+                caption = scenes.write_captions(scene, rng)[0]
+                made = claims.make_statements(scene, rng, wanted, caption=caption) if wanted else {}
                 if made is not None:
                     break
             else:
                 raise RuntimeError(f"could not build a {kind} scene with types {wanted}")
-            taken.add(world.scene_key(scene))
+            taken.add(scenes.scene_key(scene))
             key = f"{kind}_{i}"
             statements = {}
-            for stype in world.STATEMENT_TYPES:
+            for stype in claims.STATEMENT_TYPES:
                 if stype in made:
                     s = made[stype]
                     statements[stype] = {
                         "question": s["question"],
-                        "correct_statement": _option(world.render_claim(s["correct"])),
-                        "incorrect_statements": [_option(world.render_claim(c)) for c in s["incorrect"]]}
+                        "correct_statement": _option(claims.render_claim(s["correct"])),
+                        "incorrect_statements": [_option(claims.render_claim(c)) for c in s["incorrect"]]}
                 else:
                     statements[stype] = _null_entry(stype)
             bench[key] = {"caption": caption, "caption_type": kind, "statements": statements}
             side[key] = {"scene": scene, "claims": {t: {"correct": s["correct"], "incorrect": s["incorrect"]}
                                                     for t, s in made.items()}}
-            pbar.update(1)
-    pbar.close()
+            bar.update()
+    bar.close()
     return bench, side
 
 
@@ -185,8 +157,8 @@ def build_world_benchmark(seed, fraction=1.0, taken=None):
 def _fresh_scene(rng, kind, taken):
     """A scene not used anywhere else (benchmark, eval or another training record)."""
     for _ in range(1000):
-        scene = world.sample_scene(rng, kind)
-        key = world.scene_key(scene)
+        scene = scenes.sample_scene(rng, kind)
+        key = scenes.scene_key(scene)
         if key not in taken:
             taken.add(key)
             return scene
@@ -197,14 +169,17 @@ def _media_records(rng, prefix, n_images, n_videos, taken, out_dir, desc):
     """t2x-style records (media written under out_dir/media) for n_images + n_videos fresh scenes."""
     records = []
     kinds = ["image"] * n_images + ["video"] * n_videos
-    for i, kind in enumerate(tqdm(kinds, desc=desc, leave=False)):
+    if kinds:
+        (out_dir / "media").mkdir(exist_ok=True)
+    for i, kind in enumerate(plumbing.progress(kinds, desc=desc)):
         scene = _fresh_scene(rng, kind, taken)
-        data, ext = world.encode_media(scene)
+        data, ext = scenes.encode_media(scene)
         media = f"media/{prefix}_{i:06d}.{ext}"
-        atomic_write_bytes(out_dir / media, data)
-        captions = world.write_captions(scene, rng)
+        # out_dir is a temp folder that is swapped in whole, so each file need not be renamed into place.
+        (out_dir / media).write_bytes(data)
+        captions = scenes.write_captions(scene, rng)
         records.append({"media": media, "caption": captions[0], "kind": kind,
-                        "prompt": world.write_prompt(scene), "scene": scene, "captions": captions})
+                        "prompt": scenes.write_prompt(scene), "scene": scene, "captions": captions})
     return records
 
 
@@ -218,45 +193,49 @@ def interleave_kinds(kinds):
     return sorted(range(len(kinds)), key=lambda i: (pos[i], kinds[i]))
 
 
-def write_world_splits(args, taken):
-    """caption_pairs / vqa / t2x / eval / scenes jsonl + media under args.world_out."""
-    out = Path(args.world_out)
+def _write_previews(out, t2x):
+    """A few renders at the viewing size, words legible, for people: preview.png and preview.gif."""
+    prev = [r["scene"] for r in t2x[:8] if r["kind"] == "image"]
+    if prev:
+        tiles = []
+        rule = np.full((scenes.IMAGE_SIZE * scenes.VIEW_SCALE, 4, 3), 96, np.uint8)  # grey, between tiles
+        for s in prev:
+            tiles += [scenes.render_image(s, scenes.VIEW_SCALE), rule]
+        plumbing.atomic_write_bytes(out / "preview.png", scenes.encode_png(np.concatenate(tiles[:-1], axis=1)))
+    vids = [r["scene"] for r in t2x if r["kind"] == "video"][:1]
+    if vids:
+        plumbing.atomic_write_bytes(out / "preview.gif",
+                                    scenes.encode_gif(scenes.render_video(vids[0], scenes.VIEW_SCALE)))
+
+
+def write_world_splits(args, taken, out):
+    """caption_pairs / vqa / t2x / eval / scenes jsonl + media + previews under the folder `out`."""
     rng = random.Random(f"{args.seed}-train")
     # Held-out first, so its scenes are excluded from every training split.
-    eval_recs = _media_records(random.Random(f"{args.seed}-eval"), "eval", args.eval // 2,
-                               args.eval - args.eval // 2, taken, out, "eval media")
+    n_eval = args.eval_scenes
+    eval_recs = _media_records(random.Random(f"{args.seed}-eval"), "eval", n_eval // 2, n_eval - n_eval // 2,
+                               taken, out, "eval media")
     t2x = _media_records(rng, "t2x", args.t2x_images, args.t2x_videos, taken, out, "t2x media")
     mixed = interleave_kinds([r["kind"] for r in t2x])
     vqa = []
-    for i in tqdm(range(args.vqa if t2x else 0), desc="vqa", leave=False):
+    for i in plumbing.progress(range(args.vqa if t2x else 0), desc="vqa"):
         rec = t2x[mixed[i % len(mixed)]]
         vqa.append({"media": rec["media"], "kind": rec["kind"],
-                    "messages": world.write_vqa(rec["scene"], rng, rec["captions"])})
+                    "messages": scenes.write_vqa(rec["scene"], rng, rec["captions"])})
     pairs = []
-    for i in tqdm(range(args.caption_pairs), desc="caption pairs", leave=False):
+    for i in plumbing.progress(range(args.pairs), desc="caption pairs"):
         scene = _fresh_scene(rng, "image" if i % 2 == 0 else "video", taken)
-        a, b = world.write_captions(scene, rng)
+        a, b = scenes.write_captions(scene, rng)
         pairs.append({"a": a, "b": b, "kind": scene["kind"]})
-    scenes = [{"id": Path(r["media"]).stem, "split": split, "kind": r["kind"], "media": r["media"],
-               "scene": r["scene"]} for split, recs in (("eval", eval_recs), ("t2x", t2x)) for r in recs]
+    scene_recs = [{"id": Path(r["media"]).stem, "split": split, "kind": r["kind"], "media": r["media"],
+                   "scene": r["scene"]} for split, recs in (("eval", eval_recs), ("t2x", t2x)) for r in recs]
     strip = lambda r: {k: r[k] for k in ("media", "caption", "kind", "prompt", "scene")}
-    write_jsonl(out / "eval.jsonl", [strip(r) for r in eval_recs])
-    write_jsonl(out / "t2x.jsonl", [strip(r) for r in t2x])
-    write_jsonl(out / "vqa.jsonl", vqa)
-    write_jsonl(out / "caption_pairs.jsonl", pairs)
-    write_jsonl(out / "scenes.jsonl", scenes)
-    # A few renders at the viewing size, words legible, for people.
-    prev = [r["scene"] for r in t2x[:8] if r["kind"] == "image"]
-    if prev:
-        import numpy as np
-        tiles = []
-        for s in prev:   # a grey rule between tiles
-            tiles += [world.render_image(s, world.VIEW_SCALE), np.full((world.IMAGE_SIZE * world.VIEW_SCALE, 4, 3), 96, np.uint8)]
-        grid = np.concatenate(tiles[:-1], axis=1)
-        atomic_write_bytes(out / "preview.png", world.encode_png(grid))
-    vids = [r["scene"] for r in t2x if r["kind"] == "video"][:1]
-    if vids:
-        atomic_write_bytes(out / "preview.gif", world.encode_gif(world.render_video(vids[0], world.VIEW_SCALE)))
+    plumbing.write_jsonl(out / "eval.jsonl", [strip(r) for r in eval_recs])
+    plumbing.write_jsonl(out / "t2x.jsonl", [strip(r) for r in t2x])
+    plumbing.write_jsonl(out / "vqa.jsonl", vqa)
+    plumbing.write_jsonl(out / "caption_pairs.jsonl", pairs)
+    plumbing.write_jsonl(out / "scenes.jsonl", scene_recs)
+    _write_previews(out, t2x)
     return {"eval": len(eval_recs), "t2x": len(t2x), "vqa": len(vqa), "caption_pairs": len(pairs)}
 
 
@@ -278,6 +257,7 @@ TYPE_HINTS = {
 
 
 def positive_prompt(caption, kind, stype):
+    """The prompt asking for one true statement of type `stype` (or null)."""
     return (f"Here is a detailed caption of a{'n image' if kind == 'image' else ' video'}.\n\nCaption: {caption}\n\n"
             f"Write ONE short statement (about 15 words) that is true according to the caption and is "
             f"about {TYPE_HINTS[stype]} ({stype}). If the caption says nothing of this kind, answer null.\n"
@@ -285,6 +265,7 @@ def positive_prompt(caption, kind, stype):
 
 
 def negative_prompt(caption, kind, stype, positive):
+    """The prompt asking for three minimal edits of `positive` that contradict the caption."""
     return (f"Here is a detailed caption of a{'n image' if kind == 'image' else ' video'}.\n\nCaption: {caption}\n\n"
             f"True statement ({stype}): {positive}\n\n"
             "Write exactly THREE statements that each contradict the caption and differ from the true "
@@ -309,17 +290,16 @@ def parse_json_object(text):
 class HFGenerator:
     """A local causal LM through transformers: chat template, greedy decoding."""
 
-    def __init__(self, name_or_path, max_new_tokens=256, device=None):
-        import torch
+    def __init__(self, name_or_path, max_new_tokens=256, device=None, dtype="auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = plumbing.pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=plumbing.pick_dtype(self.device, dtype)).to(self.device).eval()
         self.max_new_tokens = max_new_tokens
 
     def generate(self, prompt):
+        """The model's reply to one user turn."""
         msgs = [{"role": "user", "content": prompt}]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -327,12 +307,13 @@ class HFGenerator:
             text = prompt + "\n"
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with self.torch.no_grad():
+        with torch.no_grad():
             out = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad)
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _failed(reason):
+    """An option the model did not deliver, kept in the file with the reason as its status."""
     return {"statement": None, "status": f"failed: {reason}"}
 
 
@@ -341,10 +322,10 @@ def llm_statements(caption, kind, stype, generator):
     try:
         reply = generator.generate(positive_prompt(caption, kind, stype))
     except Exception as e:  # a generator that crashes on one prompt must not stop the run
-        return {"question": world.QUESTIONS[stype], "correct_statement": _failed(f"generation error {e!r}"),
+        return {"question": claims.QUESTIONS[stype], "correct_statement": _failed(f"generation error {e!r}"),
                 "incorrect_statements": []}
     obj = parse_json_object(reply)
-    entry = {"question": world.QUESTIONS[stype], "incorrect_statements": []}
+    entry = {"question": claims.QUESTIONS[stype], "incorrect_statements": []}
     if obj is None or "statement" not in obj:
         entry["correct_statement"] = _failed("no JSON object with a 'statement' key")
         return entry
@@ -357,9 +338,8 @@ def llm_statements(caption, kind, stype, generator):
         return entry
     pos = pos.strip()
     try:
-        reply = generator.generate(negative_prompt(caption, kind, stype, pos))
-        obj = parse_json_object(reply)
-    except Exception as e:
+        obj = parse_json_object(generator.generate(negative_prompt(caption, kind, stype, pos)))
+    except Exception:  # as above: marked below as a failed negative
         obj = None
     negs = obj.get("statements") if obj else None
     if not isinstance(negs, list) or len(negs) != 3:
@@ -382,98 +362,202 @@ def llm_statements(caption, kind, stype, generator):
 
 
 def read_captions(path):
-    """[(key, caption, kind)] from a captions jsonl; errors name the file and line."""
-    recs = read_jsonl(path, required=("caption",))
+    """[(key, caption, kind)] from a captions jsonl; errors name the file and record."""
     out, n = [], {"image": 0, "video": 0}
-    for i, r in enumerate(recs, 1):
+    for i, r in enumerate(plumbing.read_jsonl(path, required=("caption",)), 1):
+        where = f"{path}: record {i}"
         kind = r.get("caption_type", r.get("kind"))
         if kind not in KINDS:
-            raise DataError(f"{path}: record {i}: caption_type {kind!r} is not 'image' or 'video'")
-        if not isinstance(r["caption"], str) or not r["caption"].strip():
-            raise DataError(f"{path}: record {i}: empty caption")
-        key = r.get("key") or f"{kind}_{n[kind]}"
+            raise DataError(f"{where}: caption_type {kind!r} is not 'image' or 'video'")
+        if not isinstance(r["caption"], str):
+            raise DataError(f"{where}: caption must be a string, got {type(r['caption']).__name__}")
+        if not r["caption"].strip():
+            raise DataError(f"{where}: empty caption")
+        key = r.get("key", f"{kind}_{n[kind]}")
+        if not isinstance(key, str) or not key:
+            raise DataError(f"{where}: key must be a non-empty string, got {key!r}")
         n[kind] += 1
         out.append((key, r["caption"], kind))
-    keys = [k for k, _, _ in out]
-    if len(set(keys)) != len(keys):
-        raise DataError(f"{path}: duplicate keys")
+    dup = sorted(k for k, c in Counter(k for k, _, _ in out).items() if c > 1)
+    if dup:
+        raise DataError(f"{path}: duplicate key(s) {dup[:5]}")
     return out
 
 
 def build_from_llm(captions, generator):
     """TED-6k-format dict for [(key, caption, kind)] with statements from `generator`."""
     bench = {}
-    for key, caption, kind in tqdm(captions, desc="llm statements"):
-        types = [t for t in world.STATEMENT_TYPES if kind == "video" or t not in world.VIDEO_ONLY_TYPES]
+    for key, caption, kind in plumbing.progress(captions, desc="llm statements"):
+        types = [t for t in claims.STATEMENT_TYPES if kind == "video" or t not in claims.VIDEO_ONLY_TYPES]
         bench[key] = {"caption": caption, "caption_type": kind,
                       "statements": {t: llm_statements(caption, kind, t, generator) for t in types}}
     return bench
+
+
+def most_common_failure(bench):
+    """The most frequent `failed: ...` status in a generated benchmark (why nothing could be scored)."""
+    statuses = Counter(o.get("status") for rec in bench.values() for info in rec["statements"].values()
+                       for o in [info["correct_statement"]] + info["incorrect_statements"])
+    failed = [(n, s) for s, n in statuses.items() if str(s).startswith("failed")]
+    return max(failed)[1] if failed else "every positive was null"
+
+
+#################################################################################
+#                               Output folders                                  #
+#################################################################################
+
+# What 01 writes in each folder. A folder holding anything else is someone else's: never replaced.
+BENCH_FILES = {"ted6k.json", "scenes.json"}
+WORLD_FILES = {"caption_pairs.jsonl", "vqa.jsonl", "t2x.jsonl", "eval.jsonl", "scenes.jsonl", "media",
+               "preview.png", "preview.gif"}
+
+
+def check_replaceable(folder, flag, ours, what, overwrite):
+    """Refuse to replace a folder that holds files 01 does not write, or one holding `what` without --overwrite."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: exists and is not a folder")
+    held = sorted(p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    foreign = [name for name in held if name not in ours]
+    if foreign:
+        raise DataError(f"{flag} {folder}: holds {foreign[:3]}, which 01 does not write; it replaces the whole "
+                        f"folder, so give it a new or empty one")
+    if held and not overwrite:
+        raise DataError(f"{flag} {folder} already holds {what}: --overwrite to replace it once the new one is "
+                        f"built, or another {flag}")
+
+
+def require_instances(counts, why):
+    """A benchmark with nothing to score is refused before it replaces anything."""
+    if not sum(counts.values()):
+        raise DataError(f"{why}; nothing written")
+
+
+def write_benchmark(out, bench, side=None):
+    """Swap in the folder `out` holding ted6k.json (and the world's scenes.json)."""
+    def build(tmp):
+        if side is not None:
+            plumbing.atomic_write_json(tmp / "scenes.json", side, indent=None)
+        plumbing.atomic_write_json(tmp / "ted6k.json", bench)
+    plumbing.atomic_dir(out, build)
+
+
+def build_world(args, out):
+    """The world's benchmark into `out` and, unless --no-splits, its training splits into --world-out."""
+    taken = set()
+    bench, side = build_world_benchmark(args.seed, args.bench_fraction, taken)
+    require_instances(count_cells(bench), f"--bench-fraction {args.bench_fraction}: the benchmark holds no instance")
+    if args.no_splits:
+        write_benchmark(out, bench, side)
+        return bench, {}
+    sizes = {}
+
+    def build(tmp):
+        sizes.update(write_world_splits(args, taken, tmp))
+        # The benchmark goes in just before the world: its scenes are the ones the world left out.
+        write_benchmark(out, bench, side)
+    plumbing.atomic_dir(args.world_out, build)
+    return bench, sizes
 
 
 #################################################################################
 #                                   Main                                        #
 #################################################################################
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+# The --source world flags that --no-splits leaves with nothing to do.
+SPLIT_FLAGS = ("world_out", "pairs", "vqa", "t2x_images", "t2x_videos", "eval_scenes")
+
+
+def get_parser():
+    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
     p.add_argument("--source", choices=["world", "file", "llm"], default="world")
     p.add_argument("--out", default="runs/ted6k", help="folder for ted6k.json (and scenes.json)")
-    p.add_argument("--world-out", default="runs/world", help="folder for the training splits (--source world)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input", help="--source file: a TED-6k.json-format file")
-    p.add_argument("--captions", help="--source llm: captions jsonl")
-    p.add_argument("--generator", help="--source llm: hub id or local folder of an instruct model")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--bench-fraction", type=float, default=1.0,
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the benchmark / world already there (once the new one is built)")
+    g = p.add_argument_group("--source world")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bench-fraction", type=plumbing.positive_float, default=1.0,
                    help="scale the paper's counts (1.0 = the full 6,641 instances)")
-    p.add_argument("--caption-pairs", type=int, default=4000)
-    p.add_argument("--vqa", type=int, default=2000)
-    p.add_argument("--t2x-images", type=int, default=3000)
-    p.add_argument("--t2x-videos", type=int, default=1000)
-    p.add_argument("--eval", type=int, default=100, help="held-out scenes for 06's fidelity eval")
-    p.add_argument("--no-splits", action="store_true", help="--source world: write the benchmark only")
-    return p.parse_args(argv)
+    g.add_argument("--world-out", default="runs/world", help="folder for the training splits")
+    g.add_argument("--no-splits", action="store_true", help="write the benchmark only")
+    g.add_argument("--t2x-images", type=nonneg, default=3000, help="text-to-image records (04, 05)")
+    g.add_argument("--t2x-videos", type=nonneg, default=1000, help="text-to-video records (04, 05)")
+    g.add_argument("--vqa", type=nonneg, default=2000, help="VQA records on the t2x media (03)")
+    g.add_argument("--pairs", type=nonneg, default=4000, help="caption pairs for the probe's aggregator (02)")
+    g.add_argument("--eval-scenes", type=nonneg, default=100, help="held-out scenes for 06's fidelity eval")
+    g = p.add_argument_group("--source file")
+    g.add_argument("--benchmark", help="a TED-6k.json-format file")
+    g = p.add_argument_group("--source llm")
+    g.add_argument("--captions", help="captions jsonl")
+    g.add_argument("--generator", help="hub id or local folder of an instruct model")
+    g.add_argument("--max-new-tokens", type=pos, default=256, help="reply length limit")
+    g.add_argument("--device", default=None, help="default: cuda when there is one")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="auto: bf16 on a GPU that has it, else fp32")
+    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0: torch's default)")
+    return p
 
 
-def main(argv=None, generator=None):
-    args = parse_args(argv)
+def check_flags(parser, args, given):
+    """Refuse a flag the chosen --source would ignore (one of another source's group), and a source
+    without its inputs."""
+    for group in parser._action_groups:
+        source = group.title.removeprefix("--source ")
+        if source == group.title or source == args.source:
+            continue
+        stray = [a.option_strings[0] for a in group._group_actions if a.dest in given]
+        if stray:
+            raise DataError(f"{stray[0]} is for --source {source}, not {args.source}")
+    stray = [d for d in SPLIT_FLAGS if d in given and args.no_splits]
+    if stray:
+        raise DataError(f"--{stray[0].replace('_', '-')} does nothing with --no-splits")
+    if args.source == "file" and not args.benchmark:
+        raise DataError("--source file needs --benchmark FILE (a TED-6k.json-format file)")
+    if args.source == "llm" and not (args.captions and args.generator):
+        raise DataError("--source llm needs --captions FILE and --generator MODEL")
+    if args.source == "world" and not args.no_splits:
+        a, b = Path(args.out).resolve(), Path(args.world_out).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise DataError(f"--out {args.out} and --world-out {args.world_out} must be separate folders")
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args, plumbing.given_flags(parser, argv))
     t0 = time.time()
     out = Path(args.out)
+    check_replaceable(out, "--out", BENCH_FILES, "a benchmark", args.overwrite)
+    plumbing.remove_stale_temps(out.parent)
+    if args.source == "world" and not args.no_splits:
+        check_replaceable(args.world_out, "--world-out", WORLD_FILES, "a world", args.overwrite)
+        plumbing.remove_stale_temps(Path(args.world_out).parent)
     if args.source == "world":
-        taken = set()
-        bench, side = build_world_benchmark(args.seed, args.bench_fraction, taken)
-        sizes = {} if args.no_splits else write_world_splits(args, taken)
-        atomic_write_json(out / "scenes.json", side, indent=None)
-        atomic_write_json(out / "ted6k.json", bench)
+        bench, sizes = build_world(args, out)
         counts = count_cells(bench)
-        print(format_table(counts, paper=args.bench_fraction == 1.0))
+        log(format_table(counts, paper=args.bench_fraction == 1.0))
         if sizes:
-            print("training splits in", args.world_out, ":", ", ".join(f"{k} {v}" for k, v in sizes.items()))
+            log("training splits in", args.world_out, ":", ", ".join(f"{k} {v}" for k, v in sizes.items()))
     elif args.source == "file":
-        if not args.input:
-            raise SystemExit("--source file needs --input TED-6k.json")
-        bench = normalise_benchmark(read_json(args.input), args.input)
-        atomic_write_json(out / "ted6k.json", bench)
+        bench, _ = read_ted(args.benchmark)   # refuses a file with nothing to score
+        write_benchmark(out, bench)
         counts = count_cells(bench)
-        print(format_table(counts))
-        if not sum(counts.values()):
-            print(f"warning: {args.input} holds no usable instance", file=sys.stderr)
+        log(format_table(counts))
     else:
-        if not args.captions or not (args.generator or generator):
-            raise SystemExit("--source llm needs --captions FILE and --generator MODEL")
         captions = read_captions(args.captions)
-        generator = generator or HFGenerator(args.generator, args.max_new_tokens)
-        bench = build_from_llm(captions, generator)
-        atomic_write_json(out / "ted6k.json", bench)
+        plumbing.set_threads(args.threads)
+        bench = build_from_llm(captions, HFGenerator(args.generator, args.max_new_tokens, args.device, args.dtype))
         counts = count_cells(bench)
-        print(format_table(counts, paper=False))
-    print(f"wrote {out / 'ted6k.json'} ({sum(counts.values())} instances) in {time.time() - t0:.1f}s")
+        require_instances(counts, f"--generator {args.generator}: no scorable statement for the {len(captions)} "
+                                  f"caption(s) of {args.captions} (most common: {most_common_failure(bench)})")
+        write_benchmark(out, bench)
+        log(format_table(counts, paper=False))
+    log(f"wrote {out / 'ted6k.json'} ({sum(counts.values())} instances) in {time.time() - t0:.1f}s")
     return bench
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    plumbing.run_cli(main)

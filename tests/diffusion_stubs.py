@@ -1,4 +1,5 @@
-"""Test helpers for the diffusion tests: a tiny deterministic stand-in text encoder and a tiny world."""
+"""Test helpers for the diffusion tests: a tiny world, the tiny flags, and a stand-in text encoder for
+the feature-cache tests (the stages themselves run the real tiny Qwen3 of encoders.py)."""
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ class StubEncoder:
 
     def __init__(self, name="stub", num_layers=3, width=16, seed=0):
         self.name, self.num_layers, self.width = name, num_layers, width
-        self.dtype, self.device = torch.float32, torch.device("cpu")
+        self.dtype, self.device, self.fingerprint = torch.float32, torch.device("cpu"), f"stub-{seed}"
         g = torch.Generator().manual_seed(seed)
         self.table = torch.randn(num_layers, 101, width, generator=g)
         self.calls = 0
@@ -63,7 +64,7 @@ def make_world(root, n_images=24, n_videos=12, size=8, frames=4, seed=0):
     return root / "t2x.jsonl"
 
 
-TINY = ["--size", "8", "--frames", "4", "--hidden", "32", "--depth", "2", "--heads", "2", "--patch", "4",
-        "--tpatch", "2", "--image-batch", "4", "--video-batch", "2", "--warmup", "0", "--log-every", "2",
-        "--max-length", "8", "--quiet", "--device", "cpu"]
+TINY = ["--encoder", "tiny-qwen3", "--size", "8", "--frames", "4", "--hidden", "32", "--depth", "2", "--heads", "2",
+        "--patch", "4", "--tpatch", "2", "--image-batch", "4", "--video-batch", "2", "--warmup", "0",
+        "--log-every", "2", "--max-length", "8", "--device", "cpu"]
 

@@ -1,7 +1,10 @@
 """Tests for 03_finetune_qwen3vl.py on the tiny Qwen3-VL and a hand-made VQA set (no world needed)."""
 import importlib
+import importlib.util
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common import DataError
+import common
+import encoders
+import plumbing
+from plumbing import DataError
 
 ft = importlib.import_module("03_finetune_qwen3vl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +66,6 @@ def write_vqa(folder, n_images=12, n_videos=6, seed=0):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """One tiny Qwen3-VL base directory shared by the module's tests."""
-    import encoders
     return encoders.build_tiny_qwen3vl(tmp_path_factory.mktemp("base") / "tiny", seed=0)
 
 
@@ -69,10 +74,13 @@ def data(tmp_path_factory):
     return write_vqa(tmp_path_factory.mktemp("vqa"))
 
 
+def flags_for(data, out, base, *extra):
+    return ["--data", str(data), "--out", str(out), "--model", str(base), "--steps", "4", "--batch-size", "4",
+            "--warmup", "1", "--eval-size", "0", "--ckpt-every", "0", "--lr", "1e-3", *extra]
+
+
 def args_for(data, out, base, *extra):
-    return ft.parse_args(["--data", str(data), "--out", str(out), "--model", str(base), "--steps", "4",
-                          "--batch-size", "4", "--warmup", "1", "--eval-size", "0", "--ckpt-every", "0",
-                          "--no-progress", "--lr", "1e-3", *extra])
+    return ft.get_parser().parse_args(flags_for(data, out, base, *extra))
 
 
 #################################################################################
@@ -80,8 +88,8 @@ def args_for(data, out, base, *extra):
 #################################################################################
 
 def test_only_assistant_tokens_carry_loss(data, base):
-    _, processor = ft.load_model(base)
-    recs = ft.read_records(data)
+    _, processor = encoders.load_qwen3vl(base)
+    recs = common.read_vqa_records(data)
     batch = ft.Collator(processor)([recs[0], recs[-1]])  # an image and a video, padded together
     tok = processor.tokenizer
     for b, rec in enumerate([recs[0], recs[-1]]):
@@ -97,8 +105,8 @@ def test_only_assistant_tokens_carry_loss(data, base):
 
 
 def test_images_and_videos_both_go_through(data, base):
-    model, processor = ft.load_model(base)
-    recs = ft.read_records(data)
+    model, processor = encoders.load_qwen3vl(base)
+    recs = common.read_vqa_records(data)
     img, vid = recs[0], recs[-1]
     batch = ft.Collator(processor)([img, vid])
     assert batch["pixel_values"].shape[0] > 0 and batch["pixel_values_videos"].shape[0] > 0
@@ -115,11 +123,11 @@ def test_images_and_videos_both_go_through(data, base):
 
 
 def test_frames_and_max_pixels(data, base):
-    _, processor = ft.load_model(base)
-    vid = ft.read_records(data)[-1]
+    _, processor = encoders.load_qwen3vl(base)
+    vid = common.read_vqa_records(data)[-1]
     b4 = ft.Collator(processor, frames=4)([vid])
     assert b4["video_grid_thw"].tolist()[0][0] == 2
-    big = ft.Collator(processor, max_pixels=64 * 64, min_pixels=64 * 64)([ft.read_records(data)[0]])
+    big = ft.Collator(processor, max_pixels=64 * 64, min_pixels=64 * 64)([common.read_vqa_records(data)[0]])
     assert big["image_grid_thw"].tolist()[0] == [1, 8, 8]
 
 
@@ -137,27 +145,27 @@ def test_no_assistant_turn_names_the_line(data, tmp_path):
     bad = _rewrite(data, data.parent / "noasst.jsonl",
                    lambda i, r: dict(r, messages=r["messages"][:1]) if i == 2 else r)
     with pytest.raises(DataError, match=r"noasst\.jsonl:3: no assistant turn"):
-        ft.read_records(bad)
+        common.read_vqa_records(bad)
 
 
 def test_unknown_kind_names_the_line(data):
     bad = _rewrite(data, data.parent / "kind.jsonl", lambda i, r: dict(r, kind="audio") if i == 4 else r)
     with pytest.raises(DataError, match=r"kind\.jsonl:5: unknown media kind 'audio'"):
-        ft.read_records(bad)
+        common.read_vqa_records(bad)
 
 
 def test_bad_media_skipped_then_refused(data, base, tmp_path):
     corrupt = data.parent / "media" / "corrupt.png"
     corrupt.write_bytes(b"not a png")
-    recs = ft.read_records(data)
+    recs = common.read_vqa_records(data)
     many = recs * 20  # 360 records: one bad one is < 1%
     many[5] = dict(many[5], _path=str(corrupt), media="media/corrupt.png")
-    kept, n_bad = ft.scan_media(many, 8, ft.init_distributed("cpu"))
+    kept, n_bad = common.scan_vqa_media(many, 8, plumbing.init_distributed("cpu"))
     assert n_bad == 1 and len(kept) == len(many) - 1
     few = list(recs)
     few[0] = dict(few[0], _path=str(data.parent / "media" / "missing.png"), media="media/missing.png")
     with pytest.raises(DataError, match=r"vqa\.jsonl:1 \(media/missing\.png: FileNotFoundError"):
-        ft.scan_media(few, 8, ft.init_distributed("cpu"))
+        common.scan_vqa_media(few, 8, plumbing.init_distributed("cpu"))
 
 
 #################################################################################
@@ -168,10 +176,10 @@ def test_save_reload_identical_hidden_states(data, base, tmp_path):
     summary = ft.train(args_for(data, tmp_path / "run", base, "--steps", "3"))
     assert summary["steps"] == 3
     saved = tmp_path / "run" / "model"
-    model, processor = ft.load_model(saved)
-    again, _ = ft.load_model(saved)
-    orig, _ = ft.load_model(base)
-    batch = ft.Collator(processor)(ft.read_records(data)[:2])
+    model, processor = encoders.load_qwen3vl(saved)
+    again, _ = encoders.load_qwen3vl(saved)
+    orig, _ = encoders.load_qwen3vl(base)
+    batch = ft.Collator(processor)(common.read_vqa_records(data)[:2])
     batch.pop("labels")
     with torch.no_grad():
         h1 = model(**batch, output_hidden_states=True).hidden_states
@@ -180,11 +188,9 @@ def test_save_reload_identical_hidden_states(data, base, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(h1, h2))
     assert not torch.allclose(h1[-1], h0[-1])  # and it did train
     # the encoder loader the later stages use reads it too
-    import encoders
-    if hasattr(encoders, "load_encoder"):
-        enc = encoders.load_encoder(str(saved))
-        hidden, mask = enc.encode(["a red square moves left"])
-        assert hidden.shape[0] == enc.num_layers and mask.any()
+    enc = encoders.load_encoder(str(saved))
+    hidden, mask = enc.encode(["a red square moves left"])
+    assert hidden.shape[0] == enc.num_layers and mask.any()
 
 
 def test_resume_continues_the_same_curve(data, base, tmp_path):
@@ -195,8 +201,10 @@ def test_resume_continues_the_same_curve(data, base, tmp_path):
     a = [l for _, l in full["losses"]]
     b = [l for _, l in first["losses"] + rest["losses"]]
     assert [s for s, _ in rest["losses"]] == [4, 5, 6]
-    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert b == a  # bit for bit: model, optimiser, schedule, data position and RNG all restored
     assert a[-1] < a[0]
+    saved = [encoders.load_qwen3vl(tmp_path / run / "model")[0].state_dict() for run in "ab"]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
 def _torchrun(tmp_path, data, base, out, *extra):
@@ -204,7 +212,7 @@ def _torchrun(tmp_path, data, base, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "03_finetune_qwen3vl.py"), "--data", str(data), "--out", str(out), "--model", str(base),
            "--steps", "3", "--batch-size", "4", "--warmup", "1", "--eval-size", "0", "--ckpt-every", "0",
-           "--no-progress", "--lr", "1e-3", *extra]
+           "--lr", "1e-3", *extra]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -223,9 +231,9 @@ def test_fsdp_two_processes_saves_a_dir_that_reloads(data, base, tmp_path):
     assert summ["steps"] == 3 and (out / "checkpoints" / "step_00000003.pt").is_file()
     one = ft.train(args_for(data, tmp_path / "one", base, "--steps", "3"))
     np.testing.assert_allclose([l for _, l in summ["losses"]], [l for _, l in one["losses"]], rtol=1e-4)
-    model, processor = ft.load_model(out / "model")
-    ref, _ = ft.load_model(tmp_path / "one" / "model")
-    start, _ = ft.load_model(base)
+    model, processor = encoders.load_qwen3vl(out / "model")
+    ref, _ = encoders.load_qwen3vl(tmp_path / "one" / "model")
+    start, _ = encoders.load_qwen3vl(base)
     # Adam turns float-order noise in near-zero gradients into ~1e-5 weight noise; the steps are ~1e-3
     sd, rd, bd = model.state_dict(), ref.state_dict(), start.state_dict()
     assert sd.keys() == rd.keys()
@@ -235,15 +243,107 @@ def test_fsdp_two_processes_saves_a_dir_that_reloads(data, base, tmp_path):
 
 
 #################################################################################
+#                    Refusals: one line, nothing overwritten                    #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def stopped(data, base, tmp_path_factory):
+    """A run stopped at step 2 of 6 (its checkpoint, no model yet), and its flags."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    flags = flags_for(data, out, base, "--steps", "6", "--stop-at", "2")
+    ft.train(ft.get_parser().parse_args(flags))
+    assert [p.name for p in plumbing.list_checkpoints(out)] == ["step_00000002.pt"]
+    return out, flags
+
+
+def run_03(*argv, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "03_finetune_qwen3vl.py"), *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, *words):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"),
+                                         ("--frames", "1"), ("--frames", "3"), ("--lr", "-1"),
+                                         ("--stop-at", "0")])
+def test_bad_numbers_refused_before_anything_is_written(stopped, tmp_path, flag, value):
+    out, flags = stopped
+    before = folder_bytes(out)
+    r = run_03(*flags, "--overwrite", flag, value, cwd=tmp_path)
+    assert_one_line_error(r, flag)
+    assert folder_bytes(out) == before
+
+
+def test_batch_that_does_not_split_is_refused(stopped, tmp_path):
+    out, flags = stopped
+    r = run_03(*flags, "--resume", "--batch-size", "6", "--grad-accum", "4", cwd=tmp_path)
+    assert_one_line_error(r, "--batch-size 6", "--grad-accum")
+
+
+def test_fresh_run_into_a_run_folder_is_refused(stopped, tmp_path):
+    out, flags = stopped
+    before = folder_bytes(out)
+    r = run_03(*flags, cwd=tmp_path)
+    assert_one_line_error(r, str(out), "--resume", "--overwrite")
+    assert folder_bytes(out) == before
+
+
+def test_resume_with_another_seed_is_refused(stopped, tmp_path):
+    out, flags = stopped
+    before = folder_bytes(out)
+    r = run_03(*flags, "--resume", "--seed", "1", cwd=tmp_path)
+    assert_one_line_error(r, "step_00000002.pt", "seed: 0 then, 1 now")
+    assert folder_bytes(out) == before
+
+
+def test_pickle_payload_checkpoint_is_refused_and_never_runs(data, base, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"kind": ft.KIND, "step": 1, "x": Payload()}, out / "checkpoints" / "step_00000001.pt")
+    r = run_03(*flags_for(data, out, base), "--resume", cwd=tmp_path)
+    assert_one_line_error(r, "step_00000001.pt", "not a readable checkpoint")
+    assert not marker.exists()
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_is_written(stopped, data, base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped[0], out)
+    summary = ft.train(args_for(data, out, base, "--steps", "2", "--seed", "1", "--overwrite"))
+    assert summary["steps"] == 2 and (out / "model" / "config.json").is_file()
+    # the stopped run's checkpoint is gone, so a later --resume cannot continue the other run
+    assert plumbing.list_checkpoints(out) == []
+    with pytest.raises(DataError, match="finished model and no checkpoint"):
+        ft.train(args_for(data, out, base, "--steps", "2", "--seed", "1", "--resume"))
+
+
+#################################################################################
 #                               GPU smoke script                                #
 #################################################################################
 
 def test_gpu_smoke_skips_without_cuda_and_runs_tiny_on_cpu(capsys, monkeypatch):
-    smoke = importlib.import_module("gpu_smoke_qwen3vl")
+    spec = importlib.util.spec_from_file_location("gpu_smoke_qwen3vl", ROOT / "bench" / "gpu_smoke_qwen3vl.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert smoke.main([]) is None
     assert "SKIP" in capsys.readouterr().out
     # the same code path at 1/32 of the widths, on the CPU: the loss is finite and the step is timed
-    (r,) = smoke.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup-steps", "1", "--batch", "1",
+    (r,) = smoke.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup-steps", "1", "--batch-size", "1",
                        "--seq-len", "24", "--image-side", "32"])
     assert r["finite"] and r["tokens_per_s"] > 0 and r["mode"] == "plain"

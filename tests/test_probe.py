@@ -1,4 +1,5 @@
-"""02_probe_encoders.py: the TED scoring protocol with known answers, bad input, DDP == single process."""
+"""02_probe_encoders.py and common's TED-6K / caption-pair readers: the scoring protocol with known answers,
+bad input (one line, previous results untouched), DDP == single process."""
 import hashlib
 import importlib
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
+import plumbing
 from common import DataError
 
 probe = importlib.import_module("02_probe_encoders")
@@ -89,7 +92,7 @@ def oracle(text):
 
 def questions(tmp_path, n=24):
     bench, _ = write(tmp_path, n_bench=n)
-    return probe.load_benchmark(bench)
+    return common.read_ted(bench)[1]
 
 
 # ----------------------------------------------------------------------------- scoring protocol
@@ -138,11 +141,14 @@ def test_dropped_options_and_caption_template(tmp_path):
     st["Adjective"]["incorrect_statements"][0]["status"] = "failed"
     st["Adjective"]["incorrect_statements"][1]["statement"] = None
     st["Quantity"]["correct_statement"] = {"statement": None, "status": "success"}
+    st["Spatial Relationship"]["correct_statement"]["status"] = "failed"
     for n in st["Spatial Relationship"]["incorrect_statements"]:
         n["status"] = "error"
     path = tmp_path / "b.json"
     path.write_text(json.dumps(bench))
-    qs = probe.load_benchmark(path)
+    normal, qs = common.read_ted(path)
+    assert list(normal["image_0"]["statements"]) == ["Adjective"]
+    assert common.normalise_ted(normal, path) == normal  # its own output reads back unchanged
     mine = [q for q in qs if q["key"] == "image_0"]
     assert [q["type"] for q in mine] == ["Adjective"] and len(mine[0]["negatives"]) == 1
     assert len(qs) == 4
@@ -157,8 +163,17 @@ def test_dropped_options_and_caption_template(tmp_path):
     (lambda b: b["image_0"].pop("caption"), "record 'image_0': missing key 'caption'"),
     (lambda b: b["image_0"].update(caption_type="audio"), "caption_type 'audio' is not 'image' or 'video'"),
     (lambda b: b["video_1"].update(statements=[]), "'statements' must be an object"),
-    (lambda b: b["video_1"]["statements"]["Adjective"].pop("incorrect_statements"), "'Adjective'"),
+    (lambda b: b["video_1"]["statements"]["Adjective"].pop("incorrect_statements"),
+     "record 'video_1', type 'Adjective': missing key 'incorrect_statements'"),
     (lambda b: b.update(image_0=5), "expected an object"),
+    (lambda b: b["image_0"]["statements"].update(Colour=b["image_0"]["statements"].pop("Adjective")),
+     "record 'image_0': unknown statement type 'Colour'"),
+    (lambda b: [n.update(status="failed") for n in b["image_0"]["statements"]["Quantity"]["incorrect_statements"]],
+     "record 'image_0', type 'Quantity': fewer than two valid options"),
+    (lambda b: b["image_0"]["statements"]["Quantity"]["incorrect_statements"].append("The red square is shown."),
+     r"type 'Quantity': incorrect_statements\[3\] must be an object"),
+    (lambda b: b["image_0"]["statements"]["Quantity"]["correct_statement"].update(statement=7),
+     "type 'Quantity': correct_statement: statement must be a string, got int"),
 ])
 def test_invalid_benchmark_records(tmp_path, mutate, match):
     bench = make_benchmark(4)
@@ -166,34 +181,155 @@ def test_invalid_benchmark_records(tmp_path, mutate, match):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bench))
     with pytest.raises(DataError, match=match):
-        probe.load_benchmark(path)
+        common.read_ted(path)
 
 
 def test_unscorable_or_malformed_benchmark(tmp_path):
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(DataError, match="non-empty JSON object"):
-        probe.load_benchmark(tmp_path / "empty.json")
+        common.read_ted(tmp_path / "empty.json")
     (tmp_path / "trunc.json").write_text('{"image_0": {')
     with pytest.raises(DataError, match="malformed JSON"):
-        probe.load_benchmark(tmp_path / "trunc.json")
+        common.read_ted(tmp_path / "trunc.json")
     bench = make_benchmark(1)
     for q in bench["image_0"]["statements"].values():
         q["correct_statement"]["status"] = "failed"
     (tmp_path / "none.json").write_text(json.dumps(bench))
     with pytest.raises(DataError, match="no scorable statement"):
-        probe.load_benchmark(tmp_path / "none.json")
+        common.read_ted(tmp_path / "none.json")
 
 
 def test_caption_pair_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="no records"):
-        probe.load_pairs(tmp_path / "empty.jsonl")
+        common.load_pairs(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"a": "x", "b": "", "kind": "image"}\n')
     with pytest.raises(DataError, match="record 1"):
-        probe.load_pairs(tmp_path / "bad.jsonl")
+        common.load_pairs(tmp_path / "bad.jsonl")
     (tmp_path / "few.jsonl").write_text('{"a": "x", "b": "y", "kind": "image"}\n')
     with pytest.raises(DataError, match="fewer than one global batch"):
         probe.schedule(1, 10, 4, 0)
+
+
+# Issue 12 through the command line: one line on stderr naming the file / record / flag and the problem,
+# a non-zero exit, no traceback, and the previous results.json byte for byte.
+
+def _edit(mutate):
+    """A bad benchmark file: the hand-built benchmark after `mutate(dict)`, as JSON text."""
+    def text():
+        bench = make_benchmark(4)
+        mutate(bench)
+        return json.dumps(bench).encode()
+    return text
+
+
+def _image0(**kv):
+    return _edit(lambda b: b["image_0"].update(kv))
+
+
+def _adjective(edit):
+    return _edit(lambda b: edit(b["image_0"]["statements"]["Adjective"]))
+
+
+def _same_negative(q):
+    q["incorrect_statements"][1]["statement"] = q["correct_statement"]["statement"]
+
+
+def _no_positive(b):
+    for rec in b.values():
+        for q in rec["statements"].values():
+            q["correct_statement"]["status"] = "failed"
+
+
+BAD_BENCHMARK = {
+    "negative identical to the positive": (_adjective(_same_negative),
+                                           "record 'image_0', type 'Adjective': a negative is identical"),
+    "positive is a string": (_adjective(lambda q: q.update(correct_statement="The red circle is shown.")),
+                             "record 'image_0', type 'Adjective': correct_statement must be an object"),
+    "duplicate record key": (lambda: json.dumps(make_benchmark(2))[:-1].encode()
+                             + b', "image_0": ' + json.dumps(make_benchmark(1)["image_0"]).encode() + b"}",
+                             "duplicate key(s) ['image_0']"),
+    "numeric caption": (_image0(caption=12), "record 'image_0': caption must be a string, got int"),
+    "zero scorable instances": (_edit(_no_positive), "no scorable statement"),
+    "not UTF-8": (lambda: b'{"image_0": {"caption": "caf\xe9"}}', "not UTF-8"),
+}
+
+
+def _cli(tmp_path, capsys, *args, in_subprocess=False):
+    """Run 02 as the command line does (run_cli), with small settings, against a folder holding a previous
+    result. In-process by default (a python + torch start per row would cost seconds each); a few rows
+    also run as a real subprocess."""
+    bench, pairs = write(tmp_path, n_bench=4, n_pairs=16)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text('{"previous": true}\n')
+    base = {"--benchmark": str(bench), "--caption-pairs": str(pairs), "--out": str(out), "--encoders": "tiny-qwen3",
+            "--steps": "2", "--batch-size": "8", "--width": "32", "--out-dim": "16", "--heads": "4",
+            "--dtype": "fp32", "--threads": "1"}
+    base.update(dict(zip(args[0::2], args[1::2])))
+    argv = ["--overwrite"] + [x for kv in base.items() for x in kv]
+    if in_subprocess:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+        r = subprocess.run([sys.executable, "02_probe_encoders.py"] + argv, cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+        rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            plumbing.run_cli(lambda: probe.main(argv))
+        rc = e.value.code
+        stdout, stderr = capsys.readouterr()
+    assert rc not in (0, None) and "Traceback" not in stderr, stderr
+    assert (out / "results.json").read_text() == '{"previous": true}\n'
+    assert not (out / "aggregators").exists()
+    return stdout, stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BENCHMARK))
+def test_bad_benchmark_one_line_and_previous_results_kept(tmp_path, capsys, case):
+    make, expected = BAD_BENCHMARK[case]
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(make())
+    _, stderr = _cli(tmp_path, capsys, "--benchmark", str(bad), in_subprocess=case == "positive is a string")
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and expected in lines[0], stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--encoders", "tiny-qwen3,no-such-encoder"], "'no-such-encoder' is not one of"),   # refused before any runs
+    (["--encoders", "tiny-qwen3,runs/no/such/model"], "'runs/no/such/model' is not a local path"),
+    (["--strategies", "last,learned"], "--strategies learned"),
+    (["--strategies", "frozen"], "--strategies frozen needs --layer-weights"),
+    (["--max-pairs", "-60"], "argument --max-pairs: -60 is out of range"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is out of range"),
+    (["--grad-clip", "0"], "argument --grad-clip: 0 is out of range"),
+    (["--threads", "auto"], "argument --threads: 'auto' is not a non-negative integer"),
+])
+def test_bad_flags_refused_before_anything_runs(tmp_path, capsys, args, expected):
+    stdout, stderr = _cli(tmp_path, capsys, *args, in_subprocess=args[0] == "--max-pairs")
+    assert expected in stderr.strip().splitlines()[-1], stderr
+    assert "step 1/" not in stdout
+
+
+def test_existing_results_need_overwrite(tmp_path):
+    bench, pairs = write(tmp_path, n_bench=4, n_pairs=16)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{}")
+    with pytest.raises(DataError, match="already holds probe results: --overwrite"):
+        probe.main(["--benchmark", str(bench), "--caption-pairs", str(pairs), "--out", str(tmp_path / "out"),
+                    "--encoders", "tiny-qwen3"])
+
+
+def test_failure_at_the_second_encoder_keeps_previous_results(tmp_path, capsys):
+    """A run that fails part-way (here: layer weights that fit the first encoder, not the second) writes
+    nothing: results.json, results.md and aggregators/ land together, once every encoder is done."""
+    common.save_layer_weights(tmp_path / "w.pt", common.LayerFusion("learned", 4), "tiny-qwen3", 4)
+    stdout, stderr = _cli(tmp_path, capsys, "--encoders", "tiny-qwen3,tiny-t5", "--strategies",
+                          f"frozen:{tmp_path / 'w.pt'}")
+    assert "tiny-qwen3: frozen" in stdout  # the first encoder ran to the end
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer weights are for encoder 'tiny-qwen3'" in lines[0], stderr
+    assert not (tmp_path / "out" / "results.md").exists()
 
 
 # ----------------------------------------------------------------------------- batching
@@ -202,16 +338,17 @@ def test_length_batches_cover_once_within_budget():
     import encoders
     enc = encoders.load_encoder("tiny-qwen3")
     texts = [("red circle " * (i % 7 + 1)).strip() for i in range(24)]
-    batches = probe.length_batches(enc, texts, token_budget=40)
+    batches = common.length_batches(enc, texts, token_budget=40)
     assert sorted(i for b in batches for i in b) == list(range(24))
     lengths = [len(enc.tokenizer(t)["input_ids"]) for t in texts]
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
     # embeddings do not depend on which batch a text lands in
-    args = probe.parse_args(["--out-dim", "8", "--feature-dtype", "fp32"])
+    args = probe.get_parser().parse_args(["--out-dim", "8"])
+    args.feature_dtype = torch.float32
     fusions = probe.make_fusions(["norm-avg"], enc)
     torch.manual_seed(0)
-    aggs = {"norm-avg": encoders.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
+    aggs = {"norm-avg": common.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
     args.token_budget = 40
     a = probe.embed_texts(enc, fusions, aggs, texts, args, "cpu")["norm-avg"]
     args.token_budget = 4000
@@ -248,9 +385,11 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
         assert r1["strategies"][s]["overall"] == r2["strategies"][s]["overall"]
         assert r1["strategies"][s]["by_type"] == r2["strategies"][s]["by_type"]
         assert abs(r1["strategies"][s]["loss_first"] - r2["strategies"][s]["loss_first"]) < 1e-4
-        sd1 = torch.load(tmp_path / "one" / "aggregators" / f"tiny-qwen3__{s}.pt")["state_dict"]
-        sd2 = torch.load(tmp_path / "two" / "aggregators" / f"tiny-qwen3__{s}.pt")["state_dict"]
-        init = probe.ContextAggregator(64, 32, 16, 4).state_dict()
+        sd1 = plumbing.load_checkpoint(tmp_path / "one" / "aggregators" / f"tiny-qwen3__{s}.pt",
+                                       probe.AGGREGATOR_KIND)["state_dict"]
+        sd2 = plumbing.load_checkpoint(tmp_path / "two" / "aggregators" / f"tiny-qwen3__{s}.pt",
+                                       probe.AGGREGATOR_KIND)["state_dict"]
+        init = common.ContextAggregator(64, 32, 16, 4).state_dict()
         assert any(not torch.allclose(sd1[k], init[k]) for k in sd1)  # it trained
         for k in sd1:
             torch.testing.assert_close(sd1[k], sd2[k], atol=1e-4, rtol=1e-4, msg=k)
@@ -259,22 +398,32 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
     assert list((tmp_path / "one" / "tb").glob("tiny-qwen3/events.*"))
 
 
+def test_frozen_strategy_takes_the_layer_weights_flag(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"")
+    args = probe.get_parser().parse_args(["--strategies", "norm-avg,frozen", "--layer-weights", str(tmp_path / "w.pt")])
+    probe.check_strategies(args)
+    assert args.strategies == ["norm-avg", f"frozen:{tmp_path / 'w.pt'}"]
+    with pytest.raises(DataError, match="needs --layer-weights"):
+        probe.check_strategies(probe.get_parser().parse_args(["--strategies", "frozen"]))
+    with pytest.raises(DataError, match="--layer-weights is for the strategy frozen"):
+        probe.check_strategies(probe.get_parser().parse_args(["--layer-weights", str(tmp_path / "w.pt")]))
+
+
 def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     """--steps 0 = one epoch, features streamed batch by batch; frozen:PATH reads 04's layer weights."""
-    import encoders
     bench, pairs = write(tmp_path, n_bench=6, n_pairs=16)
-    fusion = encoders.LayerFusion("learned", 4)
-    encoders.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
+    fusion = common.LayerFusion("learned", 4)
+    common.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
     args = ["--encoders", "tiny-qwen3", "--strategies", f"norm-avg,frozen:{tmp_path / 'w.pt'}", "--steps", "0",
             "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32",
             "--feature-dtype", "fp32", "--benchmark", str(bench), "--caption-pairs", str(pairs),
-            "--out", str(tmp_path / "out"), "--threads", "1"]
+            "--out", str(tmp_path / "out"), "--threads", "1", "--overwrite"]
     r = probe.main(args)["encoders"]["tiny-qwen3"]["strategies"]
     frozen = f"frozen:{tmp_path / 'w.pt'}"
     assert len(r["norm-avg"]) and r["norm-avg"]["n"] == 18
     # uniform frozen weights == norm-avg: same features, same seed, same batches -> same result
     assert r[frozen]["overall"] == r["norm-avg"]["overall"]
     assert abs(r[frozen]["loss_last"] - r["norm-avg"]["loss_last"]) < 1e-4
-    encoders.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
+    common.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
     with pytest.raises(DataError, match="layer weights are for encoder 'minilm'"):
         probe.main(args)

@@ -4,26 +4,27 @@
 # learned throughout 75.94, two-step 77.01):
 #   norm-avg    fixed Norm-Avg                                  (05 --fusion norm-avg)
 #   continuous  softmax weights learned for every step          (04 --continuous)
-#   two-step    learned with the DiT, frozen, training goes on  (04, then 05 --fusion frozen --init-from)
-# Then 06 --eval scores each run's prompt fidelity and the table goes to $OUT/table.md.
+#   two-step    learned with the DiT, frozen, training goes on  (04, then 05 --init-from)
+# Every arm gets the same DiT shape, batches and optimiser ($SAME), so only the fusion differs.
+# Then 06 --eval scores each run's prompt fidelity and the table goes to $ABLATION_OUT/table.md.
 #
-#   bash ablation_layer_weights.sh                            # CPU, STEPS=1500: about an hour on 2 cores
-#   STEPS=6000 EXTRA="--device cuda" bash ablation_layer_weights.sh
+#   bash experiments/ablation_layer_weights.sh                # CPU, STEPS=1500: about an hour on 2 cores
+#   STEPS=6000 EXTRA="--device cuda" bash experiments/ablation_layer_weights.sh
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-1500}
 ENC=${ENCODER:-runs/stage1/model}
 OUT=${ABLATION_OUT:-runs/ablation}  # not $OUT: some schedulers set that
 EXTRA=${EXTRA:-}
 EVAL=${EVAL:-}
+SAME="--hidden 128 --depth 6 --heads 4 --image-batch 32 --video-batch 8 --lr 5e-4 --warmup 100 --decay constant"
 
-$PY 05_train_diffusion.py --encoder "$ENC" --fusion norm-avg --steps "$STEPS" --out "$OUT/norm-avg" $EXTRA
-$PY 04_train_layer_weights.py --encoder "$ENC" --continuous --steps "$STEPS" --out "$OUT/continuous" $EXTRA
-$PY 04_train_layer_weights.py --encoder "$ENC" --steps "$STEPS" --out "$OUT/two-step-joint" $EXTRA
-REMAIN=$($PY -c "import json; s = json.load(open('$OUT/two-step-joint/summary.json')); print(s['planned_steps'] - s['frozen_at'])")
-$PY 05_train_diffusion.py --encoder "$ENC" --fusion frozen --layer-weights "$OUT/two-step-joint/layer_weights.pt" \
-    --init-from "$OUT/two-step-joint/dit.pt" --steps "$REMAIN" --out "$OUT/two-step" $EXTRA
+# --resume everywhere: a rerun after a kill continues each arm where it stopped and skips finished ones.
+$PY 05_train_diffusion.py --encoder "$ENC" --fusion norm-avg --steps "$STEPS" --out "$OUT/norm-avg" $SAME --resume $EXTRA
+$PY 04_train_layer_weights.py --encoder "$ENC" --continuous --steps "$STEPS" --out "$OUT/continuous" $SAME --resume $EXTRA
+$PY 04_train_layer_weights.py --encoder "$ENC" --steps "$STEPS" --out "$OUT/two-step-joint" $SAME --resume $EXTRA
+$PY 05_train_diffusion.py --init-from "$OUT/two-step-joint" --out "$OUT/two-step" --resume $EXTRA
 
 for arm in norm-avg continuous two-step; do
   $PY 06_sample.py --eval --ckpt "$OUT/$arm" --out "$OUT/$arm/samples" $EVAL

@@ -4,20 +4,21 @@ Training throughput is reported as samples/s per kind and for the 7:3 mix, and a
 (FLOPs counted by torch's FlopCounterMode on one forward+backward) over the FLOP/s of a 1024x1024
 fp32 matmul measured in the same run, the machine's practical peak for this kind of work.
 
-    python bench_diffusion.py                    # default size (05's defaults), CPU
-    python bench_diffusion.py --threads 1        # on a busy machine
-    python bench_diffusion.py --device cuda --dtype bf16
+    python bench/bench_diffusion.py                    # 05's default DiT and batches, CPU
+    python bench/bench_diffusion.py --threads 1        # on a busy machine
+    python bench/bench_diffusion.py --device cuda --dtype bf16
+    python bench/bench_diffusion.py --hidden 128 --depth 6 --heads 4 --image-batch 32 --video-batch 8   # 04's
 """
-import argparse
-import importlib
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-from dit import DiT, RectifiedFlow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plumbing  # noqa: E402
+from common import DiT, RectifiedFlow  # noqa: E402
 
 
 def timeit(fn, iters, warmup=2, sync=lambda: None):
@@ -35,7 +36,11 @@ def timeit(fn, iters, warmup=2, sync=lambda: None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = plumbing.ArgumentParser(__doc__)
+    # 05's defaults
+    for flag, default in (("hidden", 192), ("depth", 3), ("heads", 6), ("patch", 4), ("tpatch", 2), ("size", 32),
+                          ("frames", 8), ("image-batch", 8), ("video-batch", 2)):
+        p.add_argument(f"--{flag}", type=plumbing.positive_int, default=default)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0)
@@ -45,12 +50,11 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--out", default="runs/bench/diffusion.json")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    d = common.pick_device(args.device)
-    dtype = common.pick_dtype(d, args.dtype)
+    plumbing.set_threads(args.threads)
+    d = plumbing.pick_device(args.device)
+    dtype = plumbing.pick_dtype(d, args.dtype)
     sync = torch.cuda.synchronize if d.type == "cuda" else (lambda: None)
-    t2x = importlib.import_module("05_train_diffusion").get_parser().parse_args([])
+    t2x = args
     torch.manual_seed(0)
 
     # ---- matmul peak ----
@@ -71,14 +75,14 @@ def main(argv=None):
         mask = torch.ones(B, args.text_len, dtype=torch.bool, device=d)
 
         def step():
-            with common.autocast(d, dtype):
-                loss = rf.loss(model, x, (feats, mask)).mean()
+            with plumbing.autocast(d, dtype):
+                loss = rf.loss(model, x, (feats, mask), rf.draw_t(B).to(d), torch.randn_like(x)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with FlopCounterMode(display=False) as fc:
-            with common.autocast(d, dtype):
-                rf.loss(model, x, (feats, mask)).mean().backward()
+            with plumbing.autocast(d, dtype):
+                rf.loss(model, x, (feats, mask), rf.draw_t(B).to(d), torch.randn_like(x)).mean().backward()
         flops = fc.get_total_flops()
         sec = timeit(step, args.iters, sync=sync)
         tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
@@ -99,7 +103,7 @@ def main(argv=None):
             null = (torch.randn(1, 2, args.text_dim, device=d), torch.ones(1, 2, dtype=torch.bool, device=d))
 
             def sample():
-                with torch.no_grad(), common.autocast(d, dtype):
+                with torch.no_grad(), plumbing.autocast(d, dtype):
                     rf.sample(model, z, cond, null, steps=args.sample_steps, cfg=cfg)
             sec = timeit(sample, 2, warmup=1, sync=sync)
             result["sample"][f"{kind}, batch {n}"] = {"s_per_batch": sec, "s_per_sample": sec / n}
@@ -117,9 +121,9 @@ def main(argv=None):
     lines += [f"| {k} | {v['s_per_batch']:.2f} | {v['s_per_sample']:.3f} |" for k, v in result["sample"].items()]
     print("\n".join(lines))
     result["table"] = "\n".join(lines)
-    common.atomic_write_json(Path(args.out), result)
+    plumbing.atomic_write_json(Path(args.out), result)
     print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

@@ -3,33 +3,32 @@
 A Qwen3-VL config with Qwen3-VL-8B's widths (text 4096 wide, 32 heads / 8 KV heads of 128,
 MLP 12288, vocab 151,936; vision 1152 wide, patch 16, merge 2, out 4096) but only 2 text layers
 and 2 vision blocks, random weights, a synthetic batch of images + text. It runs a few AdamW steps
-through 03's own pieces (freezing, wrapping, lr schedule, assistant-token loss) in bf16 autocast
-with fp32 master weights, and prints tokens/s, step time and peak GPU memory. Where there is no
-CUDA it says so and exits 0.
+through the pieces 03 uses (encoders' freezing and DDP/FSDP2 wrapping, plumbing's lr schedule, a loss
+on the answer tokens only) in bf16 autocast with fp32 master weights, and prints tokens/s, step time
+and peak GPU memory. Where there is no CUDA it says so and exits 0.
 
-    python gpu_smoke_qwen3vl.py                           # single GPU (plain)
-    torchrun --nproc_per_node=1 gpu_smoke_qwen3vl.py      # plain, then FSDP2 (fully_shard per layer)
-    torchrun --nproc_per_node=8 gpu_smoke_qwen3vl.py --mode fsdp --layers 8
+    python bench/gpu_smoke_qwen3vl.py                           # single GPU (plain)
+    torchrun --nproc_per_node=1 bench/gpu_smoke_qwen3vl.py      # plain, then FSDP2 (fully_shard per layer)
+    torchrun --nproc_per_node=8 bench/gpu_smoke_qwen3vl.py --mode fsdp --layers 8
 
 It also prints what a full 36-layer fine-tune needs for weights, gradients and AdamW state (FSDP
 divides that by the number of GPUs; activations do not shrink).
 """
-import argparse
 import gc
-import importlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import autocast, init_distributed, log  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: shared modules
+import encoders  # noqa: E402
+import plumbing  # noqa: E402
+from plumbing import autocast, init_distributed, log  # noqa: E402
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 
@@ -70,7 +69,7 @@ def synthetic_batch(batch, seq_len, image_side, device, gen):
                                              pixel_values=pixels, image_grid_thw=thw).items()}, labels.to(device)
 
 
-def run(mode, args, d, ft):
+def run(mode, args, d):
     """Build, wrap, and time a few optimiser steps; returns a dict of numbers."""
     from transformers import Qwen3VLForConditionalGeneration
     cuda = d.device.type == "cuda"
@@ -82,18 +81,18 @@ def run(mode, args, d, ft):
     with torch.device(d.device):
         model = Qwen3VLForConditionalGeneration(config)
     model.config.use_cache = False
-    ft.set_trainable(model, freeze_vision=True)
+    encoders.set_trainable(model, freeze_vision=True)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = ft.wrap_model(model, SimpleNamespace(fsdp=mode == "fsdp"), d, torch.bfloat16)
+    model = encoders.wrap_model(model, d, torch.bfloat16, fsdp=mode == "fsdp")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=cuda and mode == "plain")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: ft.lr_factor(s, 2, args.steps, "cosine"))
+    sched = plumbing.lr_scheduler(opt, args.steps, 2, "cosine", floor=0.1)  # 03's schedule
     gen = torch.Generator().manual_seed(d.rank)
-    batch, labels = synthetic_batch(args.batch, args.seq_len, args.image_side, d.device, gen)
+    batch, labels = synthetic_batch(args.batch_size, args.seq_len, args.image_side, d.device, gen)
     times, losses = [], []
     for step in range(args.steps):
         sync(cuda)
@@ -111,7 +110,7 @@ def run(mode, args, d, ft):
         losses.append(loss.item())
     timed = times[args.warmup_steps:] or times
     step_s = sum(timed) / len(timed)
-    tokens = args.batch * args.seq_len * d.world_size
+    tokens = args.batch_size * args.seq_len * d.world_size
     out = {"mode": mode, "world": d.world_size, "params_M": n_params / 1e6, "trainable_M": n_train / 1e6,
            "layer_M": n_layer / 1e6,
            "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -124,25 +123,31 @@ def run(mode, args, d, ft):
 
 
 def sync(cuda):
+    """Wait for the GPU, so the wall clock times the step and not its launch."""
     if cuda:
         torch.cuda.synchronize()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def get_parser():
+    p = plumbing.ArgumentParser(__doc__)
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
     p.add_argument("--mode", choices=["auto", "plain", "fsdp", "both"], default="auto",
                    help="auto: plain alone, or plain then FSDP under torchrun")
-    p.add_argument("--layers", type=int, default=2, help="text decoder layers (Qwen3-VL-8B has 36)")
-    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (Qwen3-VL-8B has 27)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per GPU")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--image-side", type=int, default=448, help="pixels per side of each synthetic image")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing")
+    p.add_argument("--layers", type=pos, default=2, help="text decoder layers (Qwen3-VL-8B has 36)")
+    p.add_argument("--vision-depth", type=pos, default=2, help="vision blocks (Qwen3-VL-8B has 27)")
+    p.add_argument("--batch-size", type=pos, default=4, help="sequences per GPU")
+    p.add_argument("--seq-len", type=pos, default=1024)
+    p.add_argument("--image-side", type=pos, default=448, help="pixels per side of each synthetic image")
+    p.add_argument("--steps", type=pos, default=8)
+    p.add_argument("--warmup-steps", type=nonneg, default=3, help="steps left out of the timing")
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--device", default="cuda", help="cuda; cpu only with --tiny (a check of this script)")
     p.add_argument("--tiny", action="store_true", help="1/32 widths: checks the script itself on a CPU")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("SKIP gpu_smoke_qwen3vl: no CUDA device here (nothing to measure)")
         return None
@@ -151,19 +156,18 @@ def main(argv=None):
     modes = {"auto": ["plain", "fsdp"] if under_torchrun else ["plain"], "both": ["plain", "fsdp"]}.get(args.mode, [args.mode])
     if "fsdp" in modes and not dist.is_initialized():
         if not under_torchrun:
-            raise SystemExit("--mode fsdp needs torchrun (torchrun --nproc_per_node=N gpu_smoke_qwen3vl.py)")
+            raise plumbing.DataError("--mode fsdp needs torchrun (torchrun --nproc_per_node=N bench/gpu_smoke_qwen3vl.py)")
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")  # FSDP needs a process group even on one GPU
     if d.world_size > 1 and "plain" in modes:
         modes.remove("plain")  # several ranks: plain would be DDP, which an 8B model does not fit; FSDP is the point
         modes = modes or ["fsdp"]
-    ft = importlib.import_module("03_finetune_qwen3vl")
     name = torch.cuda.get_device_name() if d.device.type == "cuda" else "CPU"
     log(f"{name} x{d.world_size}, torch {torch.__version__}; Qwen3-VL-8B widths, "
-        f"{args.layers} text layers, {args.vision_depth} vision blocks, batch {args.batch}x{args.seq_len} tokens "
+        f"{args.layers} text layers, {args.vision_depth} vision blocks, batch {args.batch_size}x{args.seq_len} tokens "
         f"({(args.image_side // 32) ** 2} image tokens each), bf16 autocast, fp32 AdamW, grad ckpt {args.grad_ckpt}")
     results = []
     for mode in modes:
-        r = run(mode, args, d, ft)
+        r = run(mode, args, d)
         results.append(r)
         log(f"[{mode}] params {r['params_M']:.0f}M ({r['trainable_M']:.0f}M trainable)  step {r['step_s'] * 1000:.0f} ms  "
             f"{r['tokens_per_s']:,.0f} tokens/s  peak memory {r['peak_mem_GiB']:.2f} GiB/GPU  "
@@ -179,4 +183,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)
