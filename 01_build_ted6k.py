@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import plumbing
-from common import KINDS, read_ted, valid_option
+from common import KINDS, check_caption, read_ted, valid_option
 from plumbing import DataError, log
 from world import claims, scenes
 
@@ -367,12 +367,7 @@ def read_captions(path):
     for i, r in enumerate(plumbing.read_jsonl(path, required=("caption",)), 1):
         where = f"{path}: record {i}"
         kind = r.get("caption_type", r.get("kind"))
-        if kind not in KINDS:
-            raise DataError(f"{where}: caption_type {kind!r} is not 'image' or 'video'")
-        if not isinstance(r["caption"], str):
-            raise DataError(f"{where}: caption must be a string, got {type(r['caption']).__name__}")
-        if not r["caption"].strip():
-            raise DataError(f"{where}: empty caption")
+        check_caption(r["caption"], kind, where)
         key = r.get("key", f"{kind}_{n[kind]}")
         if not isinstance(key, str) or not key:
             raise DataError(f"{where}: key must be a non-empty string, got {key!r}")

@@ -183,12 +183,8 @@ def train(run, watch, args, out, d, replaces=()):
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    given = plumbing.given_flags(parser, argv)
-    plumbing.set_threads(args.threads)
-    d = plumbing.init_distributed(args.device)
-    plumbing.seed_everything(args.seed)
+    args, given = plumbing.parse_flags(get_parser(), argv)
+    d = plumbing.setup(args)
     out = Path(args.out)
     replaces = common.claim_run_dir(out, args)
     path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND) if args.resume else (None, None)

@@ -541,6 +541,23 @@ def valid_option(opt):
         and opt["statement"].strip() != ""
 
 
+def require_keys(rec, keys, where):
+    """Refuse a record that lacks one of `keys`, naming it."""
+    for k in keys:
+        if k not in rec:
+            raise DataError(f"{where}: missing key {k!r}")
+
+
+def check_caption(caption, kind, where):
+    """Refuse a caption that is not a non-empty string, or a caption type other than image / video."""
+    if not isinstance(caption, str):
+        raise DataError(f"{where}: caption must be a string, got {type(caption).__name__}")
+    if not caption.strip():
+        raise DataError(f"{where}: empty caption")
+    if kind not in KINDS:
+        raise DataError(f"{where}: caption_type {kind!r} is not 'image' or 'video'")
+
+
 def _ted_option(opt, where):
     """The statement of a usable option, None for one the file marks unusable; a malformed one is refused."""
     if opt is None:
@@ -554,21 +571,18 @@ def _ted_option(opt, where):
 
 
 def _ted_statement(info, where):
-    """(positive, [negatives]) of one statement type, or None when its positive is unusable."""
+    """(positive, [negatives]) of one statement type, or None when its positive or every negative is
+    unusable (the public file marks failed generations; a lone positive would always win)."""
     if not isinstance(info, dict):
         raise DataError(f"{where}: expected an object, got {type(info).__name__}")
-    for k in ("question", "correct_statement", "incorrect_statements"):
-        if k not in info:
-            raise DataError(f"{where}: missing key {k!r}")
+    require_keys(info, ("question", "correct_statement", "incorrect_statements"), where)
     if not isinstance(info["incorrect_statements"], list):
         raise DataError(f"{where}: 'incorrect_statements' must be a list")
     pos = _ted_option(info["correct_statement"], f"{where}: correct_statement")
     negs = [_ted_option(o, f"{where}: incorrect_statements[{i}]") for i, o in enumerate(info["incorrect_statements"])]
     negs = [n for n in negs if n is not None]
-    if pos is None:
+    if pos is None or not negs:
         return None
-    if not negs:
-        raise DataError(f"{where}: fewer than two valid options (the positive and no valid negative)")
     if any(n.strip() == pos.strip() for n in negs):  # it would tie the positive, and a tie is not a win
         raise DataError(f"{where}: a negative is identical to the positive {pos!r}")
     return pos, negs
@@ -582,20 +596,13 @@ def normalise_ted(data, path):
     or with a negative identical to it, and a file with nothing left to score."""
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
-    out = {}
+    out, dropped = {}, 0
     for key, rec in data.items():
         where = f"{path}: record {key!r}"
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-        for k in ("caption", "caption_type", "statements"):
-            if k not in rec:
-                raise DataError(f"{where}: missing key {k!r}")
-        if not isinstance(rec["caption"], str):
-            raise DataError(f"{where}: caption must be a string, got {type(rec['caption']).__name__}")
-        if not rec["caption"].strip():
-            raise DataError(f"{where}: empty caption")
-        if rec["caption_type"] not in KINDS:
-            raise DataError(f"{where}: caption_type {rec['caption_type']!r} is not 'image' or 'video'")
+        require_keys(rec, ("caption", "caption_type", "statements"), where)
+        check_caption(rec["caption"], rec["caption_type"], where)
         if not isinstance(rec["statements"], dict):
             raise DataError(f"{where}: 'statements' must be an object keyed by statement type")
         statements = {}
@@ -603,6 +610,8 @@ def normalise_ted(data, path):
             if stype not in TED_TYPES:
                 raise DataError(f"{where}: unknown statement type {stype!r} (known: {list(TED_TYPES)})")
             options = _ted_statement(info, f"{where}, type {stype!r}")
+            real_positive = isinstance(info.get("correct_statement"), dict) and valid_option(info["correct_statement"])
+            dropped += options is None and real_positive
             if options is not None:
                 statements[stype] = {"question": info["question"],
                                      "correct_statement": {"statement": options[0], "status": "success"},
@@ -611,6 +620,8 @@ def normalise_ted(data, path):
         out[key] = {"caption": rec["caption"], "caption_type": rec["caption_type"], "statements": statements}
     if not any(rec["statements"] for rec in out.values()):
         raise DataError(f"{path}: no scorable statement (each needs a successful positive and negative)")
+    if dropped:
+        log(f"warning: {path}: {dropped} statement(s) with a positive but no usable negative left out")
     return out
 
 

@@ -78,6 +78,11 @@ fraction = bounded(float, 0.0, 1.0, what="a number in [0, 1]")
 _NOT_GIVEN = object()
 
 
+def parse_flags(parser, argv=None):
+    """(args, the dests of the flags the user typed): a continued run fills in the rest from its checkpoint."""
+    return parser.parse_args(argv), given_flags(parser, argv)
+
+
 def given_flags(parser, argv=None):
     """The dests of the options the user typed, so that a checkpoint's settings can fill in the rest."""
     dests = {a.dest for a in parser._actions if a.dest != "help"}
@@ -159,6 +164,14 @@ def init_distributed(device=None):
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, local_rank, world_size, device)
+
+
+def setup(args):
+    """What a training script does first: --threads, torchrun's process group (Dist), --seed."""
+    set_threads(args.threads)
+    d = init_distributed(args.device)
+    seed_everything(args.seed)
+    return d
 
 
 def cleanup_distributed():

@@ -190,9 +190,6 @@ BAD = {
     "unknown type": (_rename_type, "record 'image_0': unknown statement type 'Colour'"),
     "caption type": (_set(["video_0", "caption_type"], "audio"), "record 'video_0': caption_type 'audio'"),
     "empty caption": (_set(["image_0", "caption"], "  "), "record 'image_0': empty caption"),
-    "too few options": (_set(["video_0", "statements", "Action Recognition", "incorrect_statements"],
-                             [{"statement": None, "status": "success"}, {"statement": "x", "status": "failed"}]),
-                        "record 'video_0', type 'Action Recognition': fewer than two valid options"),
     "missing question": (_set(["video_0", "statements", "Action Recognition", "question"], KeyError),
                          "missing key 'question'"),
 }

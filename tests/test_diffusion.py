@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import common
 import plumbing
 from plumbing import DataError
+from tests.cli import assert_one_line, cli_error, script_error
 from tests.diffusion_stubs import TINY, StubEncoder, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,17 +236,19 @@ BAD_05 = [  # (extra flags, data-file edit, what the one line must say)
 
 
 @pytest.mark.parametrize("extra,edit,message", BAD_05, ids=[m[:24] for *_, m in BAD_05])
-def test_05_bad_input_is_one_line(tmp_path, world, extra, edit, message):
+def test_05_bad_input_is_one_line(tmp_path, world, extra, edit, message, capsys):
     data = tmp_path / "t2x.jsonl"
     data.write_text(edit(Path(world).read_text()) if edit else Path(world).read_text())
     (tmp_path / "media").symlink_to(Path(world).parent / "media")
-    r = subprocess.run([sys.executable, str(ROOT / "05_train_diffusion.py"), *flags(tmp_path, data, "--steps", "2"),
-                        *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
     if message == "SKIP":  # one missing file of 36 is skipped with a warning (the 1% rule allows none here)
         message = "1 of 36 media unreadable"
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert_one_line(*cli_error(t2x.main, flags(tmp_path, data, "--steps", "2", *extra), capsys), message)
     assert not (tmp_path / "out/checkpoints").exists()
+
+
+def test_05_bad_flag_from_the_real_command_line(tmp_path, world):
+    assert_one_line(*script_error("05_train_diffusion.py", flags(tmp_path, world, "--interleave", "0:0")),
+                    "--interleave '0:0'")
 
 
 #################################################################################
@@ -328,8 +331,10 @@ BAD_06 = [(["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size")
 
 
 @pytest.mark.parametrize("extra,message", BAD_06, ids=[m for _, m in BAD_06])
-def test_06_bad_input_is_one_line(tmp_path, extra, message):
-    r = subprocess.run([sys.executable, str(ROOT / "06_sample.py"), "--out", str(tmp_path / "s"), *extra],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+def test_06_bad_input_is_one_line(tmp_path, extra, message, capsys):
+    assert_one_line(*cli_error(sample.main, ["--out", str(tmp_path / "s"), *extra], capsys), message)
+
+
+def test_06_bad_input_from_the_real_command_line(tmp_path):
+    assert_one_line(*script_error("06_sample.py", ["--out", str(tmp_path / "s"), "--ckpt", "nowhere"]),
+                    "nowhere: no such file")
