@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import encoders
 import plumbing
-from common import check_same_run, file_digest, read_vqa_media, read_vqa_records, scan_vqa_media
+from common import check_same_run, read_vqa_media, read_vqa_records, scan_vqa_media
 from plumbing import DataError, autocast, log
 
 IGNORE = -100
@@ -306,8 +306,8 @@ def run_signature(args):
         if path is not None and not Path(path).is_file():
             raise DataError(f"{flag} {path}: no such file")
     run = {k: getattr(args, k) for k in RUN_KEYS}
-    run.update(data=str(args.data), data_sha256=file_digest(args.data),
-               captions_sha256=file_digest(args.captions) if args.captions else None)
+    run.update(data=str(args.data), data_sha256=plumbing.file_digest(args.data),
+               captions_sha256=plumbing.file_digest(args.captions) if args.captions else None)
     return run
 
 

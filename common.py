@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -821,15 +822,6 @@ def read_clip(path, kind, size, frames):
 #                      Text-to-image / text-to-video records                    #
 #################################################################################
 
-def file_digest(path, chunk=1 << 20):
-    """sha256 of a file's bytes (what a resumed run checks its data file against)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_t2x(path, size, frames, max_bad=0.01):
     """Decoded media and captions of a {media, caption, kind} jsonl, per kind. Unreadable media are
     skipped and counted; more than `max_bad` of them stops the run."""
@@ -1027,7 +1019,7 @@ def parse_ratio(text):
 def run_config(args, encoder):
     """The run's settings (RUN_KEYS from `args`) plus what the encoder and data file are."""
     config = {k: getattr(args, k) for k in RUN_KEYS}
-    config.update(data=str(args.data), data_sha256=file_digest(args.data), encoder=encoder.name,
+    config.update(data=str(args.data), data_sha256=plumbing.file_digest(args.data), encoder=encoder.name,
                   encoder_id=getattr(encoder, "fingerprint", None), text_dim=encoder.width,
                   num_layers=encoder.num_layers)
     return config
@@ -1237,7 +1229,6 @@ class TrainLog:
         self.bar.update()
 
     def flush(self, run):
-        import time
         now = time.time()
         sps = (run.step - self.s_last) / max(now - self.t_last, 1e-9) if self.t_last else 0.0
         self.t_last, self.s_last = now, run.step

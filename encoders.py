@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import plumbing
 from plumbing import DataError
 
 ROOT = Path(__file__).resolve().parent
@@ -247,15 +248,6 @@ def _package_dir(module):
     return Path(spec.submodule_search_locations[0])
 
 
-def _file_digest(path, chunk=1 << 20):
-    """sha256 of a file (prefix 16): caches keyed by the bytes that made them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _convert_gguf(gguf_file, out):
     """Write a GGUF checkpoint's de-quantized float32 model and its tokenizer as a save_pretrained folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -274,7 +266,7 @@ def _convert_gguf(gguf_file, out):
 def gguf_to_safetensors(gguf_file, cache_dir=DEFAULT_CACHE):
     """Convert a GGUF checkpoint to a save_pretrained folder once (GGUF loads take ~15 s, this <1 s)."""
     gguf_file = Path(gguf_file)
-    final = Path(cache_dir) / "models" / f"{gguf_file.stem}-{_file_digest(gguf_file)}"
+    final = Path(cache_dir) / "models" / f"{gguf_file.stem}-{plumbing.file_digest(gguf_file)[:16]}"
     return cached_dir(final, lambda tmp: _convert_gguf(gguf_file, tmp))
 
 

@@ -5,6 +5,7 @@ the learning-rate schedule and range-checked flag types.
 The method itself (adapter, layer fusion, DiT, data loaders) lives in `common.py`.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -335,6 +336,15 @@ def remove_stale_temps(folder, older_than_s=3600):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         except OSError:
             pass
+
+
+def file_digest(path, chunk=1 << 20):
+    """sha256 of a file's bytes: what a resumed run checks its data against, and what keys a converted cache."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read_text(path):
