@@ -13,7 +13,7 @@ tells whether training the aggregator helped at all.
 When the benchmark is not the one 01 built from the world but the caption pairs are the world's, 02 says
 so before training: the aggregator then learns the world's wording, not the benchmark's.
 
-Single process (built-in data from 01, default zoo: minilm, smollm2, tiny-qwen3vl):
+Single process (built-in data from 01; the default zoo is DEFAULT_ZOO below):
     python 02_probe_encoders.py
 One node, 2 processes (DDP, gloo on CPU / nccl on GPU), same results as one process:
     torchrun --nproc_per_node=2 02_probe_encoders.py
@@ -53,6 +53,10 @@ from encoders import BUILTIN, load_encoder
 from plumbing import DataError, log
 from world import claims
 
+# Table 1 in miniature: three real encoders (encoder-only, LLM, LLM), then the ladder of one tiny
+# Qwen3-VL size: random init -> its text-only twin (LLM) -> the pretrained MLLM base -> + stage 1 (03).
+DEFAULT_ZOO = ("minilm", "smollm2", "gemma3", "tiny-qwen3vl", "tiny-qwen3vl-llm", "tiny-qwen3vl-base",
+               "runs/stage1/model")
 OPTION_SEED = 42  # the public code shuffles each question's options with seed 42
 AGGREGATOR_KIND = "gran-ted/probe-aggregator"  # the tag plumbing.load_checkpoint checks
 
@@ -512,9 +516,9 @@ def comma_list(text):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
-    p.add_argument("--encoders", type=comma_list, default="minilm,smollm2,tiny-qwen3vl",
+    p.add_argument("--encoders", type=comma_list, default=None,
                    help=f"comma list: built-in names ({', '.join(BUILTIN)}), local folders (e.g. runs/stage1/model), "
-                        ".gguf files, hub ids")
+                        f".gguf files, hub ids (default: {','.join(DEFAULT_ZOO)}; the last once 03 has run)")
     p.add_argument("--strategies", type=comma_list, default="last,penultimate,norm-avg",
                    help="comma list of last, penultimate, avg, norm-avg, layer:K, frozen (with --layer-weights), "
                         "frozen:PATH")
@@ -591,6 +595,10 @@ def check_encoder_names(names):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_strategies(args)
+    if args.encoders is None:
+        args.encoders = [n for n in DEFAULT_ZOO if n in BUILTIN or Path(n).is_dir()]
+        for name in sorted(set(DEFAULT_ZOO) - set(args.encoders)):
+            log(f"{name} does not exist yet (03 writes it): the zoo runs without the stage-1 rung")
     check_encoder_names(args.encoders)
     out_dir = Path(args.out)
     if (out_dir / "results.json").exists() and not args.overwrite:

@@ -7,9 +7,10 @@ both go through the real `Qwen3VLProcessor` and `Qwen3VLForConditionalGeneration
 assistant's tokens only (each reply and its <|im_end|>), and rank 0 writes a consolidated
 `save_pretrained` folder (model + processor) that `encoders.load_encoder` (02, 04, 05) loads.
 
-With no `--model` it fine-tunes the tiny Qwen3-VL of `encoders.build_tiny_qwen3vl` (real classes, a few
-layers, the world's byte-level BPE), copied to `runs/stage1/base/` so that 02 can score base against
-fine-tuned, on the world's VQA (`runs/world/vqa.jsonl`, written by 01), and scores held-out questions
+With no `--model` it fine-tunes the tiny pretrained Qwen3-VL `tiny-qwen3vl-base` (real classes, 4 layers
+of 128, the world's byte-level BPE; `encoders.ladder_dir` pretrains it once on generic captioning, as
+Qwen3-VL-8B-Instruct arrives pretrained), copied to `runs/stage1/base/` so that 02 can score base
+against fine-tuned, on the world's targeted VQA (`runs/world/vqa.jsonl`, written by 01), and scores held-out questions
 per perspective against chance (`runs/stage1/vqa_eval.json`, `.md`).
 
     python 03_finetune_qwen3vl.py                                  # CPU, built-in data
@@ -56,9 +57,8 @@ import plumbing
 from common import check_same_run, read_vqa_media, read_vqa_records, scan_vqa_media
 from plumbing import DataError, autocast, log
 
-IGNORE = -100
+IGNORE = encoders.IGNORE
 KIND = "gran-ted/stage1"  # the checkpoint's kind tag
-TINY_MIN_PIXELS = 64 * 64  # the tiny model's default: 2x upsampled 32x32 renders (held-out colour 13% -> 37%)
 # The settings that make the loss curve; a checkpoint carries them and --resume refuses one that differs.
 RUN_KEYS = ("model", "data", "captions", "seed", "lr", "batch_size", "steps", "warmup", "decay", "weight_decay",
             "grad_clip", "freeze_vision", "frames", "max_pixels", "min_pixels", "max_length", "eval_size")
@@ -129,24 +129,6 @@ def to_conversation(rec, upto=None):
     return msgs
 
 
-def assistant_labels(input_ids, header_ids, end_id):
-    """Labels that keep each assistant reply (and its <|im_end|>) and ignore everything else."""
-    labels = torch.full_like(input_ids, IGNORE)
-    h = len(header_ids)
-    for b, row in enumerate(input_ids.tolist()):
-        i, n = 0, len(row)
-        while i + h <= n:
-            if row[i:i + h] == header_ids:
-                j = i + h
-                while j < n and row[j] != end_id:
-                    j += 1
-                labels[b, i + h:min(j + 1, n)] = input_ids[b, i + h:min(j + 1, n)]
-                i = j
-            else:
-                i += 1
-    return labels
-
-
 def pixel_size(default, max_pixels, min_pixels, frames=1):
     """The processor's `size` with the pixel limits per image or per frame (a video scales by its frames)."""
     size = dict(default or {})
@@ -210,7 +192,7 @@ class Collator:
     def __call__(self, recs):
         texts = [self.processor.apply_chat_template(to_conversation(r), tokenize=False) for r in recs]
         batch = self.encode(recs, texts)
-        batch["labels"] = assistant_labels(batch["input_ids"], self.header_ids, self.end_id)
+        batch["labels"] = encoders.assistant_labels(batch["input_ids"], self.header_ids, self.end_id)
         batch["labels"][batch["attention_mask"] == 0] = IGNORE
         if self.max_length and batch["input_ids"].shape[1] > self.max_length:
             batch = self.truncate(batch, recs)
@@ -234,12 +216,13 @@ class Collator:
 #################################################################################
 
 def tiny_base(out_dir, seed, d):
-    """The tiny Qwen3-VL as `out_dir`, copied by rank 0 from encoders' cache (keyed by its recipe and
-    seed); a folder built by another recipe or seed is replaced."""
+    """The pretrained tiny Qwen3-VL (`tiny-qwen3vl-base`) as `out_dir`, copied by rank 0 from encoders'
+    cache (keyed by its recipe and seed; built there in a few CPU-minutes the first time); a folder
+    built by another recipe or seed is replaced."""
     if d.is_main:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        source = encoders.tiny_model_dir("tiny-qwen3vl", seed=seed)
+        source = encoders.ladder_dir("tiny-qwen3vl-base", seed=seed)
         key = {"built_from": source.name, "seed": seed}
         made = out_dir / "built_from.json"
         try:
@@ -251,7 +234,7 @@ def tiny_base(out_dir, seed, d):
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
                 plumbing.atomic_write_json(tmp / made.name, key)
             plumbing.atomic_dir(out_dir, build)
-            log(f"built the tiny Qwen3-VL base model in {out_dir}")
+            log(f"copied the pretrained tiny Qwen3-VL base to {out_dir}")
     d.barrier()
     return out_dir
 
@@ -573,8 +556,6 @@ def train(args):
     if args.batch_size % (args.grad_accum * d.world_size):
         raise DataError(f"--batch-size {args.batch_size} must divide by --grad-accum x processes "
                         f"({args.grad_accum} x {d.world_size})")
-    if args.min_pixels is None and args.model is None:
-        args.min_pixels = TINY_MIN_PIXELS  # the world's 32x32 renders would give the tiny model 4 vision tokens
     folder = RunFolder(out, args, run_signature(args))
     start = start_state(folder, d)
     train_recs, heldout, n_bad = load_data(args, d)
@@ -670,8 +651,8 @@ def get_parser():
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per decoder layer) instead of DDP")
     p.add_argument("--max-pixels", type=pos, default=None, help="max pixels per image / per video frame")
     p.add_argument("--min-pixels", type=pos, default=None,
-                   help="min pixels per image / per video frame (default: the processor's; with no --model "
-                        "64x64, so the world's 32x32 renders give 16 vision tokens instead of 4)")
+                   help="min pixels per image / per video frame (default: the processor's; the tiny model's "
+                        "is 64x64, so the world's 32x32 renders give 16 vision tokens instead of 4)")
     p.add_argument("--frames", type=even_frames, default=8, help="at most this many frames per video (even)")
     p.add_argument("--max-length", type=pos, default=None, help="truncate sequences to this many tokens")
     p.add_argument("--device", default=None)

@@ -2,9 +2,10 @@
 # bash run.sh        install what is missing, then run 01 -> 06 on the built-in data: a fast subset, CPU
 # bash run.sh test   install what is missing, then run the test suite
 #
-# The fast subset (about 25 minutes on 2 CPU cores) runs every stage at its default size except:
-#   02 probes two encoders (MiniLM, then 03's stage-1 model) on 150 of the benchmark's captions with
-#      2 aggregator seeds (default: the whole benchmark, the three-encoder zoo, 3 seeds);
+# The fast subset (about 30 minutes on 2 CPU cores) runs every stage at its default size except:
+#   02 probes MiniLM, then the tiny Qwen3-VL base and 03's fine-tune of it (norm-avg), on 150 of the
+#      benchmark's captions with 2 aggregator seeds (default: the whole benchmark, the seven-encoder
+#      zoo, 3 seeds);
 #   04 plans 600 DiT steps, so the weights freeze at step 400 and 05 trains 400 -> 600
 #      (default: 3,000 planned, frozen at 2,000);
 #   06 scores 16 image and 8 video prompts x 2 seeds (default: 48 and 24 x 4).
@@ -36,7 +37,8 @@ set -x
 $PY 01_build_ted6k.py --overwrite
 $PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150 --seeds 2
 $PY 03_finetune_qwen3vl.py --overwrite
-$PY 02_probe_encoders.py --overwrite --encoders runs/stage1/model --max-captions 150 --seeds 2 --out runs/probe/stage1
+$PY 02_probe_encoders.py --overwrite --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg \
+    --max-captions 150 --seeds 2 --out runs/probe/stage1
 $PY 04_train_layer_weights.py --overwrite --steps 600
 $PY 05_train_diffusion.py --overwrite --init-from runs/layer_weights
 $PY 06_sample.py

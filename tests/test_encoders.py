@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import encoders
-from plumbing import DataError
+from plumbing import DataError, read_json
 import common
 from common import ContextAggregator, LayerFusion, info_nce
 
@@ -51,7 +51,8 @@ def test_tiny_qwen3vl_processes_image_and_video(tmp_path):
         key = "pixel_values" if kind == "image" else "pixel_values_videos"
         assert key in inputs
         pad = proc.image_token_id if kind == "image" else proc.video_token_id
-        assert int((inputs["input_ids"] == pad).sum()) == (4 if kind == "image" else 16)
+        # 32x32 is upsampled to the processor's 64x64 minimum: 8x8 patches of 8, merged 2x2 -> 16 a frame pair
+        assert int((inputs["input_ids"] == pad).sum()) == (16 if kind == "image" else 64)
         with torch.no_grad():
             loss = model(**inputs, labels=inputs["input_ids"]).loss
         assert torch.isfinite(loss) and loss > 0
@@ -62,15 +63,65 @@ def test_tiny_qwen3vl_processes_image_and_video(tmp_path):
         assert torch.equal(v, a[k]), k
 
 
+# ----------------------------------------------------------------------------- the ladder
+
+LADDER_TEST = dict(size=dict(hidden=32), recipe=dict(steps=12, batch_size=4, warmup=2))
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    """Both pretrained rungs at test size, in a cache folder of their own."""
+    cache = tmp_path_factory.mktemp("ladder")
+    return cache, {n: encoders.ladder_dir(n, cache_dir=cache, **LADDER_TEST)
+                   for n in ("tiny-qwen3vl-llm", "tiny-qwen3vl-base")}
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_ladder_rebuilds_identically_and_reads_from_cache(ladder, tmp_path, monkeypatch):
+    cache, rungs = ladder
+    again = encoders.pretrain_tiny_qwen3vl(tmp_path / "again", True, cache_dir=cache, **LADDER_TEST)
+    wa, wb = _weights(rungs["tiny-qwen3vl-base"]), _weights(again)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
+    info = read_json(again / "pretrain.json")
+    assert info["media"] and info["loss_last"] < info["loss_first"] - 0.5  # pretraining learns
+    # (not the recipe functions themselves: their source is the cache key)
+    monkeypatch.setattr(encoders, "load_qwen3vl", lambda *a, **k: pytest.fail("rebuilt a cached rung"))
+    for name, folder in rungs.items():
+        assert encoders.ladder_dir(name, cache_dir=cache, **LADDER_TEST) == folder
+    with pytest.raises(KeyError):
+        encoders.ladder_dir("tiny-qwen3vl", cache_dir=cache, **LADDER_TEST)
+
+
+def test_llm_twin_saw_no_media(ladder, tmp_path):
+    """The twin and the base start from the same random init; the twin's vision tower never ran (its
+    weights are the init's, bit for bit), the base's did; both language models moved."""
+    cache, rungs = ladder
+    llm, base = rungs["tiny-qwen3vl-llm"], rungs["tiny-qwen3vl-base"]
+    init = _weights(encoders.build_tiny_qwen3vl(tmp_path / "init", seed=0, cache_dir=cache, hidden=32))
+    wl, wb = _weights(llm), _weights(base)
+    vision = [k for k in init if k.startswith("model.visual.")]
+    queries = [k for k in init if k.startswith("model.language_model.layers.") and k.endswith("q_proj.weight")]
+    assert vision and queries
+    assert all(torch.equal(wl[k], init[k]) for k in vision)
+    assert not all(torch.equal(wb[k], init[k]) for k in vision)
+    assert not any(torch.equal(w[k], init[k]) for w in (wl, wb) for k in queries)
+    assert not read_json(llm / "pretrain.json")["media"] and read_json(base / "pretrain.json")["media"]
+
+
 # ----------------------------------------------------------------------------- loading
 
 @pytest.mark.parametrize("name,family", [("tiny-t5", "encoder-only"), ("tiny-clip", "encoder-only"),
                                          ("tiny-qwen3", "LLM"), ("tiny-qwen3vl", "MLLM")])
 def test_tiny_encoders_shapes_and_right_padding(name, family):
     enc = encoders.load_encoder(name)
-    assert enc.family == family and enc.num_layers == 4 and enc.width == 64
+    width = encoders.LADDER_SIZE["hidden"] if name == "tiny-qwen3vl" else 64  # the ladder's random rung
+    assert enc.family == family and enc.num_layers == 4 and enc.width == width
     hidden, mask = enc.encode(["a red circle", "a small blue square moves slowly to the left"])
-    assert hidden.shape[:2] == (4, 2) and hidden.shape[-1] == 64 and mask.dtype == torch.bool
+    assert hidden.shape[:2] == (4, 2) and hidden.shape[-1] == width and mask.dtype == torch.bool
     assert mask[:, 0].all() and mask[0].sum() < mask[1].sum() and not mask[0, -1]  # right padding
     # the short text's real tokens do not depend on its batch-mate (padding is masked)
     alone, m1 = enc.encode(["a red circle"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import encoders
 import plumbing
 from common import DataError
 
@@ -562,3 +563,19 @@ def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     common.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
     with pytest.raises(DataError, match="layer weights are for encoder 'minilm'"):
         probe.main(args)
+
+
+def test_default_zoo_runs_without_the_stage1_rung_until_03_has_run(tmp_path, capsys, monkeypatch):
+    """The default zoo names 03's output folder; before 03 has run it is left out with one line, after it
+    is probed like any other encoder."""
+    bench, pairs = write(tmp_path, n_bench=4, n_pairs=16)
+    stage1 = tmp_path / "stage1"
+    monkeypatch.setattr(probe, "DEFAULT_ZOO", ("tiny-qwen3", str(stage1)))
+    argv = ["--strategies", "last", "--steps", "1", "--batch-size", "8", "--seeds", "1", "--width", "32",
+            "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--threads", "1", "--benchmark", str(bench),
+            "--caption-pairs", str(pairs), "--overwrite", "--out", str(tmp_path / "out")]
+    assert list(probe.main(argv)["encoders"]) == ["tiny-qwen3"]
+    assert "does not exist yet" in capsys.readouterr().out
+    encoders.build_tiny_qwen3vl(stage1, seed=0, hidden=32)
+    assert list(probe.main(argv)["encoders"]) == ["tiny-qwen3", str(stage1)]
+    assert "does not exist yet" not in capsys.readouterr().out

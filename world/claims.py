@@ -39,8 +39,9 @@ VIDEO_ONLY_TYPES = ("Action Recognition", "Temporal")
 # and a random aggregator, scored 17-25%, below chance; the 9 types still all apply with two objects.
 BENCH_OBJECT_COUNT_WEIGHTS = {2: 1}                 # objects per benchmark scene
 MAX_FACTS = 3            # facts joined in one statement (more = more binding to get right)
-NEGATIVE_STYLE = "permute"   # "permute": prefer negatives that reuse exactly the positive's words
-#                              (a swap of bindings; invisible to bag-of-words); "any": any minimal edit
+NEGATIVE_STYLE = "permute"   # "permute": negatives that reuse the positive's words (a swap of bindings;
+#                              invisible to bag-of-words), drawn at random from same-word variants of which
+#                              exactly one is true (see make_statement); "any": any minimal edit
 # How many of the 3 negatives substitute a value ABSENT from the scene (a colour no object has, a count
 # no group has, a direction / speed / event no object has, a one-letter misspelling): like the real
 # TED negatives, which bring in a contradicting value, these let lexical encoders earn partial credit.
@@ -194,11 +195,16 @@ def evaluate_claim(claim, scene):
         objs = [_one(r, scene) for r in claim["mentions"]]
         if any(o is None for o in objs) or len({id(o) for o in objs}) != len(objs):
             return False
-        return _coref_pred_holds(claim["pred"], objs[claim["point"]], claim["kind"])
+        return all(_coref_pred_holds(p, objs[claim["point"]], claim["kind"]) for p in _coref_preds(claim))
     if t == "OCR":
         o = _one(claim["ref"], scene)
         return o is not None and o.get("word") == claim["word"]
     raise ValueError(f"unknown claim type {t}")
+
+
+def _coref_preds(claim):
+    """A coreference claim's predicates (older claims hold one, under "pred")."""
+    return claim["preds"] if "preds" in claim else [claim["pred"]]
 
 
 def _coref_pred_text(pred, kind):
@@ -235,7 +241,13 @@ def render_claim(claim):
                 else capital(join_and(items)) + f" in the {noun}.")
     if t == "Spatial Relationship":
         verb = "is" if kind == "image" else "starts out"
-        rels = [f"{REL_PHRASES[rel]} {np_phrase(ref)}" for rel, ref in claim["relations"]]
+        groups = []     # consecutive relations to one object name it once
+        for rel, ref in claim["relations"]:
+            if groups and groups[-1][1] == ref:
+                groups[-1][0].append(rel)
+            else:
+                groups.append([[rel], ref])
+        rels = [f"{' and '.join(REL_PHRASES[r] for r in rs)} {np_phrase(ref)}" for rs, ref in groups]
         return f"{the(claim['subject'])} {verb} {join_and(rels)}."
     if t == "Adverb" and kind == "image":
         parts = [f"{np_phrase(f['a'])} is {f['adv']} {REL_PHRASES[f['rel']]} {np_phrase(f['b'])}"
@@ -262,7 +274,8 @@ def render_claim(claim):
         else:
             pointer = f"the {['first', 'second', 'third', 'fourth'][claim['point']]} of them"
         verb = "There is" if form == 0 else "The " + ("image" if kind == "image" else "video") + " shows"
-        return f"{verb} {join_and(ms)}; {pointer} {_coref_pred_text(claim['pred'], kind)}."
+        preds = " and ".join(_coref_pred_text(p, kind) for p in _coref_preds(claim))
+        return f"{verb} {join_and(ms)}; {pointer} {preds}."
     if t == "OCR":
         return (f'The word "{claim["word"]}" is written on {np_phrase(claim["ref"])}.' if form == 0
                 else f'{the(claim["ref"])} is labelled "{claim["word"]}".')
@@ -273,10 +286,17 @@ def render_claim(claim):
 #                   Statement builders: a positive and minimal edits            #
 #################################################################################
 # Each builder returns (positive claim, same, other, absent) or None when the scene has nothing
-# for that type: `same` re-bind the positive's exact words (swap which object gets which value),
+# for that type: `same` re-bind the positive's words (swap which object gets which value),
 # `other` are other minimal edits with values present in the scene, `absent` substitute a value no
-# object has. `make_statement` keeps those that evaluate false: ABSENT_NEGATIVES substitutions, the
+# object has: a list of edits of the positive, or (binding types) a function claim -> such edits of
+# any claim. `make_statement` keeps those that evaluate false: ABSENT_NEGATIVES substitutions, the
 # rest re-bindings first (NEGATIVE_STYLE="permute").
+#
+# The binding types' `same` is an orbit: every variant of the positive made by independent swaps
+# (which object fills which slot x which value goes with it), all but the positive false. Two swaps
+# are needed: with one (two objects, one relation), every swap flips the truth, so among any three
+# same-word options the true one is the one an odd number of swaps from both others; a scorer blind
+# to binding then finds the positive in the middle of its negatives and below chance (issue 13).
 
 QUESTIONS = {
     "Action Recognition": "What actions do the objects perform?",
@@ -330,6 +350,30 @@ def _absent_directions(scene, with_none):
     return [d for d in DIRECTIONS if d not in have and (with_none or d != "none")]
 
 
+def _absent_refs(ref, scene):
+    """References like `ref` with one word substituted so that they fit no object (a shape, else a colour)."""
+    shapes = [sh for sh in SHAPES if not resolve({"shape": sh}, scene)]
+    out = [dict(ref, shape=sh) for sh in shapes]
+    if not out:   # every shape is there: a colour no object has (added when the reference has none)
+        out = [dict(ref, colour=c) for c in _absent_colours(scene)]
+    return out
+
+
+def _orbit(pos, swaps):
+    """Every claim made from `pos` by one choice per swap (a list of functions claim -> variants
+    including the claim itself), deduplicated, the positive left out."""
+    out, seen = [], {json.dumps(pos, sort_keys=True)}
+    level = [pos]
+    for swap in swaps:
+        level = [v for c in level for v in swap(c)]
+    for c in level:
+        key = json.dumps(c, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def _b_adjective(scene, rng):
     """Adjective: the colours (and sizes) of objects named by shape."""
     objs = [o for o in scene["objects"] if unique_ref(o, scene, ("shape",))]
@@ -361,8 +405,10 @@ def _b_adjective(scene, rng):
         for c in present:
             if c != f["colour"]:
                 other.append({**pos, "facts": [dict(g, colour=c) if j == i else g for j, g in enumerate(facts)]})
-    absent = [{**pos, "facts": [dict(g, colour=c) if j == i else g for j, g in enumerate(facts)]}
-              for i in range(len(facts)) for c in _absent_colours(scene)]
+    def absent(c):
+        """A colour no object has, for one fact of `c`."""
+        return [{**c, "facts": [dict(g, colour=col) if j == i else g for j, g in enumerate(c["facts"])]}
+                for i in range(len(c["facts"])) for col in _absent_colours(scene)]
     return pos, same, other, absent
 
 
@@ -397,42 +443,68 @@ def _b_quantity(scene, rng):
 
 
 def _b_spatial(scene, rng):
-    """Spatial Relationship: where one object is (starts) relative to others."""
+    """Spatial Relationship: where one object is (starts) relative to others.
+
+    Two bindings (see above): a diagonal pair is given both its relations ("to the left of and
+    above"), whose same-word variants swap the subject and turn above into below ("above" and "below"
+    are words no caption uses); without one, the subject is related to two other objects. A level
+    pair alone allows one binding only, so it gets no statement (MAX_FACTS >= 2).
+    """
     objs = scene["objects"]
-    if len(objs) < 2:
-        return None
     refs = [unique_ref(o, scene) for o in objs]
     ids = [i for i, r in enumerate(refs) if r]
     if len(ids) < 2:
         return None
-    # Two relations where there are three objects: more ways to re-bind the same words.
-    chosen = _pick(rng, ids, 1 + min(2, MAX_FACTS, len(ids) - 1))
-    a, others = chosen[0], chosen[1:]
-    rels = []
-    for b in others:
-        options = true_relations(objs[a]["cell"], objs[b]["cell"])
-        rels.append([rng.choice(options), refs[b]])
+    cells = {i: objs[i]["cell"] for i in ids}
+    diagonal = [(a, b) for a in ids for b in ids if a != b and len(true_relations(cells[a], cells[b])) == 2]
+    if MAX_FACTS >= 2 and diagonal:
+        a, b = rng.choice(diagonal)
+        rels = [[r, refs[b]] for r in true_relations(cells[a], cells[b])]
+        rng.shuffle(rels)
+    elif MAX_FACTS >= 2 and len(ids) >= 3:
+        a, *others = _pick(rng, ids, 3)
+        rels = [[rng.choice(true_relations(cells[a], cells[b])), refs[b]] for b in others]
+    elif MAX_FACTS >= 2:
+        return None
+    else:
+        a, b = _pick(rng, ids, 2)
+        rels = [[rng.choice(true_relations(cells[a], cells[b])), refs[b]]]
     pos = _claim("Spatial Relationship", scene["kind"], rng, 1, subject=refs[a], relations=rels)
-    slots = [refs[a]] + [r for _, r in rels]
-    same = []
-    for perm in _perm_variants(slots):
-        same.append({**pos, "subject": perm[0], "relations": [[rel, r] for (rel, _), r in zip(rels, perm[1:])]})
-    if len(rels) > 1:   # swap which relation goes with which object
-        for perm in _perm_variants([rel for rel, _ in rels]):
-            same.append({**pos, "relations": [[rel, r] for rel, (_, r) in zip(perm, rels)]})
+
+    pair = len(rels) > 1 and len({json.dumps(r) for _, r in rels}) == 1     # both relations of a diagonal pair
+
+    def slots(c):
+        """Which object fills which slot (subject, each relation's object)."""
+        if pair:
+            return [c, {**c, "subject": c["relations"][0][1], "relations": [[rel, c["subject"]] for rel, _ in c["relations"]]}]
+        names = [c["subject"]] + [r for _, r in c["relations"]]
+        return [{**c, "subject": p[0], "relations": [[rel, r] for (rel, _), r in zip(c["relations"], p[1:])]}
+                for p in [names] + _perm_variants(names)]
+
+    def words(c):
+        """Which relation goes with which object; for a diagonal pair, above or below."""
+        if pair:
+            flip = {"above": "below", "below": "above"}
+            return [c, {**c, "relations": [[flip.get(rel, rel), r] for rel, r in c["relations"]]}]
+        return [{**c, "relations": [[rel, r] for rel, (_, r) in zip(p, c["relations"])]}
+                for p in [[rel for rel, _ in c["relations"]]] + _perm_variants([rel for rel, _ in c["relations"]])]
+    same = _orbit(pos, [slots, words])
     other = []
     for i in range(len(rels)):
         for new in [INVERSE_REL[rels[i][0]]] + list(REL_PHRASES):
             if new != rels[i][0]:
                 other.append({**pos, "relations": [[new, r] if j == i else [rel, r]
                                                    for j, (rel, r) in enumerate(rels)]})
-        for k in ids:   # the relation to another object
-            if refs[k] not in slots:
-                other.append({**pos, "relations": [[rel, refs[k]] if j == i else [rel, r]
-                                                   for j, (rel, r) in enumerate(rels)]})
-    absent = [{**pos, "relations": [[rel, dict(r, colour=c)] if j == i else [rel, r]
-                                    for j, (rel, r) in enumerate(rels)]}
-              for i in range(len(rels)) for c in _absent_colours(scene)]
+
+    def absent(c):
+        """One of the objects named by a shape (or colour) that no object has."""
+        names = [c["subject"]] + [r for _, r in c["relations"]]
+        out = []
+        for name in {json.dumps(n, sort_keys=True): n for n in names}.values():
+            for new in _absent_refs(name, scene):
+                out.append({**c, "subject": new if c["subject"] == name else c["subject"],
+                            "relations": [[rel, new if r == name else r] for rel, r in c["relations"]]})
+        return out
     return pos, same, other, absent
 
 
@@ -574,81 +646,120 @@ def _b_basic_event_video(scene, rng):
 
 
 def _b_temporal(scene, rng):
-    """Temporal: the order of two or more events."""
+    """Temporal: the order of two or more events.
+
+    Two bindings: which object does which event x which event comes first; events by one object only
+    (one binding) are drawn again.
+    """
     objs = scene["objects"]
     evs = [(f, i, e) for f, i, e in scene_events(scene) if unique_ref(objs[i], scene)]
-    frames = sorted({f for f, _, _ in evs})
-    if len(frames) < 2:
-        return None
     # One event per distinct frame, so the order is strict.
     by_frame = {}
     for f, i, e in evs:
         by_frame.setdefault(f, []).append((i, e))
-    k = min(len(frames), rng.randint(2, max(2, MAX_FACTS)))
-    picked = sorted(rng.sample(frames, k))
-    seq = [rng.choice(by_frame[f]) for f in picked]
-    events = [[unique_ref(objs[i], scene), e] for i, e in seq]
-    pos = _claim("Temporal", "video", rng, 1, events=events)
-    same = [{**pos, "events": perm} for perm in _perm_variants(events)]
-    refs = [r for r, _ in events]
-    for perm in _perm_variants(refs):   # the same verbs in the same order, done by other objects
-        same.append({**pos, "events": [[r, e] for r, (_, e) in zip(perm, events)]})
-    other = []
-    for k2, (r, e) in enumerate(events):
-        for e2 in EVENTS:
-            if e2 != e:
-                other.append({**pos, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(events)]})
-    absent = [{**pos, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(events)]}
-              for k2 in range(len(events)) for e2 in EVENTS if e2 not in {e for _, _, e in evs}]
+    frames = sorted(by_frame)
+    if len(frames) < 2:
+        return None
+
+    def refs_(c):
+        """Which object is named in each slot."""
+        rs = [r for r, _ in c["events"]]
+        return [{**c, "events": [[r, e] for r, (_, e) in zip(p, c["events"])]} for p in [rs] + _perm_variants(rs)]
+
+    def verbs(c):
+        """Which event is in each slot."""
+        es = [e for _, e in c["events"]]
+        return [{**c, "events": [[r, e] for (r, _), e in zip(c["events"], p)]} for p in [es] + _perm_variants(es)]
+    for _ in range(20):
+        k = min(len(frames), rng.randint(2, max(2, MAX_FACTS)))
+        picked = sorted(rng.sample(frames, k))
+        seq = [rng.choice(by_frame[f]) for f in picked]
+        events = [[unique_ref(objs[i], scene), e] for i, e in seq]
+        pos = _claim("Temporal", "video", rng, 1, events=events)
+        same = _orbit(pos, [refs_, verbs])
+        if len({json.dumps(r) for r, _ in events}) > 1 and len({e for _, e in events}) > 1:
+            break
+    else:
+        return None
+    present = {e for _, _, e in evs}
+    other = [{**pos, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(events)]}
+             for k2, (r, e) in enumerate(events) for e2 in EVENTS if e2 != e and e2 in present]
+
+    def absent(c):
+        """One event swapped for one that no object undergoes."""
+        return [{**c, "events": [[rr, e2] if j == k2 else [rr, ee] for j, (rr, ee) in enumerate(c["events"])]}
+                for k2 in range(len(c["events"])) for e2 in EVENTS if e2 not in present]
     return pos, same, other, absent
 
 
+# Predicates whose value, given another object's, changes one word for one the caption also uses.
+SWAPPABLE_PREDS = ("size", "dir", "word")
+
+
 def _b_coreference(scene, rng):
-    """Coreference: 'the former' / 'the latter' pointing at the object a predicate holds for."""
+    """Coreference: 'the former' / 'the latter' pointing at the object two predicates hold for.
+
+    Two bindings: which object is named where x whose value the first predicate has (swapped with
+    another mentioned object's: 'is large' for 'is small'); the second predicate holds for the
+    target only, so that swapping both is still false. With MAX_FACTS = 1, one predicate.
+    """
     objs = scene["objects"]
     kind = scene["kind"]
     refs = [unique_ref(o, scene, ("colour", "shape")) for o in objs]
     ids = [i for i, r in enumerate(refs) if r]
     if len(ids) < 2:
         return None
-    preds_of = []
-    for i in ids:
-        o = objs[i]
+
+    def preds_of(o):
+        """Every predicate the object satisfies."""
         ps = [{"size": o["size"]}, {"cell": o["cell"]}]
         if o.get("word"):
             ps.append({"word": o["word"]})
         if kind == "video":
             ps.append({"dir": o["direction"]})
             ps += [{"event": e} for e in EVENTS if event_frame(o, e) is not None]
-        preds_of.append((i, ps))
-    # A predicate that holds for the target and for as few other mentioned objects as possible.
+        return ps
     for _ in range(20):
         chosen = _pick(rng, ids, rng.randint(2, min(3, MAX_FACTS + 1)))
         target = rng.randrange(len(chosen))
-        pred = rng.choice(dict(preds_of)[chosen[target]])
-        if not any(_coref_pred_holds(pred, objs[j], kind) for j in chosen if j != chosen[target]):
+        t, rest = objs[chosen[target]], [objs[j] for j in chosen if j != chosen[target]]
+        own = [p for p in preds_of(t) if not any(_coref_pred_holds(p, o, kind) for o in rest)]
+        swaps = [(p, q) for p in own if list(p)[0] in SWAPPABLE_PREDS and p.get("dir") != "none"
+                 for o in rest for q in preds_of(o) if list(q) == list(p) and q != p and q.get("dir") != "none"]
+        if MAX_FACTS < 2 and own:
+            preds, swap = [rng.choice(own)], None
             break
+        if swaps:
+            swap = rng.choice(swaps)
+            fixed = [p for p in own if list(p) != list(swap[0])]
+            if fixed:
+                preds = [swap[0], rng.choice(fixed)]
+                rng.shuffle(preds)
+                break
     else:
         return None
     mentions = [refs[j] for j in chosen]
-    pos = _claim("Coreference", kind, rng, 2, mentions=mentions, point=target, pred=pred)
-    same = []
-    for perm in itertools.permutations(range(len(mentions))):
-        for p in range(len(mentions)):
-            cand = {**pos, "mentions": [mentions[q] for q in perm], "point": p}
-            if cand != pos:
-                same.append(cand)
+    pos = _claim("Coreference", kind, rng, 2, mentions=mentions, point=target, preds=preds)
+
+    def order(c):
+        """Which object is named where (the pointer word stays)."""
+        return [{**c, "mentions": p} for p in [c["mentions"]] + _perm_variants(c["mentions"])]
+
+    def value(c):
+        """The first predicate's value, or the other object's."""
+        return [c] + ([{**c, "preds": [swap[1] if p == swap[0] else p for p in c["preds"]]}] if swap else [])
+    same = _orbit(pos, [order, value])
     other = []
-    for j in chosen:
-        for p2 in dict(preds_of)[j]:
-            if list(p2) == list(pred) and p2 != pred:
-                other.append({**pos, "pred": p2})
-    if "size" in pred:
-        other.append({**pos, "pred": {"size": "small" if pred["size"] == "large" else "large"}})
-    if "dir" in pred and pred["dir"] != "none":
-        other.append({**pos, "pred": {"dir": OPPOSITE[pred["dir"]]}})
-    absent = [{**pos, "mentions": [dict(m, colour=c) if j == target else m for j, m in enumerate(mentions)]}
-              for c in _absent_colours(scene)]
+    for i, p in enumerate(preds):
+        for j in chosen:
+            for q in preds_of(objs[j]):
+                if list(q) == list(p) and q != p:
+                    other.append({**pos, "preds": [q if k == i else r for k, r in enumerate(preds)]})
+
+    def absent(c):
+        """One mentioned object named by a shape (or colour) that no object has."""
+        return [{**c, "mentions": [new if k == i else m for k, m in enumerate(c["mentions"])]}
+                for i, m in enumerate(c["mentions"]) for new in _absent_refs(m, scene)]
     return pos, same, other, absent
 
 
@@ -695,6 +806,11 @@ def make_statement(scene, stype, rng, n_negatives=3, caption=None):
     re-bindings / minimal edits. With `caption`, the re-bindings are picked so that the caption's
     words do not systematically favour a negative (that would be a wording artefact, not a hard
     negative): bag-of-words ties first, then lower and higher matches in turn.
+
+    Re-bindings are a random subset of the builder's orbit, and each substitution edits a random one
+    of the options taken so far, not always the positive: then no option's place among the others
+    (which is one swap or edit from which) tells which is true, and a scorer blind to binding is at
+    chance instead of below it.
     """
     built = BUILDERS[stype](scene, rng)
     if built is None:
@@ -702,23 +818,30 @@ def make_statement(scene, stype, rng, n_negatives=3, caption=None):
     pos, same, other, absent = built
     if not evaluate_claim(pos, scene):
         raise AssertionError(f"builder for {stype} made a false positive: {pos}")
+    absent_of = absent if callable(absent) else (lambda c: list(absent) if c is pos else [])
     rng.shuffle(same)
     rng.shuffle(other)
-    rng.shuffle(absent)
     rest = same + other if NEGATIVE_STYLE == "permute" else rng.sample(same + other, len(same + other))
+    lex = None      # caption given: claim -> 0 (ties with the positive on its words), 1 (less), 2 (more)
     if caption is not None:
         # Re-bindings that tie with the positive on the caption's words first, then ones that match
         # them less and more in turn, so that wording favours neither the positive nor a negative;
         # substitutions (absent values) that match less first. Sorting is stable: the shuffled /
         # preferred order is kept within each class.
-        top = bow_cosine(caption, render_claim(pos))
-        lex = lambda c: (lambda d: 0 if abs(d) < 1e-9 else (1 if d < 0 else 2))(
-            bow_cosine(caption, render_claim(c)) - top)
-        absent = sorted(absent, key=lambda c: (1, 0, 2)[lex(c)])
+        top, cache = bow_cosine(caption, render_claim(pos)), {}
+
+        def lex_of(c):
+            """How `c` matches the caption's words against the positive (see `lex`)."""
+            text = render_claim(c)
+            if text not in cache:
+                d = bow_cosine(caption, text) - top
+                cache[text] = 0 if abs(d) < 1e-9 else (1 if d < 0 else 2)
+            return cache[text]
+        lex = lex_of
         lower, higher = [c for c in rest if lex(c) == 1], [c for c in rest if lex(c) == 2]
         mixed = [c for pair in itertools.zip_longest(lower, higher) for c in pair if c is not None]
         rest = [c for c in rest if lex(c) == 0] + mixed
-    n_absent = ABSENT_NEGATIVES if stype in ABSENT_TYPES else ABSENT_NEGATIVES_BINDING
+    n_absent = min(ABSENT_NEGATIVES if stype in ABSENT_TYPES else ABSENT_NEGATIVES_BINDING, n_negatives)
     texts = {render_claim(pos)}
     negatives = []
 
@@ -732,10 +855,21 @@ def make_statement(scene, stype, rng, n_negatives=3, caption=None):
             texts.add(text)
             negatives.append(cand)
 
-    take(absent, min(n_absent, n_negatives))
+    def substitutions(base):
+        """Absent-value edits of `base`, shuffled, those matching the caption less first."""
+        pool = absent_of(base)
+        rng.shuffle(pool)
+        return sorted(pool, key=lambda c: (1, 0, 2)[lex(c)]) if lex else pool
+
+    take(rest, n_negatives - n_absent)
+    bases, goal = [pos] + negatives, len(negatives) + n_absent
+    for _ in range(n_absent):
+        take(substitutions(rng.choice(bases)), len(negatives) + 1)
+    take(substitutions(pos), goal)              # a base with no such edit left: the positive's
     take(rest, n_negatives)
-    take(absent, n_negatives)       # too few re-bindings: more substitutions
+    take(substitutions(pos), n_negatives)       # too few re-bindings: more substitutions
     if len(negatives) == n_negatives:
+        rng.shuffle(negatives)
         return {"question": QUESTIONS[stype], "correct": pos, "incorrect": negatives}
     return None
 

@@ -1,0 +1,230 @@
+"""experiments/sweep_ted_vs_generation.py: the smoke sweep end to end (run, kept, resumed), the analysis
+recomputed from sweep.json, its statistics on tables whose answers are known, and bad flags."""
+import importlib.util
+import json
+import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plumbing import DataError
+from tests.cli import assert_one_line, cli_error, script_error
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "sweep_ted_vs_generation.py"
+_spec = importlib.util.spec_from_file_location("sweep_ted_vs_generation", SCRIPT)
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+A, B, C = (c.name for c in sweep.SMOKE_CONFIGS)
+
+
+def run_sweep(*argv):
+    """stdout of the real script; it must succeed."""
+    r = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def midranks(v):
+    """Ranks with ties at their average, counted directly (not the script's ranks())."""
+    return np.array([(v < e).sum() + ((v == e).sum() + 1) / 2 for e in v])
+
+
+def command_after(stdout, header):
+    """The command the dry run printed under the line starting with `header`."""
+    lines = stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header))
+    assert lines[i + 1].startswith("  $ "), lines[i:i + 2]
+    return shlex.split(lines[i + 1][4:])
+
+
+#################################################################################
+#                    The smoke sweep: run, kill, resume, analyse                #
+#################################################################################
+
+def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_recomputes(tmp_path):
+    out = tmp_path / "sweep"
+    flags = ["--smoke", "--out", str(out), "--threads", "1"]
+    first = run_sweep(*flags, "--only", A)
+    a_dir = out / "configs" / A
+    assert (a_dir / "probe/results.json").is_file() and (a_dir / "eval/eval.json").is_file()
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())["configurations"]] == [A]
+    assert "02 probe" in first and "05 train (from scratch)" in first
+    kept_a = mtimes(a_dir / "probe") | mtimes(a_dir / "dit") | mtimes(a_dir / "eval")
+
+    # The dry run prints what is left and runs nothing; B's DiT is then stopped at step 3 of 6, as a kill would.
+    before = mtimes(out)
+    dry = run_sweep(*flags, "--dry-run")
+    assert mtimes(out) == before
+    assert f"[1/3 {A}] 02 probe: kept" in dry and f"[1/3 {A}] 05 train: kept (step 6)" in dry
+    assert f"[1/3 {A}] 06 eval: kept" in dry
+    stop = command_after(dry, f"[2/3 {B}] 05 train (from scratch)")
+    subprocess.run(stop + ["--stop-at", "3"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    step3 = out / "configs" / B / "dit/checkpoints/step_00000003.pt"
+    assert step3.is_file() and not step3.with_name("step_00000006.pt").exists()
+    step3_mtime = step3.stat().st_mtime_ns
+
+    full = run_sweep(*flags)
+    ran = [line for line in full.splitlines() if line.startswith("  $ ")]
+    assert not any(f"/configs/{A}/" in line for line in ran), ran  # nothing of A redone
+    assert {k: v for k, v in mtimes(a_dir).items() if k in kept_a} == kept_a
+    assert f"[2/3 {B}] 05 train (resumes from step 3)" in full
+    assert step3.stat().st_mtime_ns == step3_mtime and step3.with_name("step_00000006.pt").is_file()
+    assert "continuing" in (out / "configs" / B / "logs/05_train.log").read_text()  # 05 said it resumed at 3
+
+    table = json.loads((out / "sweep.json").read_text())
+    rows = table["configurations"]
+    assert [r["name"] for r in rows] == [A, B, C] and table["pending"] == []
+    for r in rows:
+        assert r["ted"]["seeds"] == 2 and r["ted"]["std"] is not None and r["dit_step"] == 6
+        assert set(r["fidelity"]) == {"image", "video"}
+        assert all(r["seconds"][k] > 0 for k in ("probe", "train", "eval"))
+        aspects = r["fidelity"]["video"]["aspects"]
+        assert r["fidelity"]["video"]["mean"] == pytest.approx(np.mean([v["mean"] for v in aspects.values()]))
+
+    # The analysis on disk is what the table alone gives: r as numpy computes it, the same cost sums.
+    analysis = json.loads((out / "analysis.json").read_text())
+    x = np.array([r["ted"]["overall"] for r in rows])
+    for kind in ("image", "video"):
+        y = np.array([r["fidelity"][kind]["mean"] for r in rows])
+        got = analysis["correlation"][kind]["pearson"]["value"]
+        if np.ptp(y) == 0:
+            assert got is None
+        else:
+            assert got == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+            ranked = np.corrcoef(midranks(x), midranks(y))[0, 1]
+            assert analysis["correlation"][kind]["spearman"]["value"] == pytest.approx(ranked, abs=1e-12)
+    probe = sum(r["seconds"]["probe"] for r in rows)
+    gen = sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in rows)
+    assert analysis["cost"]["ratio"] == pytest.approx(gen / probe)
+    assert (out / "scatter.png").stat().st_size > 1000 and (out / "heatmap.png").stat().st_size > 1000
+    assert "Pearson r" in (out / "analysis.md").read_text()
+
+    # --analyse-only rebuilds the same analysis from sweep.json alone.
+    (out / "analysis.json").unlink()
+    run_sweep("--analyse-only", str(out / "sweep.json"))
+    assert json.loads((out / "analysis.json").read_text()) == analysis
+
+
+#################################################################################
+#                          Statistics with known answers                        #
+#################################################################################
+
+def make_table(xs, ys):
+    """A sweep.json-shaped table: TED overall xs (Quantity = -xs), fidelity mean ys for both kinds."""
+    rows = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        fid = {"aspects": {"colour": {"mean": y, "se": 0.01}}, "mean": y, "se": 0.01, "prompts": 4, "seeds": 2}
+        rows.append({"name": f"c{i}", "encoder": f"e{i}", "strategy": "norm-avg",
+                     "ted": {"overall": x, "std": 0.5, "seeds": 3, "by_type": {"Adjective": x, "Quantity": -x},
+                             "by_type_std": {}, "by_caption_type": {}},
+                     "fidelity": {"image": fid, "video": dict(fid)},
+                     "seconds": {"probe": 1.0, "train": 40.0, "eval": 10.0}})
+    return {"settings": {"steps": 10, "seeds": 3, "eval_images": 4, "eval_videos": 4, "eval_seeds": 2,
+                         "smoke": False}, "configurations": rows}
+
+
+def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
+    xs = [20.0, 25.0, 31.0, 34.0, 40.0, 47.0]
+    a = sweep.analyse(make_table(xs, [0.01 * x + 0.2 for x in xs]), n_boot=2000)
+    for kind in ("image", "video"):
+        c = a["correlation"][kind]
+        assert c["pearson"]["value"] == pytest.approx(1.0) and c["spearman"]["value"] == pytest.approx(1.0)
+        assert c["pearson"]["ci95"] == pytest.approx([1.0, 1.0]) and c["pearson"]["p"] < 0.01
+        # exact over the 6! orderings: xs are unevenly spaced, so only the identity reaches |r| = 1
+        assert c["pearson"]["p_permutation"] == pytest.approx(1 / 720)
+    m = a["matrix"]
+    assert m["r"][m["rows"].index("Quantity")][m["columns"].index("image colour")] == pytest.approx(-1.0)
+    assert a["cost"]["ratio"] == pytest.approx(50.0)
+
+    shuffled = [0.01 * x + 0.2 for x in xs]
+    random.Random(3).shuffle(shuffled)
+    s = sweep.analyse(make_table(xs, shuffled), n_boot=2000)["correlation"]["image"]
+    assert s["pearson"]["value"] < 0.99 and s["spearman"]["value"] < 0.99
+    assert s["pearson"]["value"] == pytest.approx(np.corrcoef(xs, shuffled)[0, 1])
+
+    cubic = sweep.analyse(make_table(xs, [(x - 30) ** 3 for x in xs]), n_boot=200)["correlation"]["image"]
+    assert cubic["spearman"]["value"] == pytest.approx(1.0) and cubic["pearson"]["value"] < 0.99
+
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(make_table(xs, shuffled)))
+    sweep.write_analysis(path, n_boot=200)
+    assert {p.name for p in tmp_path.iterdir()} >= {"analysis.json", "analysis.md", "scatter.png", "heatmap.png"}
+
+
+def test_exact_permutation_p_on_evenly_spaced_points():
+    # identity and reversal are the 2 of 4! orderings with |r| = 1
+    assert sweep.permutation_p([1, 2, 3, 4], [2, 4, 6, 8], "pearson") == pytest.approx(2 / 24)
+    assert sweep.permutation_p([1, 2, 3, 4], [1, 8, 27, 64], "spearman") == pytest.approx(2 / 24)
+
+
+def test_ranks_ties_and_spearman_match_scipy():
+    assert sweep.ranks([3, 1, 2, 2]).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert sweep.pearson([1, 2, 3], [5, 5, 5]) is None
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, 12).astype(float), rng.normal(size=12)
+    assert sweep.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+#################################################################################
+#                                   Bad flags                                   #
+#################################################################################
+
+def test_unknown_configuration_is_one_line_from_the_real_command_line(tmp_path):
+    code, err = script_error("experiments/sweep_ted_vs_generation.py",
+                             ["--smoke", "--only", "nope", "--out", str(tmp_path / "s")])
+    assert_one_line(code, err, "--only: unknown configuration 'nope'")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: 0 is out of range"),
+    (["--only", f"{A},minilm-last"], "unknown configuration 'minilm-last'"),
+    (["--train-args", "--hidden '64"], "--train-args: No closing quotation"),
+    (["--analyse-only", "nowhere/sweep.json"], "no such sweep table"),
+])
+def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
+    assert_one_line(*cli_error(sweep.main, ["--smoke", "--out", str(tmp_path / "s"), *argv], capsys), message)
+
+
+def test_a_rerun_with_another_recipe_is_refused_and_a_dry_run_writes_nothing(tmp_path, capsys):
+    sweep.main(["--smoke", "--out", str(tmp_path / "dry"), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    for stage in ("01_build_ted6k.py", "02_probe_encoders.py", "05_train_diffusion.py", "06_sample.py"):
+        assert stage in printed
+    sweep.check_settings(sweep.parse_args(["--smoke", "--out", str(tmp_path / "s")]))
+    code, err = cli_error(sweep.main, ["--smoke", "--out", str(tmp_path / "s"), "--steps", "7"], capsys)
+    assert_one_line(code, err, "holds a sweep made with --steps 6, not 7")
+    with pytest.raises(DataError, match="03_finetune_qwen3vl.py writes it"):
+        args = sweep.parse_args(["--out", str(tmp_path / "full")])
+        sweep.run_config(args, sweep.Config("x", "runs/no-such-model", "last", needs="03_finetune_qwen3vl.py"), "")
+
+
+def test_a_sweep_killed_during_05_counts_that_attempt_up_to_its_newest_checkpoint(tmp_path, capsys):
+    """All three stages kept on disk (stand-in files); seconds.json still says 05 was running when the sweep died."""
+    import os
+    args = sweep.parse_args(["--smoke", "--out", str(tmp_path)])
+    cfg = sweep.SMOKE_CONFIGS[0]
+    d, probe, dit, ev = sweep.folders(args, cfg)
+    for path, text in [(probe / "results.json", "{}"), (dit / "checkpoints/step_00000006.pt", ""),
+                       (dit / "model.safetensors", ""), (ev / "eval.json", '{"step": 6}'),
+                       (d / "seconds.json", '{"probe": 2.0, "train": 10.0, "train_started": 1000.0}')]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    os.utime(dit / "checkpoints/step_00000006.pt", (1030.0, 1030.0))
+    os.utime(dit / "model.safetensors", (1030.0, 1030.0))
+    assert sweep.run_config(args, cfg, "")
+    assert "$ " not in capsys.readouterr().out  # nothing re-run
+    secs = json.loads((d / "seconds.json").read_text())
+    assert secs == {"probe": 2.0, "train": 40.0, "train_interrupted": 1}
