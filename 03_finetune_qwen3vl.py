@@ -10,8 +10,8 @@ assistant's tokens only (each reply and its <|im_end|>), and rank 0 writes a con
 With no `--model` it fine-tunes the tiny pretrained Qwen3-VL `tiny-qwen3vl-base` (real classes, 4 layers
 of 128, the world's byte-level BPE; `encoders.ladder_dir` pretrains it once on generic captioning, as
 Qwen3-VL-8B-Instruct arrives pretrained), copied to `runs/stage1/base/` so that 02 can score base
-against fine-tuned, on the world's targeted VQA (`runs/world/vqa.jsonl`, written by 01), and scores held-out questions
-per perspective against chance (`runs/stage1/vqa_eval.json`, `.md`).
+against fine-tuned, on the world's targeted VQA (`runs/world/vqa.jsonl`, written by 01), and scores
+held-out questions per perspective against chance (`runs/stage1/vqa_eval.json`, `.md`).
 
     python 03_finetune_qwen3vl.py                                  # CPU, built-in data
     python 03_finetune_qwen3vl.py --resume                         # continue from the last checkpoint

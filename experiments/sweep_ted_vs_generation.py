@@ -389,8 +389,7 @@ def pearson(x, y):
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    xc, yc = x - x.mean(), y - y.mean()
-    return float(xc @ yc / math.sqrt((xc @ xc) * (yc @ yc)))
+    return float(_rows_r(x[None], y[None])[0])
 
 
 def ranks(v):
