@@ -510,8 +510,8 @@ class EMA:
     def update(self, model):
         self.step += 1
         d = min(self.decay, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        # One fused call over all tensors: a per-tensor loop costs more than the arithmetic at this size.
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -1068,7 +1068,8 @@ class DiffusionRun:
         fusion.requires_grad_(self.learned)
         if self.learned:
             groups.append({"params": [fusion.logits], "lr": config["weights_lr"], "weight_decay": 0.0})
-        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop was ~8% of a CPU step.
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
         self.sched = plumbing.lr_scheduler(self.opt, config["steps"], config["warmup"], config["decay"])
         self.per_rank = {}
         for k in KINDS:
@@ -1110,7 +1111,7 @@ class DiffusionRun:
             dist.all_reduce(self.fusion.logits.grad)  # the fusion sits outside DDP so it can freeze mid-run
             self.fusion.logits.grad /= d.world_size
         params = list(self.model.parameters()) + ([self.fusion.logits] if weights_train else [])
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c["grad_clip"]))
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c["grad_clip"], foreach=True))
         self.opt.step()
         self.sched.step()
         self.ema.update(self.model)

@@ -1,8 +1,11 @@
 """Benchmark the default DiT: training throughput and 50-step sampling time (not a test).
 
-Training throughput is reported as samples/s per kind and for the 7:3 mix, and as achieved FLOP/s
-(FLOPs counted by torch's FlopCounterMode on one forward+backward) over the FLOP/s of a 1024x1024
-fp32 matmul measured in the same run, the machine's practical peak for this kind of work.
+Training is timed on 05's own step (common.DiffusionRun.train_step on synthetic media and text
+features: batch gathering, the loss, backward, gradient clipping, AdamW and the EMA update) and
+reported as samples/s per kind and for the 7:3 mix, and as achieved FLOP/s (FLOPs counted by torch's
+FlopCounterMode over one step) over the FLOP/s of a 1024x1024 fp32 matmul measured in the same run,
+the machine's practical peak for this kind of work: always compare fractions from one run, the peak
+itself moves from day to day.
 
     python bench/bench_diffusion.py                    # 05's default DiT and batches, CPU
     python bench/bench_diffusion.py --threads 1        # on a busy machine
@@ -14,11 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plumbing  # noqa: E402
-from common import DiT, RectifiedFlow  # noqa: E402
+import common  # noqa: E402
 
 
 def timeit(fn, iters, warmup=2, sync=lambda: None):
@@ -61,34 +65,36 @@ def main(argv=None):
     a, b = torch.randn(1024, 1024, device=d), torch.randn(1024, 1024, device=d)
     peak = 2 * 1024 ** 3 / timeit(lambda: a @ b, 20, sync=sync)
 
-    # ---- training ----
-    model = DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
-                patch=t2x.patch, tpatch=t2x.tpatch).to(d)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rf = RectifiedFlow()
+    # ---- training: 05's own step (DiffusionRun.train_step: data path, loss, clip, AdamW, EMA) ----
+    config = {"hidden": t2x.hidden, "depth": t2x.depth, "heads": t2x.heads, "patch": t2x.patch, "tpatch": t2x.tpatch,
+              "text_dim": args.text_dim, "image_batch": t2x.image_batch, "video_batch": t2x.video_batch,
+              "interleave": "1:0", "lr": 1e-4, "weights_lr": None, "warmup": 0, "decay": "constant", "steps": 10 ** 6,
+              "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.999, "caption_dropout": 0.1, "seed": 0,
+              "dtype": args.dtype}
+    n = 64  # synthetic records per kind, every caption args.text_len tokens
+    bank = common.FeatureBank(torch.randn(n * args.text_len, args.text_dim),
+                              torch.arange(0, (n + 1) * args.text_len, args.text_len))
+    media = {"image": torch.randint(0, 256, (n, 3, 1, t2x.size, t2x.size), dtype=torch.uint8),
+             "video": torch.randint(0, 256, (n, 3, t2x.frames, t2x.size, t2x.size), dtype=torch.uint8)}
     result = {"device": str(d), "threads": torch.get_num_threads(), "dtype": str(dtype),
-              "params": sum(q.numel() for q in model.parameters()), "config": model.config,
               "matmul_peak_gflops": peak / 1e9, "train": {}, "sample": {}}
-    for kind, B, T in (("image", t2x.image_batch, 1), ("video", t2x.video_batch, t2x.frames)):
-        x = torch.randn(B, 3, T, t2x.size, t2x.size, device=d)
-        feats = torch.randn(B, args.text_len, args.text_dim, device=d)
-        mask = torch.ones(B, args.text_len, dtype=torch.bool, device=d)
-
-        def step():
-            with plumbing.autocast(d, dtype):
-                loss = rf.loss(model, x, (feats, mask), rf.draw_t(B).to(d), torch.randn_like(x)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with FlopCounterMode(display=False) as fc:
-            with plumbing.autocast(d, dtype):
-                rf.loss(model, x, (feats, mask), rf.draw_t(B).to(d), torch.randn_like(x)).mean().backward()
+    dist = plumbing.Dist(device=d)
+    for kind, T in (("image", 1), ("video", t2x.frames)):
+        data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
+        run = common.DiffusionRun(config, data, bank, common.LayerFusion("norm-avg", 1), dist)
+        B = config[f"{kind}_batch"]
+        # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
+        # would count attention as free. Same arithmetic either way; only the count needs the math path.
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            run.train_step()
         flops = fc.get_total_flops()
-        sec = timeit(step, args.iters, sync=sync)
+        sec = timeit(run.train_step, args.iters, sync=sync)
         tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
         result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
                                  "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
                                  "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
+    model, rf = run.model, run.rf
+    result.update(params=sum(q.numel() for q in model.parameters()), config=model.config)
     r = result["train"]
     mix = 0.7 * r["image"]["s_per_step"] + 0.3 * r["video"]["s_per_step"]
     result["train"]["7:3 mix"] = {"s_per_step": mix, "steps_per_s": 1 / mix,

@@ -475,12 +475,17 @@ def analyse(sweep, n_boot=10000, seed=0):
     """Everything the analysis reports, from the table alone."""
     rows = sweep["configurations"]
     out = {"configurations": [r["name"] for r in rows], "bootstrap": {"resamples": n_boot, "seed": seed},
-           "correlation": {}, "matrix": {}, "cost": {}}
+           "correlation": {}, "correlation_zero_shot": {}, "matrix": {}, "cost": {}}
     for kind in KINDS:
         have = [r for r in rows if kind in r["fidelity"]]
         out["correlation"][kind] = correlation([r["ted"]["overall"] for r in have],
                                                [r["fidelity"][kind]["mean"] for r in have], n_boot, seed)
         out["correlation"][kind]["configurations"] = [r["name"] for r in have]
+        # The same with 02's zero-shot reference (mean-pooled features, no aggregator): does the trained
+        # probe add predictive power over the encoder's raw similarity?
+        zs = [r for r in have if r["ted"].get("zero_shot") is not None]
+        out["correlation_zero_shot"][kind] = correlation([r["ted"]["zero_shot"] for r in zs],
+                                                         [r["fidelity"][kind]["mean"] for r in zs], n_boot, seed)
     types = sorted({t for r in rows for t in r["ted"]["by_type"]})
     columns = [(k, a) for k in KINDS for a in ASPECTS if any(a in r["fidelity"].get(k, {}).get("aspects", {})
                                                              for r in rows)]
@@ -528,15 +533,18 @@ def markdown(sweep, a):
                      f"{(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
     lines += ["", "## TED overall vs fidelity (mean over aspects)", "",
               "| kind | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |", "|---|---|---|---|---|---|"]
-    for kind in KINDS:
-        c = a["correlation"][kind]
-        cells = []
-        for name in ("pearson", "spearman"):
-            v = c[name]
-            ci = f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v["ci95"] else ""
-            cells += [f"{_fmt(v['value'], 2)}{ci}", "-" if v["p"] is None else f"{v['p']:.2g}"]
-        task = "T2I (image)" if kind == "image" else "T2V (video)"
-        lines.append(f"| {task} | {c['n']} | " + " | ".join(cells) + " |")
+    for key, what in (("correlation", ""), ("correlation_zero_shot", ", zero-shot TED")):
+        for kind in KINDS:
+            c = a.get(key, {}).get(kind)
+            if c is None:
+                continue
+            cells = []
+            for name in ("pearson", "spearman"):
+                v = c[name]
+                ci = f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v["ci95"] else ""
+                cells += [f"{_fmt(v['value'], 2)}{ci}", "-" if v["p"] is None else f"{v['p']:.2g}"]
+            task = ("T2I (image)" if kind == "image" else "T2V (video)") + what
+            lines.append(f"| {task} | {c['n']} | " + " | ".join(cells) + " |")
     methods = {c[n]["p_method"] for c in a["correlation"].values() for n in ("pearson", "spearman")} - {None}
     lines += ["", f"Intervals: percentile bootstrap over configurations, {a['bootstrap']['resamples']} resamples, "
                   f"seed {a['bootstrap']['seed']} (resamples with a constant side dropped). p: "

@@ -125,7 +125,8 @@ def make_table(xs, ys):
     for i, (x, y) in enumerate(zip(xs, ys)):
         fid = {"aspects": {"colour": {"mean": y, "se": 0.01}}, "mean": y, "se": 0.01, "prompts": 4, "seeds": 2}
         rows.append({"name": f"c{i}", "encoder": f"e{i}", "strategy": "norm-avg",
-                     "ted": {"overall": x, "std": 0.5, "seeds": 3, "by_type": {"Adjective": x, "Quantity": -x},
+                     "ted": {"overall": x, "std": 0.5, "seeds": 3, "zero_shot": 60 - x,
+                             "by_type": {"Adjective": x, "Quantity": -x},
                              "by_type_std": {}, "by_caption_type": {}},
                      "fidelity": {"image": fid, "video": dict(fid)},
                      "seconds": {"probe": 1.0, "train": 40.0, "eval": 10.0}})
@@ -142,6 +143,7 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
         assert c["pearson"]["ci95"] == pytest.approx([1.0, 1.0]) and c["pearson"]["p"] < 0.01
         # exact over the 6! orderings: xs are unevenly spaced, so only the identity reaches |r| = 1
         assert c["pearson"]["p_permutation"] == pytest.approx(1 / 720)
+        assert a["correlation_zero_shot"][kind]["pearson"]["value"] == pytest.approx(-1.0)  # zero-shot = 60 - TED
     m = a["matrix"]
     assert m["r"][m["rows"].index("Quantity")][m["columns"].index("image colour")] == pytest.approx(-1.0)
     assert a["cost"]["ratio"] == pytest.approx(50.0)

@@ -1,0 +1,524 @@
+"""The paper's Table 5 on the built-in world: fixed Norm-Avg vs layer weights learned throughout vs two-step,
+over several DiT seeds, paired by seed.
+
+Three arms with the same DiT shape, batches, optimiser, total steps and seed that differ only in how the
+encoder's layers are fused (paper, GenAI-Bench T2I: Norm-Avg 76.17, learned throughout 75.94, two-step 77.01):
+  norm-avg    fixed Norm-Avg                                        05 --fusion norm-avg
+  continuous  softmax layer weights learned for every step          04 --continuous
+  two-step    learned with the DiT, frozen, training goes on        04 (OUT/seed_S/two-step-joint), then
+                                                                    05 --init-from, to the same total steps
+A seed fixes the DiT's init, its data order and its noise, so the arms of one seed differ in the fusion
+alone; 06 --eval then scores each arm (the paired gain over the empty-caption floor, per aspect, images and
+videos apart; its prompts and noise are the same for every arm and seed).
+
+    python experiments/ablation_layer_weights.py --threads 1                   # 3 seeds x 3 arms x 600 steps, CPU
+    python experiments/ablation_layer_weights.py --dry-run                     # print the commands still to run
+    python experiments/ablation_layer_weights.py --smoke --out /tmp/ablation   # tiny world, encoder, DiT: minutes
+    python experiments/ablation_layer_weights.py --analyse-only runs/ablation  # table and Fig. 4 from disk alone
+    # the paper's encoder: 03's stage-1 model (see --encoder's default for why it is not the default here)
+    python experiments/ablation_layer_weights.py --encoder runs/stage1/model --out runs/ablation_stage1
+    # a GPU: the same three arms, longer, with a bigger eval
+    python experiments/ablation_layer_weights.py --out runs/ablation_gpu --steps 6000 --seeds 0 1 2 3 4 \\
+        --train-args "--device cuda" --eval-args "--device cuda" --eval-images 48 --eval-videos 24 --eval-seeds 4
+
+Restartable: every 04/05 call has --resume, so a killed run is continued by running the same command again;
+an arm is kept once its checkpoint of the last step and model.safetensors exist, two-step's first half once
+its newest checkpoint is frozen, an eval once eval.json scores the last step and is newer than the DiT. The
+recipe (the flags that change a result) goes to OUT/settings.json at the start, and a rerun with another
+into the same OUT is refused; --seeds may grow (each seed is its own set of runs).
+
+Statistics (OUT/table.json, table.md): per arm, kind and seed the mean over aspects of 06's paired gain over
+the floor; per arm the mean +- s.e. over seeds (sample std / sqrt(n)) of that and of each aspect; and the
+paired differences two-step - norm-avg, continuous - norm-avg, two-step - continuous: mean +- s.e. of the
+per-seed differences, n seeds and how many are > 0. "eval s.e." is 06's own s.e. of one run's aspect mean
+(aspects taken as independent), averaged over seeds: the part of the spread that a larger eval would shrink.
+OUT/fig4.png: the softmax weight of each layer against the step, learned throughout and two-step (the
+paper's Fig. 4), from 04's summary.json snapshots (every steps/8 steps).
+
+OUT/seed_S/ARM/ holds each run (04/05's own outputs), ARM/eval/ its eval, ARM/logs/ the stages' output and
+ARM/seconds.json their wall seconds; with --smoke, OUT/world/ holds the tiny world 01 builds.
+"""
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import plumbing  # noqa: E402
+from plumbing import DataError  # noqa: E402
+
+ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
+KINDS = ("image", "video")
+ARMS = ("norm-avg", "continuous", "two-step")  # the evaluated arms, in the table's order
+JOINT = "two-step-joint"  # two-step's first half: 04 until the freeze
+PAIRS = (("two-step", "norm-avg"), ("continuous", "norm-avg"), ("two-step", "continuous"))
+
+# One DiT recipe for every arm: 04's defaults (the measured ablation's), passed to 05 as well.
+SAME = ["--hidden", "128", "--depth", "6", "--heads", "4", "--image-batch", "32", "--video-batch", "8", "--lr", "5e-4",
+        "--warmup", "100", "--decay", "constant", "--ckpt-every", "200"]
+# Sizes: (full, smoke). The encoder: the paper uses its stage-1 encoder, but the tiny stage-1 Qwen3-VL of 03
+# gives the DiT no prompt signal at CPU size (docs/results.md: colour ignored), so every arm would sit at the
+# floor and the table would compare noise; MiniLM does carry the prompt. `--encoder runs/stage1/model` gives
+# the paper's setting.
+DEFAULTS = {"encoder": ("minilm", "tiny-qwen3"), "seeds": ([0, 1, 2], [0, 1]), "steps": (600, 6),
+            "eval_images": (24, 4), "eval_videos": (12, 4), "eval_seeds": (2, 2), "sample_steps": (50, 4)}
+# The sweep's smoke world and DiT (experiments/sweep_ted_vs_generation.py); the smoke DiT flags go after SAME,
+# so lr, decay and warm-up stay one recipe for 04 and 05, whose own defaults differ.
+SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
+               "--eval-scenes", "8", "--seed", "0"]
+SMOKE_TRAIN = ["--size", "8", "--hidden", "32", "--depth", "2", "--heads", "2", "--patch", "4", "--tpatch", "2",
+               "--image-batch", "4", "--video-batch", "2", "--warmup", "0", "--ckpt-every", "3", "--log-every", "3",
+               "--max-length", "32"]
+RECIPE = ("smoke", "encoder", "steps", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "data",
+          "eval_data", "train_args", "eval_args")
+
+
+#################################################################################
+#                                   Flags                                       #
+#################################################################################
+
+def get_parser():
+    p = plumbing.ArgumentParser(__doc__)
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--encoder", default=None,
+                   help="every arm's text encoder (default minilm; smoke tiny-qwen3; the paper's: runs/stage1/model)")
+    p.add_argument("--seeds", type=nonneg, nargs="+", default=None, help="DiT seeds (default 0 1 2; smoke 0 1)")
+    p.add_argument("--steps", type=pos, default=None, help="total DiT steps of every arm (default 600; smoke 6)")
+    p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 24)")
+    p.add_argument("--eval-videos", type=nonneg, default=None, help="06: held-out video prompts (default 12)")
+    p.add_argument("--eval-seeds", type=pos, default=None, help="06: seeds per prompt (default 2)")
+    p.add_argument("--sample-steps", type=pos, default=None, help="06: Euler steps (default 50)")
+    p.add_argument("--data", default=None, help="04/05 --data (default runs/world/t2x.jsonl)")
+    p.add_argument("--eval-data", default=None, help="06 --eval-data (default runs/world/eval.jsonl)")
+    p.add_argument("--cache-dir", default=None, help="04/05's feature cache (default cache/features; smoke OUT/cache)")
+    p.add_argument("--train-args", default="", help="extra flags for every 04 and 05 run (one string)")
+    p.add_argument("--eval-args", default="", help="extra flags for every 06 run (one string)")
+    p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads of every stage (0: torch's default)")
+    p.add_argument("--smoke", action="store_true", help="tiny world, encoder and DiT: all arms in minutes (the tests)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
+    p.add_argument("--analyse-only", default=None, metavar="OUT",
+                   help="rewrite OUT's table.json, table.md and fig4.png from its runs on disk, run nothing")
+    return p
+
+
+def parse_args(argv=None):
+    """Flags with the size defaults filled in (full or smoke) and every path made absolute."""
+    args = get_parser().parse_args(argv)
+    for key, (full, smoke) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, smoke if args.smoke else full)
+    twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if twice:
+        raise DataError(f"--seeds: {twice[0]} is given twice")
+    args.out = Path(args.out).resolve()
+    world = args.out / "world" / "world"
+    paths = {"data": ("runs/world/t2x.jsonl", world / "t2x.jsonl"),
+             "eval_data": ("runs/world/eval.jsonl", world / "eval.jsonl"),
+             "cache_dir": ("cache/features", args.out / "cache")}
+    args.own_world = args.smoke and args.data is None and args.eval_data is None
+    for key, (full, smoke) in paths.items():
+        given = getattr(args, key)
+        setattr(args, key, str(Path(given).resolve()) if given else str(smoke if args.smoke else ROOT / full))
+    for key in ("train_args", "eval_args"):
+        try:
+            setattr(args, key, shlex.split(getattr(args, key)))
+        except ValueError as e:
+            raise DataError(f"--{key.replace('_', '-')}: {e}") from None
+    return args
+
+
+def check_settings(args):
+    """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with."""
+    settings = {k: getattr(args, k) for k in RECIPE}
+    path = args.out / "settings.json"
+    if path.is_file():
+        old = plumbing.read_json(path)
+        diff = [k for k in RECIPE if old.get(k) != settings[k]]
+        if diff:
+            k = diff[0]
+            raise DataError(f"{args.out} holds an ablation made with --{k.replace('_', '-')} {old.get(k)!r}, not "
+                            f"{settings[k]!r}: rerun with its settings, or another --out")
+    elif not args.dry_run:
+        plumbing.atomic_write_json(path, settings)
+    return settings
+
+
+#################################################################################
+#                               Running the stages                              #
+#################################################################################
+
+def script(name):
+    return [sys.executable, str(ROOT / name)]
+
+
+def world_command(args):
+    world = args.out / "world"
+    return script("01_build_ted6k.py") + ["--out", str(world / "ted6k"), "--world-out", str(world / "world"),
+                                          *SMOKE_WORLD]
+
+
+def train_commands(args, seed):
+    """The 04/05 command of every run of one seed. Always --resume: a stage starts fresh when there is no
+    checkpoint, and continues one when there is."""
+    d = args.out / f"seed_{seed}"
+    same = ["--steps", str(args.steps), "--seed", str(seed), "--data", args.data, "--cache-dir", args.cache_dir,
+            "--resume", "--threads", str(args.threads), *SAME, *(SMOKE_TRAIN if args.smoke else []), *args.train_args]
+    fresh = ["--encoder", args.encoder]
+    out = {arm: ["--out", str(d / arm)] for arm in (*ARMS, JOINT)}
+    return {
+        "norm-avg": script("05_train_diffusion.py") + fresh + ["--fusion", "norm-avg"] + out["norm-avg"] + same,
+        "continuous": script("04_train_layer_weights.py") + fresh + ["--continuous"] + out["continuous"] + same,
+        JOINT: script("04_train_layer_weights.py") + fresh + out[JOINT] + same,
+        # the encoder and fusion come from 04's checkpoint; the rest must equal it, and does
+        "two-step": script("05_train_diffusion.py") + ["--init-from", str(d / JOINT)] + out["two-step"] + same,
+    }
+
+
+def eval_command(args, dit):
+    return script("06_sample.py") + [
+        "--eval", "--ckpt", str(dit), "--out", str(dit / "eval"), "--eval-data", args.eval_data,
+        "--eval-images", str(args.eval_images), "--eval-videos", str(args.eval_videos),
+        "--eval-seeds", str(args.eval_seeds), "--steps", str(args.sample_steps), "--threads", str(args.threads),
+        *args.eval_args]
+
+
+def run_stage(cmd, log_path, what):
+    """Run one stage in the repository root, its output appended to `log_path`; its wall seconds. A failure
+    is one DataError line with the stage's last output line."""
+    print(f"  $ {shlex.join(cmd)}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - t0
+    if rc:
+        lines = [x for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        raise DataError(f"{what} failed (exit {rc}): {lines[-1].strip() if lines else 'no output'} "
+                        f"(log: {log_path})")
+    return seconds
+
+
+def newest_step(dit):
+    """The step of the newest checkpoint under a 04/05 run folder (0 when none)."""
+    ckpts = plumbing.list_checkpoints(dit)
+    return int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
+
+
+def dit_done(steps, dit):
+    return newest_step(dit) >= steps and (dit / "model.safetensors").is_file()
+
+
+def frozen_at(joint):
+    """The step at which 04 froze the weights, read from the newest checkpoint of two-step's first half; None
+    while they still learn (summary.json can lag its checkpoint by a kill)."""
+    _, state = plumbing.load_latest_checkpoint(joint, common.CKPT_KIND)
+    return None if state is None else state.get("frozen_at")
+
+
+def eval_done(steps, dit):
+    """eval.json exists, scores the last step and is newer than the DiT it scored."""
+    path, model = dit / "eval" / "eval.json", dit / "model.safetensors"
+    if not path.is_file() or not model.is_file():
+        return False
+    return plumbing.read_json(path).get("step") == steps and path.stat().st_mtime >= model.stat().st_mtime
+
+
+def launch(args, label, cmd, folder, log_name, key):
+    """Run one stage (or print it, with --dry-run); its seconds go to folder/seconds.json under `key`."""
+    if args.dry_run:
+        print(f"{label}:\n  $ {shlex.join(cmd)}")
+        return
+    print(label, flush=True)
+    seconds = run_stage(cmd, folder / "logs" / log_name, label.replace("[", "").replace("]", ":"))
+    path = folder / "seconds.json"
+    secs = plumbing.read_json(path) if path.is_file() else {}
+    secs[key] = secs.get(key, 0.0) + seconds  # a resumed run adds its attempts (a killed one is not counted)
+    plumbing.atomic_write_json(path, secs)
+
+
+def run_seed(args, seed, cmds):
+    """Every run and eval of one seed, each skipped when its result is kept."""
+    d = args.out / f"seed_{seed}"
+    for arm in ARMS:
+        dit, label = d / arm, f"[seed {seed} {arm}]"
+        stage = "05" if arm != "continuous" else "04"
+        if dit_done(args.steps, dit):
+            print(f"{label} {stage} train: kept (step {newest_step(dit)})")
+        else:
+            how = f"resumes from step {newest_step(dit)}" if newest_step(dit) else "from scratch"
+            if arm == "two-step" and not newest_step(dit):  # its first half is needed until 05 has begun
+                how, joint = "from the freeze", d / JOINT
+                at = frozen_at(joint)
+                if at is not None:
+                    print(f"{label} 04 joint: kept (frozen at step {at})")
+                else:
+                    step = newest_step(joint)
+                    launch(args, f"{label} 04 joint ({f'resumes from step {step}' if step else 'from scratch'})",
+                           cmds[JOINT], joint, "04_train.log", "train")
+                    if not args.dry_run and frozen_at(joint) is None:
+                        raise DataError(f"seed {seed}: 04 ended at step {newest_step(joint)} without freezing the "
+                                        f"weights (--train-args with --stop-at?): rerun to continue it")
+            launch(args, f"{label} {stage} train ({how})", cmds[arm], dit, f"{stage}_train.log", "train")
+            if not args.dry_run and not dit_done(args.steps, dit):
+                raise DataError(f"seed {seed} {arm}: {stage} ended at step {newest_step(dit)} of {args.steps} "
+                                f"(--train-args with --stop-at?): rerun to continue it")
+        if eval_done(args.steps, dit):
+            print(f"{label} 06 eval: kept ({dit / 'eval' / 'eval.json'})")
+        else:
+            launch(args, f"{label} 06 eval", eval_command(args, dit), dit, "06_eval.log", "eval")
+
+
+#################################################################################
+#                                  Statistics                                   #
+#################################################################################
+
+def mean_se(values):
+    """Mean and standard error (sample std / sqrt(n)) of some numbers; se is None below 2, both for none."""
+    v = np.asarray(list(values), float)
+    return {"mean": float(v.mean()) if len(v) else None,
+            "se": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None, "n": int(len(v))}
+
+
+def paired_difference(a, b):
+    """a - b paired by seed ({seed: value} each; seeds on one side only are left out): mean and s.e. of the
+    per-seed differences, their number, and how many are > 0."""
+    seeds = sorted(set(a) & set(b), key=int)
+    d = {s: a[s] - b[s] for s in seeds}
+    return {**mean_se(d.values()), "positive": sum(v > 0 for v in d.values()), "per_seed": d}
+
+
+def aspect_mean(gains):
+    """The mean over aspects of one run's {aspect: gain}; None when it has none."""
+    return sum(gains.values()) / len(gains) if gains else None
+
+
+def run_gains(report):
+    """{kind: {aspect: gain}} and {kind: s.e. of the aspect mean} of one eval.json; aspects without a value
+    (an image has no motion) are left out. The s.e. takes the aspects as independent: 06 keeps no
+    per-sample table to pair them."""
+    gains, ses = {}, {}
+    for kind, aspects in report["gain over floor"].items():
+        got = {a: v for a, v in aspects.items() if v.get("mean") is not None}
+        if not got:
+            continue
+        gains[kind] = {a: v["mean"] for a, v in got.items()}
+        s = [v["se"] for v in got.values() if v.get("se") is not None]
+        ses[kind] = math.sqrt(sum(x * x for x in s)) / len(got) if len(s) == len(got) else None
+    return gains, ses
+
+
+def analyse(gains, eval_se=None):
+    """The table from gains[arm][seed][kind][aspect] (and 06's s.e. eval_se[arm][seed][kind]): per arm and
+    kind the per-seed aspect mean, its mean +- s.e. over seeds, the same per aspect; the paired differences."""
+    eval_se = eval_se or {}
+    arms, seed_means = {}, {}
+    for arm in ARMS:
+        arms[arm] = {}
+        for kind in KINDS:
+            runs = {s: g[kind] for s, g in sorted(gains.get(arm, {}).items(), key=lambda x: int(x[0])) if kind in g}
+            per_seed = {s: aspect_mean(g) for s, g in runs.items()}
+            seed_means[arm, kind] = per_seed
+            ses = [e[kind] for s, e in eval_se.get(arm, {}).items() if s in runs and e.get(kind) is not None]
+            arms[arm][kind] = {
+                **mean_se(per_seed.values()), "per_seed": per_seed,
+                "aspects": {a: mean_se(g[a] for g in runs.values() if a in g) for a in ASPECTS
+                            if any(a in g for g in runs.values())},
+                "eval_se": sum(ses) / len(ses) if ses else None}
+    diffs = {f"{a} - {b}": {kind: paired_difference(seed_means[a, kind], seed_means[b, kind]) for kind in KINDS}
+             for a, b in PAIRS}
+    return {"arms": arms, "differences": diffs}
+
+
+#################################################################################
+#                            The table and Fig. 4                               #
+#################################################################################
+
+def seed_folders(out):
+    """{seed: OUT/seed_S} of every seed this OUT holds, in seed order."""
+    found = {}
+    for p in out.glob("seed_*"):
+        if p.is_dir() and p.name[5:].isdigit():
+            found[int(p.name[5:])] = p
+    return dict(sorted(found.items()))
+
+
+def collect(out, steps):
+    """From the runs on disk: gains and eval s.e. per arm and seed (finished evals only), 04's summaries of
+    the continuous and two-step-joint runs per seed, the stages' seconds, and what is still pending."""
+    gains, ses, summaries, seconds, pending = {}, {}, {"continuous": {}, JOINT: {}}, {"train": 0.0, "eval": 0.0}, []
+    for seed, d in seed_folders(out).items():
+        s = str(seed)
+        for arm in ARMS:
+            if eval_done(steps, d / arm):
+                gains.setdefault(arm, {})[s], ses.setdefault(arm, {})[s] = run_gains(
+                    plumbing.read_json(d / arm / "eval" / "eval.json"))
+            else:
+                pending.append(f"seed_{seed}/{arm}")
+        for arm in (*ARMS, JOINT):
+            if (d / arm / "seconds.json").is_file():
+                for k, v in plumbing.read_json(d / arm / "seconds.json").items():
+                    seconds[k] = seconds.get(k, 0.0) + v
+        for arm in summaries:
+            if (d / arm / "summary.json").is_file():
+                summaries[arm][s] = plumbing.read_json(d / arm / "summary.json")
+    return gains, ses, summaries, seconds, pending
+
+
+def build_table(out):
+    """table.json's content for OUT, from OUT/settings.json and the runs on disk."""
+    if not (out / "settings.json").is_file():
+        raise DataError(f"{out}: no ablation here (no settings.json)")
+    settings = plumbing.read_json(out / "settings.json")
+    gains, ses, summaries, seconds, pending = collect(out, settings["steps"])
+    table = {"settings": settings, "seeds": sorted({int(s) for g in gains.values() for s in g}), **analyse(gains, ses)}
+    table["freeze"] = {s: {k: summ.get(k) for k in ("frozen_at", "reason", "planned_steps")}
+                       for s, summ in summaries[JOINT].items()}
+    table["seconds"], table["pending"] = seconds, pending
+    return table, summaries
+
+
+def _cell(v, sign=True):
+    if v.get("mean") is None:
+        return "-"
+    m = f"{v['mean']:+.3f}" if sign else f"{v['mean']:.3f}"
+    return m + (f" ± {v['se']:.3f}" if v.get("se") is not None else "")
+
+
+def markdown(table):
+    s = table["settings"]
+    lines = ["# Layer weights: fixed Norm-Avg vs learned throughout vs two-step (the paper's Table 5)", "",
+             f"Encoder {s['encoder']}; every arm {s['steps']} DiT steps, the same recipe and, per seed, the same "
+             f"init and data order; seeds {', '.join(map(str, table['seeds'])) or '-'}. Fidelity: 06's paired gain "
+             f"over the empty-caption floor, mean over aspects, {s['eval_images']} image / {s['eval_videos']} video "
+             f"prompts x {s['eval_seeds']} seeds, {s['sample_steps']} Euler steps."
+             + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
+             "## Per arm: mean ± s.e. over seeds", "",
+             "| kind | aspect | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
+    a = table["arms"]
+    for kind in KINDS:
+        for asp in ASPECTS:
+            if any(asp in a[arm][kind]["aspects"] for arm in ARMS):
+                lines.append(f"| {kind} | {asp} | " + " | ".join(_cell(a[arm][kind]["aspects"].get(asp, {}))
+                                                               for arm in ARMS) + " |")
+        lines.append(f"| {kind} | **mean** (n seeds) | " + " | ".join(
+            f"**{_cell(a[arm][kind])}** ({a[arm][kind]['n']})" for arm in ARMS) + " |")
+        lines.append(f"| {kind} | eval s.e. of one run | " + " | ".join(
+            "-" if a[arm][kind]["eval_se"] is None else f"{a[arm][kind]['eval_se']:.3f}" for arm in ARMS) + " |")
+    lines += ["", "## Per seed: mean over aspects", "",
+              "| seed | kind | " + " | ".join(ARMS) + " | two-step froze at |", "|---|---|" + "---|" * (len(ARMS) + 1)]
+    for seed in table["seeds"]:
+        f = table["freeze"].get(str(seed), {})
+        froze = f"step {f['frozen_at']} of {f['planned_steps']} ({f['reason']})" if f.get("frozen_at") else "-"
+        for kind in KINDS:
+            vals = [a[arm][kind]["per_seed"].get(str(seed)) for arm in ARMS]
+            lines.append(f"| {seed} | {kind} | " + " | ".join("-" if v is None else f"{v:+.3f}" for v in vals)
+                         + f" | {froze} |")
+    pairs = list(table["differences"])
+    lines += ["", "## Paired by seed: mean ± s.e. of the per-seed differences (n seeds, how many > 0)", "",
+              "| kind | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for kind in KINDS:
+        cells = [table["differences"][p][kind] for p in pairs]
+        lines.append(f"| {kind} | " + " | ".join(f"{_cell(c)} (n={c['n']}, {c['positive']} > 0)" for c in cells) + " |")
+    lines += ["", "Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned throughout 75.94, two-step 77.01. A difference "
+                  "within about 2 s.e. of 0 is not a finding; with 3 seeds the s.e. itself is rough.",
+              "", f"Wall seconds of the stages' processes: train {table['seconds'].get('train', 0):.0f}, eval "
+                  f"{table['seconds'].get('eval', 0):.0f}. Pending: {', '.join(table['pending']) or 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def _snapshots(summary):
+    """(steps, [steps, layers] weights) of one 04 summary.json."""
+    steps = sorted(int(k) for k in summary["snapshots"])
+    return np.array(steps), np.array([summary["snapshots"][str(k)] for k in steps], float)
+
+
+def plot_fig4(summaries, path):
+    """Softmax weight of each layer against the step: learned throughout, and two-step until its freeze
+    (dotted on to the end of the run, where 05 keeps it). Thin lines: seeds; thick: their mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    titles = {"continuous": "learned throughout (continuous)", JOINT: "two-step: learned, then frozen"}
+    for ax, arm in zip(axes, titles):
+        runs = summaries.get(arm, {})
+        ax.set_xlabel("DiT step")
+        if not runs:
+            ax.set_title(f"{titles[arm]}: no run yet", fontsize=9)
+            continue
+        n = len(next(iter(runs.values()))["weights"])
+        colour = [matplotlib.colormaps["viridis"](i / max(1, n - 1)) for i in range(n)]
+        curves = [_snapshots(s) for s in runs.values()]
+        for (steps, w), s in zip(curves, runs.values()):
+            for i in range(n):
+                ax.plot(steps, w[:, i], color=colour[i], lw=0.7, alpha=0.45)
+                if s.get("frozen_at"):
+                    ax.plot([s["frozen_at"], s["planned_steps"]], [s["weights"][i]] * 2, color=colour[i], lw=0.7,
+                            ls=":", alpha=0.6)
+            if s.get("frozen_at"):
+                ax.axvline(s["frozen_at"], color="grey", ls="--", lw=0.8)
+        common_steps = sorted(set.intersection(*(set(st.tolist()) for st, _ in curves)))
+        if common_steps:
+            mean = np.mean([w[np.isin(st, common_steps)] for st, w in curves], axis=0)
+            for i in range(n):
+                ax.plot(common_steps, mean[:, i], color=colour[i], lw=2, label=f"layer {i + 1}" if n <= 12 else None)
+        ax.axhline(1 / n, color="black", ls="--", lw=0.8, label="Norm-Avg (1/N)")
+        froze = sorted({s["frozen_at"] for s in runs.values() if s.get("frozen_at")})
+        ax.set_title(f"{titles[arm]}, {len(runs)} seed(s)" + (f"; frozen at step {', '.join(map(str, froze))}"
+                                                               if froze else ""), fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("softmax layer weight")
+    fig.tight_layout()
+    plumbing.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_analysis(out):
+    """OUT/table.json, table.md and fig4.png from OUT's settings.json and runs alone; the table."""
+    table, summaries = build_table(out)
+    plumbing.atomic_write_json(out / "table.json", table)
+    plumbing.atomic_write_text(out / "table.md", markdown(table))
+    if any(summaries.values()):
+        plot_fig4(summaries, out / "fig4.png")
+    return table
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.analyse_only:
+        print(markdown(write_analysis(Path(args.analyse_only).resolve())))
+        return
+    check_settings(args)
+    if args.own_world:
+        if Path(args.eval_data).is_file() and Path(args.data).is_file():
+            print(f"01 world: kept ({args.out / 'world'})")
+        elif args.dry_run:
+            print(f"01 world:\n  $ {shlex.join(world_command(args))}")
+        else:
+            print("01 world", flush=True)
+            run_stage(world_command(args), args.out / "world.log", "01")
+    t0 = time.time()
+    for seed in args.seeds:
+        run_seed(args, seed, train_commands(args, seed))
+    if args.dry_run:
+        return
+    table = write_analysis(args.out)
+    print(f"\n{args.out / 'table.json'} ({time.time() - t0:.0f} s this run)\n")
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    plumbing.run_cli(main)
