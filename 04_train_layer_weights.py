@@ -16,6 +16,11 @@ there, with a checkpoint, the weights, their plot and a summary; 05 continues th
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
         04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
 
+--backbone, --backbone-config, --init-transformer and --vae work as in 05 (its docstring); 05 --init-from
+takes them from the checkpoint:
+
+    python 04_train_layer_weights.py --backbone wan --vae tiny-wan-vae --out runs/layer_weights_wan
+
 With --run-to-end it trains on past the freeze in this one process, which is what 04 then 05 gives.
 Writes OUT/checkpoints/step_N.pt and OUT/model.safetensors (as 05 does), OUT/layer_weights.pt,
 OUT/weights.png (weight per layer at several steps, like Fig. 4) and OUT/summary.json.
@@ -47,6 +52,7 @@ def get_parser():
     p.add_argument("--heads", type=pos, default=4)
     p.add_argument("--patch", type=pos, default=4)
     p.add_argument("--tpatch", type=pos, default=2)
+    common.add_backbone_args(p)
     p.add_argument("--steps", type=pos, default=3000, help="planned total steps of the joint-then-frozen run")
     p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
     p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")

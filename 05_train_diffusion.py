@@ -3,7 +3,7 @@
 The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V; image and video steps interleaved 7:3, batch
 512:128) on the text encoder's fused layer features, the layer weights learned jointly at first and then
 frozen (04). Here one pixel-space DiT (common.DiT) learns both kinds from the built-in world, with the
-same schedule scaled down (8 images : 2 videos a step).
+same schedule scaled down (8 images : 2 videos a step); the paper's own backbones and a VAE are flags.
 
     python 05_train_diffusion.py                                # built-in world, MiniLM, Norm-Avg, CPU
     python 05_train_diffusion.py --encoder smollm2 --fusion last --steps 20000
@@ -14,6 +14,30 @@ same schedule scaled down (8 images : 2 videos a step).
     # multi-node:
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
         05_train_diffusion.py --data t2x.jsonl --encoder runs/stage1/model
+
+Backbones and latents. `--backbone dit` (default) is our own DiT above. `--backbone wan` and `--backbone
+lumina2` train diffusers' WanTransformer3DModel (Wan2.1, T2V) and Lumina2Transformer2DModel
+(Lumina-Image-2.0, T2I), the fused features fed through their own text / caption embedder (built at the
+encoder's width); `--backbone-config` sizes them (tiny by default; `paper` is Wan2.1-T2V-1.3B / Lumina-
+Image-2.0 2B; or a JSON file, e.g. a diffusers config.json). Lumina2 is an image model: it trains with
+`--interleave 1:0` only (a video step is refused). `--init-transformer DIR` starts from pretrained
+diffusers weights (a transformer folder, or a pipeline folder holding transformer/), every tensor kept
+but the text embedder, which is re-initialised for the new encoder as the paper does for Wan2.1.
+`--vae NAME` trains on latents: media are encoded once (cached under --cache-dir, keyed by the VAE's
+weights, size, frames and the media) by an AutoencoderKLWan (images as 1-frame videos; a video of T
+frames is padded with its last frame to the VAE's 1+4k, the world's 8 -> 9 -> 3 latent frames, and 06
+cuts the decoded video back to T) or an AutoencoderKL (frame by frame). `tiny-wan-vae` is a random
+4x-smaller one for tests (untrained: it checks the plumbing, its samples score nothing); with the DiT on
+latents pick --patch/--tpatch that divide the latent shape.
+
+    python 05_train_diffusion.py --backbone wan --vae tiny-wan-vae --out runs/wan      # CPU miniature
+    python 05_train_diffusion.py --backbone lumina2 --interleave 1:0 --out runs/lumina2
+    # the paper's T2V model, fine-tuned (a local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers):
+    torchrun --nproc_per_node=8 05_train_diffusion.py --backbone wan --init-transformer /models/wan1.3b \
+        --vae /models/wan1.3b --size 256 --frames 9 --encoder runs/stage1/model --data t2x.jsonl
+    # the paper's T2I model, from scratch at 2B (its VAE from a local copy of Alpha-VLLM/Lumina-Image-2.0):
+    torchrun --nproc_per_node=8 05_train_diffusion.py --backbone lumina2 --backbone-config paper \
+        --vae /models/lumina2 --interleave 1:0 --size 256 --encoder runs/stage1/model --data t2i.jsonl
 
 `--init-from DIR` continues the newest checkpoint of 04's run: the same DiT (its shape is in the
 checkpoint), optimiser, lr schedule, data position and encoder, with the layer weights frozen where 04
@@ -61,6 +85,7 @@ def get_parser():
     p.add_argument("--heads", type=pos, default=6)
     p.add_argument("--patch", type=pos, default=4)
     p.add_argument("--tpatch", type=pos, default=2)
+    common.add_backbone_args(p)
     # Sized for a 2-core CPU in about 20 minutes: small batches at many steps learned more per second.
     p.add_argument("--steps", type=pos, default=9000, help="total optimiser steps (with --init-from: 04's plan)")
     p.add_argument("--image-batch", type=pos, default=8, help="global; the paper's 512")

@@ -10,8 +10,10 @@ speed back out of the pixels, so fidelity is measured exactly, per aspect, on he
     python 06_sample.py --eval                            # fidelity table: renders / DiT / empty caption
     python 06_sample.py --eval --ckpt runs/layer_weights --out runs/samples/two_step
 
-`--ckpt` takes a run folder of 04/05 or its model.safetensors (EMA weights, DiT shape, encoder and layer
-fusion, all read from the file). Outputs: images.png (rows: prompts, columns: seeds, upscaled),
+`--ckpt` takes a run folder of 04/05 or its model.safetensors (EMA weights, backbone and its shape,
+encoder, layer fusion and VAE, all read from the file). A latent-space run samples latents and decodes
+them with its VAE (refused if the VAE's weights changed) before the checker sees them; a lumina2 run
+makes images only (its video prompts are not scored). Outputs: images.png (rows: prompts, columns: seeds, upscaled),
 videos.gif (the same, animated), prompts; with --eval, eval.json and eval.md (plus eval_images.png /
 eval_videos.gif: the world's render beside the DiT's samples).
 """
@@ -53,6 +55,32 @@ class Conditioner:
         return (self.fusion(f) if self.fusion.mode == "learned" else f), m
 
 
+def latent_shape(config, kind):
+    """A latent sample's [C, T, h, w] for `kind`, from the training data's latents (or, for a kind the
+    run never saw, the other kind's channels and size with the VAE's frame count worked out)."""
+    shapes = config["latent_shape"]
+    if kind in shapes:
+        return shapes[kind]
+    C, _, h, w = next(iter(shapes.values()))
+    f = common.vae_temporal_factor(config["_vae"])
+    T = 1 if kind == "image" else 1 + -(-(config["frames"] - 1) // f)
+    return [C, T, h, w]
+
+
+def load_model(ckpt, device):
+    """(denoiser, config, fusion, step) of a 04/05 run; a latent-space run's config carries its VAE
+    under '_vae' (checked against the weights it was trained with)."""
+    model, config, fusion, step = common.load_dit(ckpt, device)
+    config["step"] = step
+    if config.get("vae"):
+        vae, vae_id = common.load_vae(config["vae"], device)
+        if vae_id != config.get("vae_id"):
+            raise DataError(f"VAE {config['vae']!r} has changed since this model was trained on its latents "
+                            f"({config.get('vae_id')} then, {vae_id} now)")
+        config["_vae"] = vae
+    return model, config, fusion, step
+
+
 def to_uint8(x):
     """[B, C, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, C]."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
@@ -65,8 +93,10 @@ def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc
     texts, or one list per text (the eval gives every prompt its own seeds, shared with its floor).
     `cfg=None` samples the condition alone (no guidance pass)."""
     T, size = (1 if kind == "image" else config["frames"]), config["size"]
+    vae = config.get("_vae")  # set by load_model for a latent-space run: noise and samples are latents
+    shape = tuple(latent_shape(config, kind)) if vae is not None else (3, T, size, size)
     per_text = [list(s) for s in seeds] if seeds and isinstance(seeds[0], (list, tuple)) else [list(seeds)] * len(texts)
-    noise = {s: torch.randn((3, T, size, size), generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
+    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
     jobs = [(i, j, s) for i in range(len(texts)) for j, s in enumerate(per_text[i])]
     feats, mask = cond_fn(texts)
     null_cond = cond_fn([""]) if cfg is not None else None
@@ -80,6 +110,8 @@ def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc
         with plumbing.autocast(device, dtype):
             x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0,
                           renorm=renorm, trunc=trunc)
+        if vae is not None:
+            x = common.vae_decode(vae, x.float(), T)
         for (i, j, _), px in zip(chunk, to_uint8(x)):
             out[i, j] = px
     return out
@@ -150,6 +182,9 @@ def evaluate(args, model, config, cond_fn, out, source):
     for kind in ("image", "video"):
         rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
         if not rs:
+            continue
+        if kind == "video" and config.get("backbone") == "lumina2":
+            log("lumina2 is an image model: video prompts not scored")
             continue
         if kind == "video" and config["frames"] != scenes.FRAMES:
             raise DataError(f"the checker needs {scenes.FRAMES} frames, the model makes {config['frames']}")
@@ -283,8 +318,7 @@ def main(argv=None):
     device = plumbing.pick_device(args.device)
     plumbing.seed_everything(0)
     out = Path(args.out)
-    model, config, fusion, step = common.load_dit(args.ckpt, device)
-    config["step"] = step
+    model, config, fusion, step = load_model(args.ckpt, device)
     log(f"{args.ckpt}: step {step}, encoder {config['encoder']}, fusion {config['fusion']}")
     cond_fn = Conditioner(config, fusion, device)
     if args.eval:

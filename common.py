@@ -15,6 +15,7 @@ The plumbing (device, torchrun, logging, atomic writes, checkpoints) is in `plum
 import copy
 import functools
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -491,6 +492,252 @@ class RectifiedFlow:
                     v = v * (cap / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
             z = z - dt * v
         return z
+
+
+#################################################################################
+#        Diffusers backbones (Lumina-Image-2.0, Wan2.1) and VAE latents          #
+#################################################################################
+
+# The paper's models are diffusers classes; these wrap them in DiT's call signature so RectifiedFlow,
+# CFG sampling, EMA, resume, DDP and 04's layer weights drive them unchanged. Tiny configs for the CPU
+# miniature; `--backbone-config paper` gives the paper's sizes (Lumina-Image-2.0 2B; Wan2.1-T2V-1.3B).
+BACKBONES = ("dit", "lumina2", "wan")
+BACKBONE_CONFIGS = {
+    "lumina2": {"tiny": dict(patch_size=2, hidden_size=32, num_layers=2, num_refiner_layers=1, num_attention_heads=2,
+                             num_kv_heads=1, multiple_of=16, axes_dim_rope=[4, 6, 6], axes_lens=[300, 512, 512]),
+                "paper": dict(patch_size=2, hidden_size=2304, num_layers=26, num_refiner_layers=2,
+                              num_attention_heads=24, num_kv_heads=8, multiple_of=256, norm_eps=1e-5,
+                              axes_dim_rope=[32, 32, 32], axes_lens=[300, 512, 512])},
+    "wan": {"tiny": dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2,
+                         freq_dim=32, rope_max_seq_len=1024),
+            "paper": dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
+                          num_layers=30, freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                          eps=1e-6, rope_max_seq_len=1024)},
+}
+# (The rotary tables stay at full length in the tiny configs: they bound the caption length and the
+# latent size, and cost next to nothing.)
+# The layers that read the text encoder's features: re-initialised for a new encoder (the paper does
+# this for Wan2.1-1.3B), everything else kept from --init-transformer.
+TEXT_EMBEDDER = {"lumina2": "time_caption_embed.caption_embedder.", "wan": "condition_embedder.text_embedder."}
+
+
+def first_line(e):
+    """An exception's first line: diffusers' load errors run to a paragraph."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def diffusers_class(backbone):
+    import diffusers
+    return {"lumina2": diffusers.Lumina2Transformer2DModel, "wan": diffusers.WanTransformer3DModel}[backbone]
+
+
+def _transformer_folder(path):
+    """from_pretrained kwargs for --init-transformer: a whole pipeline folder keeps it in transformer/."""
+    return {"subfolder": "transformer"} if (Path(path) / "transformer" / "config.json").is_file() else {}
+
+
+def read_backbone_config(backbone, spec):
+    """--backbone-config: 'tiny', 'paper', a JSON file or a JSON string -> constructor kwargs."""
+    if spec in BACKBONE_CONFIGS[backbone]:
+        return dict(BACKBONE_CONFIGS[backbone][spec])
+    try:
+        cfg = json.loads(Path(spec).read_text() if Path(spec).is_file() else spec)
+    except (ValueError, OSError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise DataError(f"--backbone-config {spec!r}: expected tiny, paper, a JSON file or a JSON object")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}  # a diffusers config.json works as is
+
+
+def backbone_config(backbone, spec, channels, text_dim, init_transformer=None):
+    """The diffusers constructor kwargs of a run: --backbone-config (or the pretrained model's own config)
+    with its channels set to the data's and its text width to the encoder's."""
+    if init_transformer:
+        try:
+            cfg = diffusers_class(backbone).load_config(init_transformer, **_transformer_folder(init_transformer))
+        except (OSError, ValueError) as e:
+            raise DataError(f"--init-transformer {init_transformer}: no {backbone} transformer config "
+                            f"({first_line(e)})") from None
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    else:
+        cfg = read_backbone_config(backbone, spec)
+    known = set(inspect.signature(diffusers_class(backbone).__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise DataError(f"--backbone-config: {backbone} has no option {unknown[0]!r}")
+    cfg.update(in_channels=channels, out_channels=channels)
+    cfg["text_dim" if backbone == "wan" else "cap_feat_dim"] = text_dim
+    return cfg
+
+
+class DiffusersBackbone(nn.Module):
+    """A diffusers Lumina2Transformer2DModel or WanTransformer3DModel behind DiT's forward(x, t, text,
+    text_mask) -> velocity, with t=1 noise and velocity = noise - x (RectifiedFlow's convention).
+
+    Each library's own convention is kept, so pretrained weights predict what they were trained to:
+    Wan's flow-matching timestep is sigma * 1000 and it predicts noise - x; Lumina-Image-2.0 reads
+    t = 1 - sigma (t=0 noise) and predicts x - noise, so its output is negated (as its pipeline does).
+    Lumina2 is an image model: a video batch is refused (train it with --interleave 1:0, or use wan)."""
+
+    def __init__(self, backbone, config):
+        super().__init__()
+        self.backbone, self.config = backbone, dict(config)
+        self.net = diffusers_class(backbone)(**config)
+
+    def forward(self, x, t, text, text_mask):
+        mask = text_mask.bool().clone()
+        # The empty caption (CFG's null condition) may tokenise to nothing; give it one zero token so
+        # attention always has a key. Padding is zero, as both pipelines pad.
+        mask[:, 0] |= ~mask.any(1)
+        text = text * mask.unsqueeze(-1).to(text.dtype)
+        if self.backbone == "wan":
+            return self.net(x, t * 1000, text, return_dict=False)[0]
+        if x.shape[2] != 1:
+            raise DataError(f"lumina2 is an image model and got a {x.shape[2]}-frame video: "
+                            "train it with --interleave 1:0 (images only), or use --backbone wan")
+        if text.shape[1] >= self.config["axes_lens"][0]:  # caption tokens take rotary positions 0..L-1
+            raise DataError(f"lumina2: a caption of {text.shape[1]} tokens needs axes_lens[0] > {text.shape[1]} "
+                            f"(it is {self.config['axes_lens'][0]}); lower --max-length or raise it")
+        return -self.net(x[:, :, 0], 1 - t, text, mask, return_dict=False)[0].unsqueeze(2)
+
+
+def load_pretrained_transformer(model, path):
+    """Copy --init-transformer's weights into `model` (a DiffusersBackbone) except the text embedder,
+    which keeps its fresh init at the encoder's width. Returns the names of the parameters kept."""
+    try:
+        src = diffusers_class(model.backbone).from_pretrained(path, **_transformer_folder(path)).state_dict()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DataError(f"--init-transformer {path}: cannot load a {model.backbone} transformer "
+                        f"({first_line(e)})") from None
+    skip = TEXT_EMBEDDER[model.backbone]
+    own = model.net.state_dict()
+    kept = {k: v for k, v in src.items() if not k.startswith(skip)}
+    bad = [k for k, v in kept.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if not k.startswith(skip) and k not in kept]
+    if bad or missing:
+        raise DataError(f"--init-transformer {path}: does not fit the {model.backbone} being built "
+                        f"({(bad + missing)[0]!r}; e.g. its in_channels differ from the data's)")
+    with torch.no_grad():
+        for k, v in kept.items():
+            own[k].copy_(v)
+    return sorted(kept)
+
+
+def make_model(config):
+    """The denoiser a run config describes: common.DiT (default) or a diffusers backbone."""
+    backbone = config.get("backbone", "dit")
+    if backbone == "dit":
+        return DiT(**dit_shape(config))
+    return DiffusersBackbone(backbone, config["backbone_kwargs"])
+
+
+# --vae: media are encoded once into latents, which the denoiser trains on and 06 decodes. An image is
+# a 1-frame video. Wan's VAE takes 1 + f*k frames (f = its temporal factor, 4 for Wan2.1) and gives
+# 1 + k latent frames, so a video of T frames is padded by repeating its last frame up to the next
+# 1 + f*k (the world's 8 -> 9 -> 3 latent frames) and the decoded video is cut back to T.
+TINY_VAE = "tiny-wan-vae"
+
+
+def load_vae(name, device="cpu"):
+    """(VAE in eval mode, its identity for the latent cache) from `tiny-wan-vae` (random, built
+    deterministically: for tests and the CPU miniature), a local folder or a hub id."""
+    import diffusers
+    if name == TINY_VAE:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                                             temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                             latents_std=[1.0] * 4)
+    else:
+        path = Path(name)
+        sub = {"subfolder": "vae"} if (path / "vae").is_dir() else {}
+        cls_name = None
+        cfg_file = path / sub.get("subfolder", "") / "config.json"
+        if cfg_file.is_file():
+            cls_name = json.loads(cfg_file.read_text()).get("_class_name")
+        cls = diffusers.AutoencoderKLWan if cls_name in (None, "AutoencoderKLWan") else diffusers.AutoencoderKL
+        try:
+            vae = cls.from_pretrained(name, **sub)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise DataError(f"--vae {name}: cannot load a VAE ({first_line(e)})") from None
+    vae = vae.to(device).eval().requires_grad_(False)
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return vae, f"{type(vae).__name__}:{h.hexdigest()[:20]}"
+
+
+def vae_temporal_factor(vae):
+    """Input frames per latent frame (after the first): 2 ** (temporal downsamplings); 1 for an image VAE."""
+    return 2 ** sum(vae.config.get("temperal_downsample") or [])
+
+
+def _latent_norm(vae, like):
+    """(shift, scale) with latent = (z - shift) * scale, as the VAE's own pipelines normalise."""
+    cfg = vae.config
+    if cfg.get("latents_mean") is not None:  # Wan: per-channel statistics; AutoencoderKL: shift and scale
+        view = (1, -1) + (1,) * (like.dim() - 2)
+        mean = torch.tensor(cfg["latents_mean"], dtype=like.dtype, device=like.device).view(view)
+        std = torch.tensor(cfg["latents_std"], dtype=like.dtype, device=like.device).view(view)
+        return mean, 1 / std
+    return cfg.get("shift_factor") or 0.0, cfg.get("scaling_factor", 1.0)
+
+
+@torch.no_grad()
+def vae_encode(vae, x):
+    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, C, T', h, w] (the posterior mean)."""
+    if isinstance(vae, _image_vae_types()):
+        z = vae.encode(x.permute(0, 2, 1, 3, 4).flatten(0, 1)).latent_dist.mean  # frames as images
+        z = z.view(x.shape[0], x.shape[2], *z.shape[1:]).permute(0, 2, 1, 3, 4)
+    else:
+        T, f = x.shape[2], vae_temporal_factor(vae)
+        if T > 1 and (T - 1) % f:
+            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, f - (T - 1) % f, -1, -1)], dim=2)
+        z = vae.encode(x).latent_dist.mean
+    shift, scale = _latent_norm(vae, z)
+    return (z - shift) * scale
+
+
+@torch.no_grad()
+def vae_decode(vae, z, frames):
+    """Normalised latents -> pixels [B, 3, frames, H, W] in about [-1, 1]."""
+    shift, scale = _latent_norm(vae, z)
+    z = z / scale + shift
+    if isinstance(vae, _image_vae_types()):
+        x = vae.decode(z.permute(0, 2, 1, 3, 4).flatten(0, 1)).sample
+        return x.view(z.shape[0], z.shape[2], *x.shape[1:]).permute(0, 2, 1, 3, 4)[:, :, :frames]
+    return vae.decode(z).sample[:, :, :frames]
+
+
+def _image_vae_types():
+    import diffusers
+    return (diffusers.AutoencoderKL,)
+
+
+def latent_media(vae, vae_id, data, size, frames, cache_dir, d, batch=8):
+    """Replace each kind's uint8 media by their VAE latents (float32), read from the cache or encoded
+    once on rank 0; keyed by the VAE's weights and the preprocessing (size, frames, the media bytes)."""
+    for k in KINDS:
+        media = data[k]["media"]
+        if media is None:
+            continue
+        meta = {"vae": vae_id, "size": size, "frames": frames, "kind": k, "shape": list(media.shape),
+                "media": hashlib.sha256(media.numpy().tobytes()).hexdigest()}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"latents_{key}.pt"
+        if d.is_main and not path.exists():
+            log(f"encoding {len(media)} {k}s with the VAE -> {path}")
+            dev = next(vae.parameters()).device
+            z = torch.cat([vae_encode(vae, media[s:s + batch].to(dev).float() / 127.5 - 1).float().cpu()
+                           for s in range(0, len(media), batch)])
+            atomic_torch_save({"meta": meta, "latents": z}, path)
+        d.barrier()
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["meta"] != meta:
+            raise DataError(f"{path}: latent cache does not match its key (corrupt or hand-edited); delete it")
+        data[k]["media"] = blob["latents"]
+    return data
 
 
 #################################################################################
@@ -1002,7 +1249,23 @@ CKPT_KIND = "gran-ted/dit"
 RUN_KEYS = ("data", "encoder", "encoder_dtype", "fusion", "max_length", "cache_dtype", "size", "frames",
             "hidden", "depth", "heads", "patch", "tpatch", "image_batch", "video_batch", "interleave", "steps",
             "lr", "weights_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema_decay", "caption_dropout",
-            "seed", "dtype")
+            "seed", "dtype", "backbone", "backbone_config", "init_transformer", "vae")
+# What a checkpoint written before a key existed meant by it (so older runs still resume).
+LEGACY = {"backbone": "dit", "backbone_config": "tiny", "init_transformer": None, "vae": None, "vae_id": None,
+          "channels": 3, "latent_shape": None, "backbone_kwargs": None}
+
+
+def add_backbone_args(p):
+    """The denoiser and latent-space flags 04 and 05 share."""
+    p.add_argument("--backbone", default="dit", choices=BACKBONES,
+                   help="dit (ours, pixel or latent), lumina2 (Lumina-Image-2.0, images only) or wan (Wan2.1)")
+    p.add_argument("--backbone-config", default="tiny",
+                   help="lumina2/wan size: tiny, paper (2B / 1.3B), a JSON file (e.g. a diffusers config.json) or string")
+    p.add_argument("--init-transformer", default=None,
+                   help="lumina2/wan: start from these diffusers weights (folder or hub id); text embedder re-initialised")
+    p.add_argument("--vae", default=None,
+                   help=f"train on latents of this VAE ({TINY_VAE}, or a diffusers AutoencoderKLWan/AutoencoderKL "
+                        "folder or hub id); default: pixels")
 
 
 def parse_ratio(text):
@@ -1016,12 +1279,24 @@ def parse_ratio(text):
     return ratio
 
 
-def run_config(args, encoder):
-    """The run's settings (RUN_KEYS from `args`) plus what the encoder and data file are."""
+def run_config(args, encoder, data=None, vae_id=None, saved=None):
+    """The run's settings (RUN_KEYS from `args`) plus what the encoder, data file, VAE and the
+    denoiser's input (channels, latent shape per kind, a diffusers backbone's constructor kwargs) are.
+    A continued run (`saved`: its checkpoint's config) takes the pretrained model's config from there."""
     config = {k: getattr(args, k) for k in RUN_KEYS}
     config.update(data=str(args.data), data_sha256=plumbing.file_digest(args.data), encoder=encoder.name,
                   encoder_id=getattr(encoder, "fingerprint", None), text_dim=encoder.width,
-                  num_layers=encoder.num_layers)
+                  num_layers=encoder.num_layers, vae_id=vae_id, channels=3, latent_shape=None, backbone_kwargs=None)
+    if args.vae and data is not None:
+        config["latent_shape"] = {k: list(data[k]["media"].shape[1:]) for k in KINDS if data[k]["media"] is not None}
+        config["channels"] = next(iter(config["latent_shape"].values()))[0]
+    if args.backbone != "dit" and args.init_transformer and saved and saved.get("backbone_kwargs"):
+        config["backbone_kwargs"] = saved["backbone_kwargs"]  # the weights are in the checkpoint now
+    elif args.backbone != "dit":
+        config["backbone_kwargs"] = backbone_config(args.backbone, args.backbone_config, config["channels"],
+                                                    encoder.width, args.init_transformer)
+    elif args.init_transformer or args.backbone_config != "tiny":
+        raise DataError("--init-transformer and --backbone-config are for --backbone lumina2 or wan")
     return config
 
 
@@ -1040,14 +1315,16 @@ def adopt_config(args, saved, given, source):
 
 def check_same_run(saved, now, source, ignore=("steps",)):
     """Refuse to continue a checkpoint whose data file, encoder weights or settings differ from now."""
-    diff = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if k not in ignore and saved.get(k) != now[k]]
+    diff = [f"{k}: {saved.get(k, LEGACY.get(k))!r} then, {now[k]!r} now" for k in now
+            if k not in ignore and saved.get(k, LEGACY.get(k)) != now[k]]
     if diff:
         raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
 
 
 def dit_shape(config):
     """DiT constructor arguments from a run config."""
-    return {k: config[k] for k in ("text_dim", "hidden", "depth", "heads", "patch", "tpatch")}
+    shape = {k: config[k] for k in ("text_dim", "hidden", "depth", "heads", "patch", "tpatch")}
+    return dict(shape, in_channels=config.get("channels", 3))
 
 
 class DiffusionRun:
@@ -1055,13 +1332,17 @@ class DiffusionRun:
     layer-weight logits in a group of their own), the lr schedule and one data stream per kind.
     `train_step` takes one optimiser step; `state_dict` holds everything a resume needs."""
 
-    def __init__(self, config, data, bank, fusion, d):
+    def __init__(self, config, data, bank, fusion, d, pretrained=None):
         self.config, self.data, self.bank, self.fusion, self.d = config, data, bank, fusion, d
         self.kinds = [k for k in KINDS if data[k]["media"] is not None]
         self.ratio = parse_ratio(config["interleave"])
         self.dtype = plumbing.pick_dtype(d.device, config["dtype"])
         torch.manual_seed(config["seed"])  # the DiT's init does not depend on what loading the encoder drew
-        self.model = DiT(**dit_shape(config)).to(d.device)
+        self.model = make_model(config)
+        if pretrained:
+            kept = load_pretrained_transformer(self.model, pretrained)
+            log(f"--init-transformer {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")
+        self.model.to(d.device)
         self.ema = EMA(self.model, config["ema_decay"])
         self.learned = fusion.mode == "learned"
         groups = [{"params": list(self.model.parameters()), "lr": config["lr"], "weight_decay": config["weight_decay"]}]
@@ -1090,7 +1371,9 @@ class DiffusionRun:
         """One optimiser step on the next batch of this step's kind; returns (kind, loss)."""
         d, c, kind = self.d, self.config, self.next_kind()
         idx = self.streams[kind].next()
-        x = self.data[kind]["media"][idx].to(d.device).float() / 127.5 - 1
+        x = self.data[kind]["media"][idx].to(d.device).float()
+        if self.data[kind]["media"].dtype == torch.uint8:  # pixels; VAE latents are stored as they train
+            x = x / 127.5 - 1
         # Noise, t and caption dropout for the *global* batch come from a generator seeded by the step;
         # each rank takes its slice. So N processes see exactly what 1 process sees, and a resumed run
         # draws exactly what the uninterrupted one would have.
@@ -1167,12 +1450,31 @@ def build_run(args, d, make_fusion, start=None, source=None):
     log(f"text encoder: {encoder}")
     fusion = make_fusion(encoder).to(d.device)
     bank, _ = feature_bank(encoder, fusion, texts, args.max_length, args.cache_dir, d, plumbing.DTYPES[args.cache_dtype])
-    run = DiffusionRun(run_config(args, encoder), data, bank, fusion, d)
+    # A kind the interleave never draws is not encoded (nor refused by lumina2). Pixel-space dit runs keep
+    # it loaded, as they always did, so their older checkpoints resume.
+    ratio = parse_ratio(args.interleave)
+    for k, share in zip(KINDS, ratio):
+        other = data[KINDS[1 - KINDS.index(k)]]["media"]
+        if share == 0 and data[k]["media"] is not None and other is not None and (args.vae or args.backbone != "dit"):
+            log(f"--interleave {args.interleave}: the {k}s are not used")
+            data[k]["media"] = None
+    if args.backbone == "lumina2" and data["video"]["media"] is not None:
+        raise DataError("--backbone lumina2 is an image model: train it with --interleave 1:0 (images only), "
+                        "or use --backbone wan for video")
+    vae_id = None
+    if args.vae:
+        vae, vae_id = load_vae(args.vae, d.device)
+        data = latent_media(vae, vae_id, data, args.size, args.frames, args.cache_dir, d)
+        del vae
+    pretrained = args.init_transformer if start is None else None  # a checkpoint has its own weights
+    config = run_config(args, encoder, data, vae_id, start and start["config"])
+    run = DiffusionRun(config, data, bank, fusion, d, pretrained)
     if start is not None:
         check_same_run(start["config"], run.config, source)
         run.load_state_dict(start, source)
         log(f"continuing {source} at step {run.step}")
-    log(f"DiT: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {dit_shape(run.config)}")
+    shape = dit_shape(run.config) if args.backbone == "dit" else run.config["backbone_kwargs"]
+    log(f"{args.backbone}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {shape}")
     return run
 
 
@@ -1194,7 +1496,7 @@ def load_dit(path, device="cpu"):
     if meta.get("kind") != CKPT_KIND:
         raise DataError(f"{path}: not a DiT written by 04/05 (no {CKPT_KIND!r} tag)")
     config = json.loads(meta["config"])
-    model = DiT(**dit_shape(config))
+    model = make_model(config)
     plumbing.load_state_dict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("dit.")}, str(path))
     fusion_state = {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}
     fusion = LayerFusion(config["fusion"], config["num_layers"], weights=fusion_state.get("weights"))
