@@ -1,6 +1,7 @@
 """The small plumbing every GRAN-TED script needs: user errors and the command-line wrapper, device and
 dtype, torchrun setup, seeding, logging and progress, atomic writes, json/jsonl reading, checkpoints,
-the learning-rate schedule and range-checked flag types.
+the learning-rate schedule, range-checked flag types, and running a stage as a logged subprocess (what
+the experiments do).
 
 The method itself (adapter, layer fusion, DiT, data loaders) lives in `common.py`.
 """
@@ -10,7 +11,9 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -434,6 +437,12 @@ def list_checkpoints(out_dir):
     return sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
 
 
+def newest_step(out_dir):
+    """The step of the newest checkpoint under a run folder (0 when none)."""
+    ckpts = list_checkpoints(out_dir)
+    return int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
+
+
 def save_checkpoint(out_dir, step, state, keep=2, replaces=()):
     """Write `state` atomically as checkpoints/step_N.pt, then delete the files of a run it `replaces`
     (--overwrite: the old run goes only once the new one has a checkpoint), then keep the newest `keep`."""
@@ -501,3 +510,26 @@ def lr_factor(step, steps, warmup, decay="constant", floor=0.0):
 def lr_scheduler(optimizer, steps, warmup, decay="constant", floor=0.0):
     """torch's LambdaLR over `lr_factor` (its state goes in the checkpoint)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay, floor))
+
+
+#################################################################################
+#                      Running a stage (the experiments' runner)                #
+#################################################################################
+
+def run_stage(cmd, log_path, what, cwd=None):
+    """Run one stage's command in `cwd`, its output appended to `log_path`; its wall seconds. A failure is
+    one DataError line with the stage's last output line."""
+    print(f"  $ {shlex.join(cmd)}", flush=True)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - t0
+    if rc:
+        lines = [x for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        raise DataError(f"{what} failed (exit {rc}): {lines[-1].strip() if lines else 'no output'} "
+                        f"(log: {log_path})")
+    return seconds

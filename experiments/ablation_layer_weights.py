@@ -40,7 +40,6 @@ ARM/seconds.json their wall seconds; with --smoke, OUT/world/ holds the tiny wor
 """
 import math
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import plumbing  # noqa: E402
-from plumbing import DataError  # noqa: E402
+from plumbing import DataError, newest_step, run_stage  # noqa: E402
 
 ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
 KINDS = ("image", "video")
@@ -189,30 +188,6 @@ def eval_command(args, dit):
         *args.eval_args]
 
 
-def run_stage(cmd, log_path, what):
-    """Run one stage in the repository root, its output appended to `log_path`; its wall seconds. A failure
-    is one DataError line with the stage's last output line."""
-    print(f"  $ {shlex.join(cmd)}", flush=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - t0
-    if rc:
-        lines = [x for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
-        raise DataError(f"{what} failed (exit {rc}): {lines[-1].strip() if lines else 'no output'} "
-                        f"(log: {log_path})")
-    return seconds
-
-
-def newest_step(dit):
-    """The step of the newest checkpoint under a 04/05 run folder (0 when none)."""
-    ckpts = plumbing.list_checkpoints(dit)
-    return int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
-
-
 def dit_done(steps, dit):
     return newest_step(dit) >= steps and (dit / "model.safetensors").is_file()
 
@@ -238,7 +213,7 @@ def launch(args, label, cmd, folder, log_name, key):
         print(f"{label}:\n  $ {shlex.join(cmd)}")
         return
     print(label, flush=True)
-    seconds = run_stage(cmd, folder / "logs" / log_name, label.replace("[", "").replace("]", ":"))
+    seconds = run_stage(cmd, folder / "logs" / log_name, label.replace("[", "").replace("]", ":"), cwd=ROOT)
     path = folder / "seconds.json"
     secs = plumbing.read_json(path) if path.is_file() else {}
     secs[key] = secs.get(key, 0.0) + seconds  # a resumed run adds its attempts (a killed one is not counted)
@@ -509,7 +484,7 @@ def main(argv=None):
             print(f"01 world:\n  $ {shlex.join(world_command(args))}")
         else:
             print("01 world", flush=True)
-            run_stage(world_command(args), args.out / "world.log", "01")
+            run_stage(world_command(args), args.out / "world.log", "01", cwd=ROOT)
     t0 = time.time()
     for seed in args.seeds:
         run_seed(args, seed, train_commands(args, seed))

@@ -37,7 +37,6 @@ OUT/configs/NAME/seconds.json the timings; with --smoke, OUT/world/ holds the ti
 import itertools
 import math
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import plumbing  # noqa: E402
-from plumbing import DataError  # noqa: E402
+from plumbing import DataError, newest_step, run_stage  # noqa: E402
 
 ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
 KINDS = ("image", "video")
@@ -222,30 +221,6 @@ def eval_command(args, cfg, dit, out):
         *args.eval_args]
 
 
-def run_stage(cmd, log_path, what):
-    """Run one stage in the repository root, its output appended to `log_path`; its wall seconds. A failure
-    is one DataError line with the stage's last output line."""
-    print(f"  $ {shlex.join(cmd)}", flush=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - t0
-    if rc:
-        lines = [x for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
-        raise DataError(f"{what} failed (exit {rc}): {lines[-1].strip() if lines else 'no output'} "
-                        f"(log: {log_path})")
-    return seconds
-
-
-def newest_step(dit):
-    """The step of the newest checkpoint under a 05 run folder (0 when none)."""
-    ckpts = plumbing.list_checkpoints(dit)
-    return int(ckpts[-1].stem.split("_")[1]) if ckpts else 0
-
-
 def dit_done(args, dit):
     return newest_step(dit) >= args.steps and (dit / "model.safetensors").is_file()
 
@@ -291,7 +266,8 @@ def run_config(args, cfg, label):
         print(f"{label} 02 probe:\n  $ {shlex.join(probe_command(args, cfg, probe))}")
     else:
         print(f"{label} 02 probe", flush=True)
-        secs["probe"] = run_stage(probe_command(args, cfg, probe), d / "logs/02_probe.log", f"{cfg.name}: 02")
+        secs["probe"] = run_stage(probe_command(args, cfg, probe), d / "logs/02_probe.log", f"{cfg.name}: 02",
+                                  cwd=ROOT)
         save()
     if dit_done(args, dit):
         print(f"{label} 05 train: kept (step {newest_step(dit)})")
@@ -305,7 +281,7 @@ def run_config(args, cfg, label):
             print(f"{label} 05 train ({how})", flush=True)
             secs["train_started"] = time.time()
             save()
-            s = run_stage(cmd, d / "logs/05_train.log", f"{cfg.name}: 05")
+            s = run_stage(cmd, d / "logs/05_train.log", f"{cfg.name}: 05", cwd=ROOT)
             secs.pop("train_started")
             secs["train"] = secs.get("train", 0.0) + s
             save()
@@ -318,7 +294,7 @@ def run_config(args, cfg, label):
         print(f"{label} 06 eval:\n  $ {shlex.join(eval_command(args, cfg, dit, ev))}")
     else:
         print(f"{label} 06 eval", flush=True)
-        secs["eval"] = run_stage(eval_command(args, cfg, dit, ev), d / "logs/06_eval.log", f"{cfg.name}: 06")
+        secs["eval"] = run_stage(eval_command(args, cfg, dit, ev), d / "logs/06_eval.log", f"{cfg.name}: 06", cwd=ROOT)
         save()
     return not args.dry_run
 
@@ -656,7 +632,7 @@ def main(argv=None):
             print(f"01 world:\n  $ {shlex.join(world_command(args))}")
         else:
             print("01 world", flush=True)
-            run_stage(world_command(args), args.out / "world.log", "01")
+            run_stage(world_command(args), args.out / "world.log", "01", cwd=ROOT)
     t0 = time.time()
     for i, cfg in enumerate(chosen, 1):
         label = f"[{i}/{len(chosen)} {cfg.name}]"

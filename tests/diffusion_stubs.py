@@ -68,3 +68,23 @@ TINY = ["--encoder", "tiny-qwen3", "--size", "8", "--frames", "4", "--hidden", "
         "--patch", "4", "--tpatch", "2", "--image-batch", "4", "--video-batch", "2", "--warmup", "0",
         "--log-every", "2", "--max-length", "8", "--device", "cpu"]
 
+
+
+_ENCODERS = {}  # (name, device, dtype) -> the encoder, loaded once per test session
+
+
+def one_thread_and_one_encoder_load(monkeypatch):
+    """Generator for an autouse fixture: one CPU thread, and each (frozen, so shareable) encoder loaded once."""
+    import encoders
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    real = encoders.load_encoder
+
+    def load(name, *a, **k):
+        key = (str(name), str(k.get("device")), str(k.get("dtype")))
+        if key not in _ENCODERS:
+            _ENCODERS[key] = real(name, *a, **k)
+        return _ENCODERS[key]
+    monkeypatch.setattr(encoders, "load_encoder", load)
+    yield
+    torch.set_num_threads(threads)

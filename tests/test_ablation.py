@@ -30,7 +30,7 @@ def stages(monkeypatch):
     the transformers import cost seconds a stage, the stage itself a fraction of one); the commands run."""
     ran = []
 
-    def run(cmd, log_path, what):
+    def run(cmd, log_path, what, cwd=None):
         ran.append(cmd)
         stage = importlib.import_module(Path(cmd[1]).stem)
         log_path.parent.mkdir(parents=True, exist_ok=True)

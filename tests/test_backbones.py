@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+from tests import diffusion_stubs as stubs
 import plumbing
 from plumbing import DataError
 from tests.cli import assert_one_line, cli_error
@@ -27,25 +28,11 @@ SETUPS = {  # backbone -> its flags; lumina2 is an image model, so it trains on 
     "lumina2": ["--backbone", "lumina2", "--interleave", "1:0"],
     "wan": ["--backbone", "wan"],
 }
-_ENCODERS = {}  # (name, device, dtype) -> the encoder, loaded once for the module
 
 
 @pytest.fixture(autouse=True)
 def one_thread_and_one_encoder_load(monkeypatch):
-    """One CPU thread, and the tiny Qwen3 loaded once for the module (it is frozen: sharing is safe)."""
-    import encoders
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    real = encoders.load_encoder
-
-    def load(name, *a, **k):
-        key = (str(name), str(k.get("device")), str(k.get("dtype")))
-        if key not in _ENCODERS:
-            _ENCODERS[key] = real(name, *a, **k)
-        return _ENCODERS[key]
-    monkeypatch.setattr(encoders, "load_encoder", load)
-    yield
-    torch.set_num_threads(threads)
+    yield from stubs.one_thread_and_one_encoder_load(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -13,31 +13,17 @@ import pytest
 import torch
 
 import common
-from tests.diffusion_stubs import make_world
+from tests import diffusion_stubs as stubs
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's numbers (shared/PAPER_FACTS.md, "Diffusion setup"): the README's recipes must say them.
 PAPER = {"t2i": dict(backbone="lumina2", steps=144000, freeze=96000, image_batch=512, video_batch=None),
          "t2v": dict(backbone="wan", steps=20000, freeze=12000, image_batch=512, video_batch=128)}
-_ENCODERS = {}
 
 
 @pytest.fixture(autouse=True)
 def one_thread_and_one_encoder_load(monkeypatch):
-    """One CPU thread, and the tiny Qwen3 loaded once for the module (it is frozen: sharing is safe)."""
-    import encoders
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    real = encoders.load_encoder
-
-    def load(name, *a, **k):
-        key = (str(name), str(k.get("device")), str(k.get("dtype")))
-        if key not in _ENCODERS:
-            _ENCODERS[key] = real(name, *a, **k)
-        return _ENCODERS[key]
-    monkeypatch.setattr(encoders, "load_encoder", load)
-    yield
-    torch.set_num_threads(threads)
+    yield from stubs.one_thread_and_one_encoder_load(monkeypatch)
 
 
 def recipe(name):
@@ -119,7 +105,7 @@ def test_readme_recipe_runs_at_tiny_size(tmp_path, name):
 
     steps = tiny_steps(fraction)
     models = stand_ins(tmp_path)
-    data = make_world(tmp_path / "world", n_images=8, n_videos=4, size=8, frames=4)
+    data = stubs.make_world(tmp_path / "world", n_images=8, n_videos=4, size=8, frames=4)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue square moving left\n")
     for stem, args in cmds:
