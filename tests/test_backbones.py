@@ -218,7 +218,8 @@ def test_two_processes_match_one_for_wan_on_latents(tmp_path, world):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     args = flags(tmp_path, world, "wan", True, "--steps", "4", "--ckpt-every", "4")
-    args = args[args.index("--cache-dir"):]  # --out per run
+    i = args.index("--out")
+    args = args[:i] + args[i + 2:]  # --out per run
     script = str(ROOT / "05_train_diffusion.py")
     subprocess.run([sys.executable, script, "--out", str(tmp_path / "one"), *args],
                    check=True, env=env, cwd=ROOT, timeout=300)
