@@ -516,6 +516,22 @@ def lr_scheduler(optimizer, steps, warmup, decay="constant", floor=0.0):
 #                      Running a stage (the experiments' runner)                #
 #################################################################################
 
+def keep_recipe(out, settings, what, dry_run=False):
+    """OUT/settings.json: written on the first run, and a rerun whose recipe (the flags that change a result)
+    differs from the one OUT's kept runs were made with is refused."""
+    path = Path(out) / "settings.json"
+    if path.is_file():
+        old = read_json(path)
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            k = diff[0]
+            raise DataError(f"{out} holds {what} made with --{k.replace('_', '-')} {old.get(k)!r}, not "
+                            f"{settings[k]!r}: rerun with its settings, or another --out")
+    elif not dry_run:
+        atomic_write_json(path, settings)
+    return settings
+
+
 def run_stage(cmd, log_path, what, cwd=None):
     """Run one stage's command in `cwd`, its output appended to `log_path`; its wall seconds. A failure is
     one DataError line with the stage's last output line."""

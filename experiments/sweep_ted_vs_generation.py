@@ -169,18 +169,7 @@ def select(args):
 
 def check_settings(args):
     """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with."""
-    settings = {k: getattr(args, k) for k in RECIPE}
-    path = args.out / "settings.json"
-    if path.is_file():
-        old = plumbing.read_json(path)
-        diff = [k for k in RECIPE if old.get(k) != settings[k]]
-        if diff:
-            k = diff[0]
-            raise DataError(f"{args.out} holds a sweep made with --{k.replace('_', '-')} {old.get(k)!r}, not "
-                            f"{settings[k]!r}: rerun with its settings, or another --out")
-    elif not args.dry_run:
-        plumbing.atomic_write_json(path, settings)
-    return settings
+    return plumbing.keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "a sweep", args.dry_run)
 
 
 #################################################################################
