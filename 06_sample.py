@@ -144,30 +144,31 @@ def write_grid(path, frames):
 #################################################################################
 
 def score(pixels, wanted):
-    """Per aspect, the checker's score of every sample in order (aspects a scene lacks are skipped)."""
-    acc = {a: [] for a in ASPECTS}
-    for px, scene in zip(pixels, wanted):
-        for sample in px:  # seeds
-            res = checker.check_sample(sample[0] if sample.shape[0] == 1 else sample, scene)
-            for a in ASPECTS:
-                if res.get(a) is not None:
-                    acc[a].append(float(res[a]))
-    return acc
+    """The checker's scores, one dict {aspect: score or None} per sample, prompt by prompt, seed by seed."""
+    return [checker.check_sample(sample[0] if sample.shape[0] == 1 else sample, scene)
+            for px, scene in zip(pixels, wanted) for sample in px]
 
 
 def summary(scores):
     """Mean and count per aspect."""
-    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in scores.items()}
+    vals = {a: [s[a] for s in scores if s[a] is not None] for a in ASPECTS}
+    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in vals.items()}
 
 
-def paired_gain(model, floor):
-    """Per aspect, mean and standard error of model - floor over samples paired by prompt and seed:
-    the same noise on both sides cancels much of the sample-to-sample spread of either score."""
-    out = {}
-    for a in model:
-        d = np.asarray(model[a]) - np.asarray(floor[a])
-        out[a] = {"mean": float(d.mean()) if len(d) else None,
-                  "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None}
+def mean_se(values):
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()) if len(v) else None, "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None,
+            "n": len(v)}
+
+
+def paired_gain(model, base):
+    """Per aspect and over all aspects ("all": each sample's mean over the aspects both sides score), mean and
+    standard error of model - base over samples paired by prompt and seed: the same noise on both sides
+    cancels much of the sample-to-sample spread of either score."""
+    out = {a: mean_se([m[a] - b[a] for m, b in zip(model, base) if m[a] is not None and b[a] is not None])
+           for a in ASPECTS}
+    both = [[a for a in ASPECTS if m[a] is not None and b[a] is not None] for m, b in zip(model, base)]
+    out["all"] = mean_se([np.mean([m[a] - b[a] for a in keys]) for m, b, keys in zip(model, base, both) if keys])
     return out
 
 
@@ -178,7 +179,9 @@ def evaluate(args, model, config, cond_fn, out, source):
     limits = {"image": args.eval_images, "video": args.eval_videos}
     n = args.eval_seeds
     size = scenes.IMAGE_SIZE
-    results, settings, gain = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {}}, {}, {}
+    results = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {},
+               "DiT + prompt, scored as another prompt": {}}
+    settings, gain, gain_mismatched, samples = {}, {}, {}, {}
     for kind in ("image", "video"):
         rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
         if not rs:
@@ -206,10 +209,18 @@ def evaluate(args, model, config, cond_fn, out, source):
                           size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
                           *a.shape[:3], size, size, 3)) for a in (gen, floor))
         results["renders (ceiling)"][kind] = summary(score(ceiling, wanted))
-        got, base = score(gen, wanted), score(floor, wanted)
+        # The mismatched control: the same guided samples scored against the next prompt's scene. Guidance
+        # damage lowers both sides alike, so matched - mismatched is what the prompt itself put there.
+        other = wanted[1:] + wanted[:1]
+        got, base, wrong = score(gen, wanted), score(floor, wanted), score(gen, other)
         results["DiT + prompt"][kind] = summary(got)
         results["DiT + empty caption (floor)"][kind] = summary(base)
+        results["DiT + prompt, scored as another prompt"][kind] = summary(wrong)
         gain[kind] = paired_gain(got, base)
+        gain_mismatched[kind] = paired_gain(got, wrong)
+        samples[kind] = [{"prompt": i, "seed": sd, "matched": m, "floor": f, "mismatched": w}
+                         for (i, sd), m, f, w in zip([(i, sd) for i in range(len(rs)) for sd in seeds[i]],
+                                                     got, base, wrong)]
         settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
                           "cfg_trunc": args.cfg_trunc, "steps": args.steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
@@ -219,11 +230,67 @@ def evaluate(args, model, config, cond_fn, out, source):
         plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
     report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"],
               "fusion": config["fusion"], "ema": True, "text": args.eval_text,
-              "settings": settings, "results": results, "gain over floor": gain}
+              "settings": settings, "results": results, "gain over floor": gain,
+              "gain over mismatched": gain_mismatched, "samples": samples}
+    if args.classify_times:
+        report["classifier"] = classify(model, cond_fn, config, recs, limits, args.classify_times, args.batch_size)
     plumbing.atomic_write_json(out / "eval.json", report)
     plumbing.atomic_write_text(out / "eval.md", markdown(report))
     log(markdown(report))
     return report
+
+
+@torch.no_grad()
+def classify(model, cond_fn, config, recs, limits, n_times, batch, n_noises=2, negatives=3):
+    """Diffusion-classifier accuracy (Li et al. 2023): for each held-out scene and aspect, its caption and
+    `negatives` captions of one-aspect edits of it (checker.hard_negatives), ranked by the DiT's conditional
+    denoising loss on the scene's render at n_times fixed timesteps x n_noises fixed noises shared by all
+    options; the lowest loss wins. Tied options share the credit, so a caption-blind model scores chance."""
+    if config.get("vae"):
+        raise DataError("--classify-times: a latent-space run is not supported (pass --classify-times 0)")
+    rf, device = common.RectifiedFlow(), next(model.parameters()).device
+    dtype = plumbing.pick_dtype(device, config["dtype"])
+    t_grid = (torch.arange(n_times) + 0.5) / n_times
+    out = {}
+    for kind in ("image", "video"):
+        rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
+        if not rs or (kind == "video" and (config.get("backbone") == "lumina2" or config["frames"] != scenes.FRAMES)):
+            continue
+        render = scenes.render_image if kind == "image" else scenes.render_video
+        credits = {a: [] for a in checker.ASPECTS}
+        for i, r in enumerate(plumbing.progress(rs, desc=f"classify {kind}")):
+            px = torch.from_numpy(np.asarray(render(r["scene"])).reshape(-1, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3))
+            x = px.permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, T, H, W]
+            if x.shape[-1] != config["size"]:
+                x = torch.nn.functional.interpolate(x, size=(config["size"],) * 2, mode="area")
+            questions = {a: checker.hard_negatives(r["scene"], a, negatives, seed=i, style=i % 2) for a in checker.ASPECTS}
+            texts = sorted({t for true, negs in questions.values() if negs for t in [true] + negs})
+            feats, mask = cond_fn(texts)
+            g = torch.Generator().manual_seed(i)
+            noise = torch.randn((n_noises,) + tuple(x.shape), generator=g)
+            # every (option, timestep, noise) triple; the same timesteps and noises for every option
+            jobs = [(j, t, k) for j in range(len(texts)) for t in range(n_times) for k in range(n_noises)]
+            loss = torch.zeros(len(texts))
+            for s in range(0, len(jobs), batch):
+                chunk = torch.tensor(jobs[s:s + batch])
+                j, t, k = chunk.unbind(1)
+                with plumbing.autocast(device, dtype):
+                    l = rf.loss(model, x.expand(len(chunk), *x.shape).to(device), (feats[j.to(feats.device)],
+                                mask[j.to(mask.device)]), t_grid[t].to(device), noise[k].to(device))
+                loss.index_add_(0, j, l.float().cpu())
+            loss = dict(zip(texts, loss.tolist()))
+            for a, (true, negs) in questions.items():
+                if negs:
+                    options = [loss[true]] + [loss[n] for n in negs]
+                    best = min(options)
+                    credits[a].append({"scene": i, "options": len(options),
+                                       "credit": (options[0] == best) / sum(v == best for v in options)})
+        out[kind] = {a: dict(mean_se([q["credit"] for q in qs]), chance=float(np.mean([1 / q["options"] for q in qs])))
+                     for a, qs in credits.items() if qs}
+        every = [q for qs in credits.values() for q in qs]
+        out[kind]["all"] = dict(mean_se([q["credit"] for q in every]), chance=float(np.mean([1 / q["options"] for q in every])))
+        out[kind]["questions"] = {a: qs for a, qs in credits.items() if qs}
+    return {"timesteps": n_times, "noises": n_noises, "negatives": negatives, "results": out}
 
 
 def markdown(report):
@@ -242,6 +309,17 @@ def markdown(report):
                     else f"{g['mean']:+.3f}" if g.get("mean") is not None else "-")
             lines.append(f"| {kind} | {a} | " + " | ".join(
                 f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + f" | {gain} |")
+    lines += ["", "| kind | aspect | prompt - mismatched prompt (± s.e., paired) |", "|---|---|---|"]
+    for kind, gains in report["gain over mismatched"].items():
+        lines += [f"| {kind} | {a} | {g['mean']:+.3f} ± {g['se']:.3f} |" for a, g in gains.items() if g.get("se") is not None]
+    if report.get("classifier"):
+        c = report["classifier"]
+        lines += ["", f"Diffusion classifier: the caption against {c['negatives']} one-aspect edits, lowest denoising "
+                  f"loss over {c['timesteps']} timesteps x {c['noises']} noises wins.", "",
+                  "| kind | aspect | accuracy (± s.e.) | questions | chance |", "|---|---|---|---|---|"]
+        for kind, res in c["results"].items():
+            lines += [f"| {kind} | {a} | {r['mean']:.3f} ± {r['se']:.3f} | {r['n']} | {r['chance']:.3f} |"
+                      for a, r in res.items() if a != "questions" and r.get("se") is not None]
     for kind, s in report["settings"].items():
         lines.append(f"\n{kind}: {s['prompts']} held-out prompts x {s['seeds']} seeds, {s['steps']} Euler steps, "
                      f"CFG {s['cfg']}" + (f" (renorm {s['cfg_renorm']})" if s.get("cfg_renorm") else "")
@@ -307,6 +385,8 @@ def get_parser():
     p.add_argument("--eval-images", type=plumbing.nonneg_int, default=48, help="held-out image prompts scored")
     p.add_argument("--eval-videos", type=plumbing.nonneg_int, default=24, help="held-out video prompts scored")
     p.add_argument("--eval-seeds", type=pos, default=4)
+    p.add_argument("--classify-times", type=plumbing.nonneg_int, default=8,
+                   help="with --eval: diffusion-classifier timesteps per option, each with 2 noises (0: off)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=plumbing.nonneg_int, default=1, help="torch CPU threads (0: torch's default)")
     return p

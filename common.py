@@ -291,6 +291,37 @@ class TextEmbedder(nn.Module):
         return tokens, mask, pooled
 
 
+class FeatureStandardiser(nn.Module):
+    """(x - mean) / std per text-feature dimension, with the statistics of the training captions' tokens
+    fixed before training (buffers: saved with the model, applied alike at train and sample time).
+
+    Decoder LLM features reach the DiT dominated by a few huge dimensions (after RMSNorm, 5 of SmolLM2's
+    576 hold most of the energy), so a small DiT reads little else; the paper's long training lets its
+    caption embedder learn this scaling, a miniature run does not have the steps to."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, chunks):
+        """Set mean and std from an iterable of [tokens, dim] feature chunks (float64 sums)."""
+        n, s, sq = 0, 0.0, 0.0
+        for x in chunks:
+            x = x.reshape(-1, x.shape[-1]).double()
+            n, s, sq = n + len(x), s + x.sum(0), sq + (x * x).sum(0)
+        mean = s / max(n, 1)
+        std = (sq / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+        # A (near-)constant dimension would turn float noise into signal: floor its std.
+        std = std.clamp(min=1e-2 * float(std.mean()) + 1e-12)
+        self.mean.copy_(mean.float())
+        self.std.copy_(std.float())
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 def sincos_1d(dim, pos):
     """Fixed sin-cos embedding [len(pos), dim] of positions `pos` (float array)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
@@ -373,11 +404,12 @@ class DiT(nn.Module):
     output frames averaged on the way out, so images and videos share one patch embedding."""
 
     def __init__(self, text_dim, in_channels=3, hidden=192, depth=3, heads=6, patch=4, tpatch=2,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, standardise=False):
         super().__init__()
         self.config = dict(text_dim=text_dim, in_channels=in_channels, hidden=hidden, depth=depth,
-                           heads=heads, patch=patch, tpatch=tpatch, mlp_ratio=mlp_ratio)
+                           heads=heads, patch=patch, tpatch=tpatch, mlp_ratio=mlp_ratio, standardise=standardise)
         self.in_channels, self.patch, self.tpatch = in_channels, patch, tpatch
+        self.text_standardiser = FeatureStandardiser(text_dim) if standardise else nn.Identity()
         self.x_embedder = nn.Conv3d(in_channels, hidden, (tpatch, patch, patch), stride=(tpatch, patch, patch))
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = TextEmbedder(text_dim, hidden)
@@ -428,7 +460,8 @@ class DiT(nn.Module):
         _, hidden, tt, hh, ww = x.shape
         pos = torch.from_numpy(sincos_3d(hidden, tt, hh, ww)).to(x.device, x.dtype)
         x = x.flatten(2).transpose(1, 2) + pos
-        tokens, mask, pooled = self.y_embedder(text.to(self.y_embedder.norm.weight.dtype), text_mask)
+        text = self.text_standardiser(text.to(self.y_embedder.norm.weight.dtype))
+        tokens, mask, pooled = self.y_embedder(text, text_mask)
         kind = torch.full((len(x),), int(T > 1), device=x.device, dtype=torch.long)
         c = self.t_embedder(t) + pooled + self.kind_embed(kind)
         for block in self.blocks:
@@ -579,17 +612,19 @@ class DiffusersBackbone(nn.Module):
     t = 1 - sigma (t=0 noise) and predicts x - noise, so its output is negated (as its pipeline does).
     Lumina2 is an image model: a video batch is refused (train it with --interleave 1:0, or use wan)."""
 
-    def __init__(self, backbone, config):
+    def __init__(self, backbone, config, standardise=False):
         super().__init__()
         self.backbone, self.config = backbone, dict(config)
         self.net = diffusers_class(backbone)(**config)
+        text_dim = config["text_dim" if backbone == "wan" else "cap_feat_dim"]
+        self.text_standardiser = FeatureStandardiser(text_dim) if standardise else nn.Identity()
 
     def forward(self, x, t, text, text_mask):
         mask = text_mask.bool().clone()
         # The empty caption (CFG's null condition) may tokenise to nothing; give it one zero token so
         # attention always has a key. Padding is zero, as both pipelines pad.
         mask[:, 0] |= ~mask.any(1)
-        text = text * mask.unsqueeze(-1).to(text.dtype)
+        text = self.text_standardiser(text) * mask.unsqueeze(-1).to(text.dtype)
         if self.backbone == "wan":
             return self.net(x, t * 1000, text, return_dict=False)[0]
         if x.shape[2] != 1:
@@ -625,10 +660,9 @@ def load_pretrained_transformer(model, path):
 
 def make_model(config):
     """The denoiser a run config describes: common.DiT (default) or a diffusers backbone."""
-    backbone = config.get("backbone", "dit")
-    if backbone == "dit":
+    if config["backbone"] == "dit":
         return DiT(**dit_shape(config))
-    return DiffusersBackbone(backbone, config["backbone_kwargs"])
+    return DiffusersBackbone(config["backbone"], config["backbone_kwargs"], config["text_norm"] == "standardise")
 
 
 # --vae: media are encoded once into latents, which the denoiser trains on and 06 decodes. An image is
@@ -1156,6 +1190,13 @@ class FeatureBank:
     def __init__(self, feats, offsets):
         self.feats, self.offsets = feats, offsets
 
+    @torch.no_grad()
+    def fused_chunks(self, fusion, device, tokens=65536):
+        """Every stored token's feature as `fusion` makes it (a learned fusion: at its current weights)."""
+        for s in range(0, self.feats.shape[-2], tokens):
+            x = self.feats[..., s:s + tokens, :].to(device).float()
+            yield fusion(x.unsqueeze(-3))[0] if x.dim() == 3 else x
+
     def batch(self, idx, device):
         """(feats [(n_layers,) B, L, D] float32, mask [B, L]) for text indices `idx`, right-padded."""
         lens = [int(self.offsets[i + 1] - self.offsets[i]) for i in idx]
@@ -1250,7 +1291,7 @@ CKPT_KIND = "gran-ted/dit"
 RUN_KEYS = ("data", "encoder", "encoder_dtype", "fusion", "max_length", "cache_dtype", "size", "frames",
             "hidden", "depth", "heads", "patch", "tpatch", "image_batch", "video_batch", "interleave", "steps",
             "lr", "weights_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema_decay", "caption_dropout",
-            "seed", "dtype", "backbone", "backbone_config", "init_transformer", "vae")
+            "seed", "dtype", "backbone", "backbone_config", "init_transformer", "vae", "text_norm")
 # What a checkpoint written before a key existed meant by it (so older runs still resume).
 LEGACY = {"backbone": "dit", "backbone_config": "tiny", "init_transformer": None, "vae": None, "vae_id": None,
           "channels": 3, "latent_shape": None, "backbone_kwargs": None}
@@ -1258,6 +1299,9 @@ LEGACY = {"backbone": "dit", "backbone_config": "tiny", "init_transformer": None
 
 def add_backbone_args(p):
     """The denoiser and latent-space flags 04 and 05 share."""
+    p.add_argument("--text-norm", default="standardise", choices=["standardise", "none"],
+                   help="standardise each text-feature dimension at the denoiser's input (training captions' "
+                        "statistics, stored with the model), or feed the features as they are")
     p.add_argument("--backbone", default="dit", choices=BACKBONES,
                    help="dit (ours, pixel or latent), lumina2 (Lumina-Image-2.0, images only) or wan (Wan2.1)")
     p.add_argument("--backbone-config", default="tiny",
@@ -1325,7 +1369,7 @@ def check_same_run(saved, now, source, ignore=("steps",)):
 def dit_shape(config):
     """DiT constructor arguments from a run config."""
     shape = {k: config[k] for k in ("text_dim", "hidden", "depth", "heads", "patch", "tpatch")}
-    return dict(shape, in_channels=config.get("channels", 3))
+    return dict(shape, in_channels=config["channels"], standardise=config["text_norm"] == "standardise")
 
 
 class DiffusionRun:
@@ -1340,6 +1384,8 @@ class DiffusionRun:
         self.dtype = plumbing.pick_dtype(d.device, config["dtype"])
         torch.manual_seed(config["seed"])  # the DiT's init does not depend on what loading the encoder drew
         self.model = make_model(config)
+        if config["text_norm"] == "standardise":  # statistics of the text condition at the start of training
+            self.model.text_standardiser.fit(bank.fused_chunks(fusion, d.device))
         if pretrained:
             kept = load_pretrained_transformer(self.model, pretrained)
             log(f"--init-transformer {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")

@@ -10,12 +10,15 @@ count, position, shape, motion, speed). On the world's own renders every aspect 
     scene = scenes.sample_scene(random.Random(0), "video")
     print(checker.check_sample(scenes.render_video(scene), scene))   # all 1.0
 """
+import copy
 import itertools
 import math
+import random
 
 import numpy as np
 
-from .scenes import BACKGROUND, COLOURS, IMAGE_SIZE, PALETTE, first_segment, position, visible
+from .scenes import (BACKGROUND, COLOURS, DIRECTIONS, IMAGE_SIZE, PALETTE, SHAPES, first_segment, position, visible,
+                     write_caption)
 
 #################################################################################
 #                          Reading objects out of pixels                        #
@@ -170,3 +173,67 @@ def check_sample(pixels, scene):
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else None
     return {"colour": mean(colour), "count": mean(count_ok), "position": mean(pos), "shape": mean(shape),
             "motion": mean(motion) if video else None, "speed": mean(speed) if video else None}
+
+
+#################################################################################
+#             Hard-negative captions (the diffusion classifier's options)       #
+#################################################################################
+# The generation-side twin of a TED question: a scene's caption against captions of the same scene
+# with one aspect changed, all written in one style with one wording seed so they differ only where
+# the edit shows. Truth is exact: the negatives describe scenes that are not the rendered one.
+
+ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")
+
+
+def _edits(scene, aspect):
+    """Every one-aspect edit of the scene, as a list of edited copies."""
+    objs, out = scene["objects"], []
+    free = [[r, c] for r in range(3) for c in range(3) if [r, c] not in [o["cell"] for o in objs]]
+    video = scene["kind"] == "video"
+
+    def edited(i, **change):
+        new = copy.deepcopy(scene)
+        new["objects"][i].update(change)
+        return new
+    for i, o in enumerate(objs):
+        if aspect == "colour":
+            out += [edited(i, colour=c) for c in COLOURS if c != o["colour"]]
+        elif aspect == "shape":
+            out += [edited(i, shape=s) for s in SHAPES if s != o["shape"]]
+        elif aspect == "position":
+            out += [edited(i, cell=cell) for cell in free]
+        elif aspect == "count":
+            if len(objs) > 1:
+                new = copy.deepcopy(scene)
+                del new["objects"][i]
+                out.append(new)
+            for cell in free[:2]:
+                new = copy.deepcopy(scene)
+                new["objects"].append(dict(copy.deepcopy(o), cell=cell))
+                out.append(new)
+        elif aspect == "motion" and video:
+            for d in DIRECTIONS:
+                if d != o["direction"]:
+                    keep = o["event"] == "disappears" or d != "none"  # a still object cannot stop or turn
+                    out.append(edited(i, direction=d, speed=None if d == "none" else o["speed"] or "slow",
+                                      event=o["event"] if keep else None, event_frame=o["event_frame"] if keep else None))
+        elif aspect == "speed" and video and o["direction"] != "none":
+            out.append(edited(i, speed="fast" if o["speed"] == "slow" else "slow"))
+    return out
+
+
+def hard_negatives(scene, aspect, n=3, seed=0, style=0):
+    """(true caption, up to n distinct captions of one-aspect edits of the scene); [] when the aspect
+    cannot be edited (motion and speed of an image, speed when nothing moves)."""
+    wording = lambda sc: write_caption(sc, style, random.Random(seed))
+    true = wording(scene)
+    edits = _edits(scene, aspect)
+    random.Random(seed).shuffle(edits)
+    negatives = []
+    for e in edits:
+        text = wording(e)
+        if text != true and text not in negatives:
+            negatives.append(text)
+        if len(negatives) == n:
+            break
+    return true, negatives

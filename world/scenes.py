@@ -578,6 +578,11 @@ def write_captions(scene, rng):
     return [write(scene, rng, s) for s in styles]
 
 
+def write_caption(scene, style, rng):
+    """One caption of the scene in a chosen style (0 or 1); the same rng state gives the same wording."""
+    return (_caption_image if scene["kind"] == "image" else _caption_video)(scene, rng, style)
+
+
 def write_prompt(scene):
     """A short generation prompt: every object's look and place (and motion for videos)."""
     parts = []
