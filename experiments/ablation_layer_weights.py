@@ -267,16 +267,17 @@ def aspect_mean(gains):
 
 def run_gains(report):
     """{kind: {aspect: gain}} and {kind: s.e. of the aspect mean} of one eval.json; aspects without a value
-    (an image has no motion) are left out. The s.e. takes the aspects as independent: 06 keeps no
-    per-sample table to pair them."""
+    (an image has no motion) are left out. The s.e. is 06's paired one over per-sample aspect means ("all");
+    an eval.json without it takes the aspects as independent."""
     gains, ses = {}, {}
     for kind, aspects in report["gain over floor"].items():
-        got = {a: v for a, v in aspects.items() if v.get("mean") is not None}
+        got = {a: v for a, v in aspects.items() if v.get("mean") is not None and a != "all"}
         if not got:
             continue
         gains[kind] = {a: v["mean"] for a, v in got.items()}
         s = [v["se"] for v in got.values() if v.get("se") is not None]
-        ses[kind] = math.sqrt(sum(x * x for x in s)) / len(got) if len(s) == len(got) else None
+        ses[kind] = aspects["all"]["se"] if "all" in aspects else \
+            math.sqrt(sum(x * x for x in s)) / len(got) if len(s) == len(got) else None
     return gains, ses
 
 

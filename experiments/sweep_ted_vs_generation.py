@@ -294,14 +294,15 @@ def run_config(args, cfg, label):
 
 def fidelity(report):
     """Per kind: the paired gain over the floor per aspect (mean, se), their mean over aspects, and the
-    s.e. of that mean taking the aspects as independent (06 keeps no per-sample table to pair them)."""
+    s.e. of that mean: 06's paired one ("all"), or for an older eval.json the aspects taken as independent."""
     out = {}
     for kind, aspects in report["gain over floor"].items():
-        got = {a: v for a, v in aspects.items() if v.get("mean") is not None}
+        got = {a: v for a, v in aspects.items() if v.get("mean") is not None and a != "all"}
         if not got:
             continue
         ses = [v["se"] for v in got.values() if v.get("se") is not None]
-        se = math.sqrt(sum(s * s for s in ses)) / len(got) if len(ses) == len(got) else None
+        se = aspects["all"]["se"] if "all" in aspects else \
+            math.sqrt(sum(s * s for s in ses)) / len(got) if len(ses) == len(got) else None
         out[kind] = {"aspects": got, "mean": sum(v["mean"] for v in got.values()) / len(got), "se": se,
                      "prompts": report["settings"][kind]["prompts"], "seeds": report["settings"][kind]["seeds"]}
     return out

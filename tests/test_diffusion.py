@@ -318,9 +318,17 @@ def test_eval_scores_renders_model_and_floor(tmp_path, trained):
     # The paired gain is the mean of per-sample differences, so it equals the difference of the means.
     for kind in ("image", "video"):
         for a, g in report["gain over floor"][kind].items():
+            if a == "all":  # each sample's mean over its aspects, from the per-sample table
+                rows = report["samples"][kind]
+                assert len(rows) == g["n"] == res["DiT + prompt"][kind]["colour"]["n"]
+                want = [sum(r["matched"][x] - r["floor"][x] for x in sample.ASPECTS if r["matched"][x] is not None)
+                        / sum(r["matched"][x] is not None for x in sample.ASPECTS) for r in rows]
+                assert g["mean"] == pytest.approx(sum(want) / len(want), abs=1e-9)
+                continue
             m, f = res["DiT + prompt"][kind][a]["mean"], res["DiT + empty caption (floor)"][kind][a]["mean"]
             if m is not None:
                 assert g["mean"] == pytest.approx(m - f, abs=1e-9) and g["se"] is not None and g["se"] >= 0
+        assert report["classifier"]["results"][kind]["all"]["n"] > 0 and "all" in report["gain over mismatched"][kind]
     md = (tmp_path / "samples/eval.md").read_text()
     assert "| image | colour | 1.000 |" in md
     assert (tmp_path / "samples/eval_images.png").is_file() and (tmp_path / "samples/eval_videos.gif").is_file()

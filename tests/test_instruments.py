@@ -1,0 +1,95 @@
+"""The DiT-side instruments: text-feature standardisation at the denoiser's input, the diffusion classifier
+and the mismatched-prompt control of 06 --eval, each on a case whose answer is known."""
+import importlib
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import common
+import plumbing
+from tests.diffusion_stubs import TINY, make_world
+from world import checker, scenes
+
+t2x = importlib.import_module("05_train_diffusion")
+sample = importlib.import_module("06_sample")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def test_standardisation_is_fitted_on_the_training_captions_and_travels_with_the_model(tmp_path, world):
+    argv = ["--data", str(world), "--cache-dir", str(tmp_path / "cache"), *TINY, "--steps", "2", "--ckpt-every", "2"]
+    args = t2x.get_parser().parse_args(argv + ["--out", str(tmp_path / "a")])
+    run = common.build_run(args, plumbing.Dist(), lambda enc: common.LayerFusion("norm-avg", enc.num_layers))
+    tokens = torch.cat(list(run.bank.fused_chunks(run.fusion, "cpu")))
+    z = run.model.text_standardiser(tokens)
+    assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    # what 05 writes is what 06 reads: the same statistics in model.safetensors, the same output
+    t2x.main(argv + ["--out", str(tmp_path / "a")])
+    model, config, _, _ = common.load_dit(tmp_path / "a")
+    assert config["text_norm"] == "standardise"
+    assert torch.equal(model.text_standardiser.mean, run.model.text_standardiser.mean)
+    assert torch.equal(model.text_standardiser.std, run.model.text_standardiser.std)
+    # off: no statistics, the features go in as they are
+    t2x.main(argv + ["--out", str(tmp_path / "b"), "--text-norm", "none"])
+    plain, config, _, _ = common.load_dit(tmp_path / "b")
+    assert config["text_norm"] == "none" and not any("standardiser" in k for k in plain.state_dict())
+    # every backbone carries it
+    wan = common.make_model({"backbone": "wan", "text_norm": "standardise",
+                             "backbone_kwargs": common.backbone_config("wan", "tiny", 3, 8)})
+    assert {"text_standardiser.mean", "text_standardiser.std"} <= set(wan.state_dict())
+
+
+class Oracle(nn.Module):
+    """Knows each caption's image: predicts the exact velocity for the true caption, a wrong one otherwise."""
+
+    def __init__(self, images, blind=False):
+        super().__init__()
+        self.images, self.blind, self.p = images, blind, nn.Parameter(torch.zeros(1))
+
+    def forward(self, z, t, text, mask):
+        if self.blind:
+            return 0.3 * z
+        x = torch.stack([self.images.get(int(i), torch.zeros_like(z[0])) for i in text[:, 0, 0].tolist()])
+        return (z - x) / t.view(-1, 1, 1, 1, 1)  # z = (1-t) x + t n  ->  n - x = (z - x) / t
+
+
+def test_classifier_ranks_an_oracle_right_and_a_caption_blind_model_at_chance():
+    rng = random.Random(0)
+    recs = [{"kind": k, "scene": scenes.sample_scene(rng, k)} for k in ("image", "image", "video")]
+    ids, images = {}, {}
+    for r in recs:  # the oracle's table: each record's true caption (06 words the i-th of a kind by i) -> its render
+        i = [q for q in recs if q["kind"] == r["kind"]].index(r)
+        true, _ = checker.hard_negatives(r["scene"], "colour", seed=i, style=i % 2)
+        render = scenes.render_image if r["kind"] == "image" else scenes.render_video
+        px = torch.from_numpy(render(r["scene"]).reshape(-1, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3))
+        images[ids.setdefault(true, len(ids) + 1)] = px.permute(3, 0, 1, 2).float() / 127.5 - 1
+
+    def cond_fn(texts):
+        f = torch.tensor([[[float(ids.get(t, 0))]] for t in texts])
+        return f, torch.ones(len(texts), 1, dtype=torch.bool)
+    config = {"vae": None, "dtype": "fp32", "frames": scenes.FRAMES, "size": scenes.IMAGE_SIZE, "backbone": "dit"}
+    limits = {"image": 2, "video": 1}
+    right = sample.classify(Oracle(images), cond_fn, config, recs, limits, n_times=3, batch=7)["results"]
+    assert right["image"]["all"]["n"] == 8 and right["video"]["all"]["n"] == 6  # 4 image, 6 video aspects
+    assert all(r["mean"] == 1.0 for kind in right.values() for a, r in kind.items() if a != "questions")
+    blind = sample.classify(Oracle(images, blind=True), cond_fn, config, recs, limits, n_times=3, batch=7)["results"]
+    for kind in blind.values():
+        for a, r in kind.items():
+            if a != "questions":
+                assert r["mean"] == pytest.approx(r["chance"]) and r["chance"] <= 0.5
+
+
+def test_mismatched_control_on_a_known_case():
+    a = {"kind": "image", "objects": [{"shape": "circle", "colour": "red", "size": "large", "cell": [0, 0], "word": None}]}
+    b = {"kind": "image", "objects": [{"shape": "square", "colour": "blue", "size": "large", "cell": [2, 2], "word": None}]}
+    gen = torch.stack([torch.from_numpy(scenes.render_image(s)) for s in (a, b)]).numpy()[:, None, None]  # perfect
+    gain = sample.paired_gain(sample.score(gen, [a, b]), sample.score(gen, [b, a]))
+    # scored against the other scene: colour, shape and place are wrong, the count (one object) is right
+    assert {k: gain[k]["mean"] for k in ("colour", "shape", "position", "count")} == \
+        {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 0.0}
+    assert gain["all"] == {"mean": 0.75, "se": 0.0, "n": 2}
