@@ -853,8 +853,10 @@ def _ted_option(opt, where):
 
 
 def _ted_statement(info, where):
-    """(positive, [negatives]) of one statement type, or None when its positive or every negative is
-    unusable (the public file marks failed generations; a lone positive would always win)."""
+    """(positive, [negatives], negatives dropped as identical to the positive) of one statement type, or
+    None when its positive or every negative is unusable (the public file marks failed generations; a lone
+    positive would always win). A negative identical to the positive would tie it, and a tie is not a win:
+    it is an unusable option (the public file has a few), left out like a failed one."""
     if not isinstance(info, dict):
         raise DataError(f"{where}: expected an object, got {type(info).__name__}")
     require_keys(info, ("question", "correct_statement", "incorrect_statements"), where)
@@ -862,23 +864,22 @@ def _ted_statement(info, where):
         raise DataError(f"{where}: 'incorrect_statements' must be a list")
     pos = _ted_option(info["correct_statement"], f"{where}: correct_statement")
     negs = [_ted_option(o, f"{where}: incorrect_statements[{i}]") for i, o in enumerate(info["incorrect_statements"])]
-    negs = [n for n in negs if n is not None]
-    if pos is None or not negs:
+    if pos is None:
         return None
-    if any(n.strip() == pos.strip() for n in negs):  # it would tie the positive, and a tie is not a win
-        raise DataError(f"{where}: a negative is identical to the positive {pos!r}")
-    return pos, negs
+    usable = [n for n in negs if n is not None and n.strip() != pos.strip()]
+    same = sum(n is not None and n.strip() == pos.strip() for n in negs)
+    return (pos, usable, same) if usable else (None, None, same)
 
 
 def normalise_ted(data, path):
     """Check a TED-6k-format object and keep only usable options (each then has status `success`).
 
     Refused with one line naming the file, record and statement type: a malformed record or option, a
-    caption that is not a non-empty string, an unknown statement type, a positive with no usable negative
-    or with a negative identical to it, and a file with nothing left to score."""
+    caption that is not a non-empty string, an unknown statement type, and a file with nothing left to
+    score. Unusable options and statements are left out and counted in one warning."""
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty JSON object keyed image_N / video_N")
-    out, dropped = {}, 0
+    out, dropped, identical = {}, 0, 0
     for key, rec in data.items():
         where = f"{path}: record {key!r}"
         if not isinstance(rec, dict):
@@ -892,6 +893,8 @@ def normalise_ted(data, path):
             if stype not in TED_TYPES:
                 raise DataError(f"{where}: unknown statement type {stype!r} (known: {list(TED_TYPES)})")
             options = _ted_statement(info, f"{where}, type {stype!r}")
+            identical += options[2] if options else 0
+            options = options if options and options[0] is not None else None
             real_positive = isinstance(info.get("correct_statement"), dict) and valid_option(info["correct_statement"])
             dropped += options is None and real_positive
             if options is not None:
@@ -902,8 +905,9 @@ def normalise_ted(data, path):
         out[key] = {"caption": rec["caption"], "caption_type": rec["caption_type"], "statements": statements}
     if not any(rec["statements"] for rec in out.values()):
         raise DataError(f"{path}: no scorable statement (each needs a successful positive and negative)")
-    if dropped:
-        log(f"warning: {path}: {dropped} statement(s) with a positive but no usable negative left out")
+    if dropped or identical:
+        log(f"warning: {path}: {identical} negative(s) identical to their positive and {dropped} statement(s) "
+            f"with a positive but no usable negative left out")
     return out
 
 

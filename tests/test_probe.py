@@ -185,6 +185,22 @@ def test_zero_shot_reference_oracle_and_constant(tmp_path):
     torch.testing.assert_close(probe.mean_pool(feats, mask), torch.tensor([[1.0, 0.0]]))  # L2-normalised
 
 
+def test_a_negative_identical_to_its_positive_is_left_out_not_refused(tmp_path, capsys):
+    bench = make_benchmark(1)
+    st = bench["image_0"]["statements"]
+    pos = st["Adjective"]["correct_statement"]["statement"]
+    st["Adjective"]["incorrect_statements"][0]["statement"] = pos + " "  # the option ties: unusable
+    st["Quantity"]["incorrect_statements"] = [{"statement": st["Quantity"]["correct_statement"]["statement"],
+                                                "status": "success"}]  # nothing usable left: the statement goes
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(bench))
+    normal, qs = common.read_ted(path)
+    assert "2 negative(s) identical to their positive and 1 statement(s)" in capsys.readouterr().out
+    negs = normal["image_0"]["statements"]["Adjective"]["incorrect_statements"]
+    assert len(negs) == len(st["Adjective"]["incorrect_statements"]) - 1 and all(n["statement"] != pos for n in negs)
+    assert "Quantity" not in normal["image_0"]["statements"]
+
+
 def test_dropped_options_and_caption_template(tmp_path, capsys):
     bench = make_benchmark(2)
     st = bench["image_0"]["statements"]
@@ -199,7 +215,8 @@ def test_dropped_options_and_caption_template(tmp_path, capsys):
     path = tmp_path / "b.json"
     path.write_text(json.dumps(bench))
     normal, qs = common.read_ted(path)
-    assert "1 statement(s) with a positive but no usable negative left out" in capsys.readouterr().out
+    assert "0 negative(s) identical to their positive and 1 statement(s) with a positive but no usable negative " \
+        "left out" in capsys.readouterr().out
     assert list(normal["image_0"]["statements"]) == ["Adjective"]
     assert common.normalise_ted(normal, path) == normal  # its own output reads back unchanged
     mine = [q for q in qs if q["key"] == "image_0"]
@@ -282,10 +299,6 @@ def _adjective(edit):
     return _edit(lambda b: edit(b["image_0"]["statements"]["Adjective"]))
 
 
-def _same_negative(q):
-    q["incorrect_statements"][1]["statement"] = q["correct_statement"]["statement"]
-
-
 def _no_positive(b):
     for rec in b.values():
         for q in rec["statements"].values():
@@ -293,8 +306,6 @@ def _no_positive(b):
 
 
 BAD_BENCHMARK = {
-    "negative identical to the positive": (_adjective(_same_negative),
-                                           "record 'image_0', type 'Adjective': a negative is identical"),
     "positive is a string": (_adjective(lambda q: q.update(correct_statement="The red circle is shown.")),
                              "record 'image_0', type 'Adjective': correct_statement must be an object"),
     "duplicate record key": (lambda: json.dumps(make_benchmark(2))[:-1].encode()
