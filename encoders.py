@@ -554,7 +554,7 @@ def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFA
         return _load_dir(name, name, device, dtype, max_length)
     except OSError as e:
         raise DataError(f"encoder {name!r}: not built in, not a local path, and the hub could not provide it "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
 
 
 #################################################################################
