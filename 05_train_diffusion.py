@@ -45,6 +45,9 @@ froze them, up to the same planned `--steps`. So 04 followed by 05 is one joint-
 checkpoint carries every setting of its run, so neither --init-from nor --resume needs a flag re-typed,
 and a flag that contradicts the checkpoint is refused.
 
+`--text-norm standardise` (default) standardises each text-feature dimension at the denoiser's input with
+the training captions' statistics, stored in the model (a choice of this miniature; `none` turns it off).
+
 Data: a jsonl of {"media": path, "caption": str, "kind": "image"|"video"} (runs/world/t2x.jsonl by
 default); PNG/JPG images, GIF/MP4 videos, resized and centre-cropped to --size, videos sampled to
 --frames frames, decoded once into memory (fine for the world; a large corpus would stream). Text
