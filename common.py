@@ -853,10 +853,10 @@ def _ted_option(opt, where):
 
 
 def _ted_statement(info, where):
-    """(positive, [negatives], negatives dropped as identical to the positive) of one statement type, or
-    None when its positive or every negative is unusable (the public file marks failed generations; a lone
-    positive would always win). A negative identical to the positive would tie it, and a tie is not a win:
-    it is an unusable option (the public file has a few), left out like a failed one."""
+    """(positive, [usable negatives], how many negatives were identical to the positive) of one statement
+    type, or None when its positive is unusable (the public file marks failed generations). A negative
+    identical to the positive would tie it, and a tie is not a win: it is an unusable option (the public
+    file has a few), left out like a failed one."""
     if not isinstance(info, dict):
         raise DataError(f"{where}: expected an object, got {type(info).__name__}")
     require_keys(info, ("question", "correct_statement", "incorrect_statements"), where)
@@ -866,9 +866,8 @@ def _ted_statement(info, where):
     negs = [_ted_option(o, f"{where}: incorrect_statements[{i}]") for i, o in enumerate(info["incorrect_statements"])]
     if pos is None:
         return None
-    usable = [n for n in negs if n is not None and n.strip() != pos.strip()]
-    same = sum(n is not None and n.strip() == pos.strip() for n in negs)
-    return (pos, usable, same) if usable else (None, None, same)
+    same = [n is not None and n.strip() == pos.strip() for n in negs]
+    return pos, [n for n, dup in zip(negs, same) if n is not None and not dup], sum(same)
 
 
 def normalise_ted(data, path):
@@ -892,16 +891,13 @@ def normalise_ted(data, path):
         for stype, info in rec["statements"].items():
             if stype not in TED_TYPES:
                 raise DataError(f"{where}: unknown statement type {stype!r} (known: {list(TED_TYPES)})")
-            options = _ted_statement(info, f"{where}, type {stype!r}")
-            identical += options[2] if options else 0
-            options = options if options and options[0] is not None else None
-            real_positive = isinstance(info.get("correct_statement"), dict) and valid_option(info["correct_statement"])
-            dropped += options is None and real_positive
-            if options is not None:
+            pos, negs, same = _ted_statement(info, f"{where}, type {stype!r}") or (None, [], 0)
+            identical += same
+            dropped += pos is not None and not negs  # a lone positive would always win
+            if pos is not None and negs:
                 statements[stype] = {"question": info["question"],
-                                     "correct_statement": {"statement": options[0], "status": "success"},
-                                     "incorrect_statements": [{"statement": n, "status": "success"}
-                                                              for n in options[1]]}
+                                     "correct_statement": {"statement": pos, "status": "success"},
+                                     "incorrect_statements": [{"statement": n, "status": "success"} for n in negs]}
         out[key] = {"caption": rec["caption"], "caption_type": rec["caption_type"], "statements": statements}
     if not any(rec["statements"] for rec in out.values()):
         raise DataError(f"{path}: no scorable statement (each needs a successful positive and negative)")
