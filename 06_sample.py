@@ -32,7 +32,7 @@ import plumbing
 from plumbing import DataError, log
 from world import checker, scenes
 
-ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")
+ASPECTS = checker.ASPECTS
 
 
 #################################################################################
@@ -185,7 +185,7 @@ def evaluate(args, model, config, cond_fn, out, source):
     size = scenes.IMAGE_SIZE
     results = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {},
                "DiT + prompt, scored as another prompt": {}}
-    settings, gain, gain_mismatched, samples = {}, {}, {}, {}
+    settings, gain, gain_mismatched, samples, scored = {}, {}, {}, {}, {}
     for kind in ("image", "video"):
         rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
         if not rs:
@@ -212,6 +212,7 @@ def evaluate(args, model, config, cond_fn, out, source):
             gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
                           size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
                           *a.shape[:3], size, size, 3)) for a in (gen, floor))
+        scored[kind] = rs
         results["renders (ceiling)"][kind] = summary(score(ceiling, wanted))
         # The mismatched control: the same guided samples scored against the next prompt's scene. Guidance
         # damage lowers both sides alike, so matched - mismatched is what the prompt itself put there.
@@ -237,7 +238,7 @@ def evaluate(args, model, config, cond_fn, out, source):
               "settings": settings, "results": results, "gain over floor": gain,
               "gain over mismatched": gain_mismatched, "samples": samples}
     if args.classify_times:
-        report["classifier"] = classify(model, cond_fn, config, recs, limits, args.classify_times, args.batch_size)
+        report["classifier"] = classify(model, cond_fn, config, scored, args.classify_times, args.batch_size)
     plumbing.atomic_write_json(out / "eval.json", report)
     plumbing.atomic_write_text(out / "eval.md", markdown(report))
     log(markdown(report))
@@ -245,8 +246,9 @@ def evaluate(args, model, config, cond_fn, out, source):
 
 
 @torch.no_grad()
-def classify(model, cond_fn, config, recs, limits, n_times, batch, n_noises=2, negatives=3):
-    """Diffusion-classifier accuracy (Li et al. 2023): for each held-out scene and aspect, its caption and
+def classify(model, cond_fn, config, records, n_times, batch, n_noises=2, negatives=3):
+    """Diffusion-classifier accuracy (Li et al. 2023) on `records` {kind: held-out records, as the sampling
+    eval scored them}: for each scene and aspect, its caption and
     `negatives` captions of one-aspect edits of it (checker.hard_negatives), ranked by the DiT's conditional
     denoising loss on the scene's render (its latents, for a latent-space run) at n_times fixed timesteps x n_noises fixed noises shared by all
     options; the lowest loss wins. Tied options share the credit, so a caption-blind model scores chance."""
@@ -254,10 +256,7 @@ def classify(model, cond_fn, config, recs, limits, n_times, batch, n_noises=2, n
     dtype = plumbing.pick_dtype(device, config["dtype"])
     t_grid = (torch.arange(n_times) + 0.5) / n_times
     out = {}
-    for kind in ("image", "video"):
-        rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
-        if not rs or (kind == "video" and (config.get("backbone") == "lumina2" or config["frames"] != scenes.FRAMES)):
-            continue
+    for kind, rs in records.items():
         render = scenes.render_image if kind == "image" else scenes.render_video
         credits = {a: [] for a in checker.ASPECTS}
         for i, r in enumerate(plumbing.progress(rs, desc=f"classify {kind}")):
@@ -288,11 +287,11 @@ def classify(model, cond_fn, config, recs, limits, n_times, batch, n_noises=2, n
                     best = min(options)
                     credits[a].append({"scene": i, "options": len(options),
                                        "credit": (options[0] == best) / sum(v == best for v in options)})
+        credits = {a: qs for a, qs in credits.items() if qs}
+        credits["all"] = [q for qs in credits.values() for q in qs]
         out[kind] = {a: dict(mean_se([q["credit"] for q in qs]), chance=float(np.mean([1 / q["options"] for q in qs])))
-                     for a, qs in credits.items() if qs}
-        every = [q for qs in credits.values() for q in qs]
-        out[kind]["all"] = dict(mean_se([q["credit"] for q in every]), chance=float(np.mean([1 / q["options"] for q in every])))
-        out[kind]["questions"] = {a: qs for a, qs in credits.items() if qs}
+                     for a, qs in credits.items()}
+        out[kind]["questions"] = {a: qs for a, qs in credits.items() if a != "all"}
     return {"timesteps": n_times, "noises": n_noises, "negatives": negatives, "results": out}
 
 

@@ -55,7 +55,8 @@ def run_one(args, enc, fusion, seed, arm):
 def _finished(out, train_args):
     """The run's model.safetensors is at its planned last step."""
     from safetensors import safe_open
-    planned = int(shlex.split(train_args)[shlex.split(train_args).index("--steps") + 1])
+    words = shlex.split(train_args)
+    planned = int(words[words.index("--steps") + 1])
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         return int(f.metadata()["step"]) >= planned
 

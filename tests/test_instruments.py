@@ -73,11 +73,11 @@ def test_classifier_ranks_an_oracle_right_and_a_caption_blind_model_at_chance():
         f = torch.tensor([[[float(ids.get(t, 0))]] for t in texts])
         return f, torch.ones(len(texts), 1, dtype=torch.bool)
     config = {"vae": None, "dtype": "fp32", "frames": scenes.FRAMES, "size": scenes.IMAGE_SIZE, "backbone": "dit"}
-    limits = {"image": 2, "video": 1}
-    right = sample.classify(Oracle(images), cond_fn, config, recs, limits, n_times=3, batch=7)["results"]
+    by_kind = {k: [r for r in recs if r["kind"] == k] for k in ("image", "video")}
+    right = sample.classify(Oracle(images), cond_fn, config, by_kind, n_times=3, batch=7)["results"]
     assert right["image"]["all"]["n"] == 8 and right["video"]["all"]["n"] == 6  # 4 image, 6 video aspects
     assert all(r["mean"] == 1.0 for kind in right.values() for a, r in kind.items() if a != "questions")
-    blind = sample.classify(Oracle(images, blind=True), cond_fn, config, recs, limits, n_times=3, batch=7)["results"]
+    blind = sample.classify(Oracle(images, blind=True), cond_fn, config, by_kind, n_times=3, batch=7)["results"]
     for kind in blind.values():
         for a, r in kind.items():
             if a != "questions":
