@@ -127,7 +127,7 @@ def build_world_benchmark(seed, fraction=1.0, taken=None):
     rng = random.Random(f"{seed}-benchmark")
     taken = taken if taken is not None else set()
     bench, side = {}, {}
-    bar = plumbing.Progress(total=sum(round(PAPER_CAPTIONS[k] * fraction) for k in KINDS), desc="benchmark")
+    bar = plumbing.progress(total=sum(round(PAPER_CAPTIONS[k] * fraction) for k in KINDS), desc="benchmark")
     for kind_i, kind in enumerate(KINDS):
         n_caps = round(PAPER_CAPTIONS[kind] * fraction)
         types_of = [[] for _ in range(n_caps)]

@@ -43,6 +43,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -194,13 +195,9 @@ def extract(encoder, fusions, texts, token_budget, feature_dtype):
 
 def pad_features(seqs, device):
     """List of [L_i, D] -> padded fp32 [B, L, D] and mask [B, L]."""
-    L = max(len(x) for x in seqs)
-    out = torch.zeros(len(seqs), L, seqs[0].shape[-1], device=device)
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool, device=device)
-    for i, x in enumerate(seqs):
-        out[i, :len(x)] = x.to(device, torch.float32)
-        mask[i, :len(x)] = True
-    return out, mask
+    feats = pad_sequence([x.float() for x in seqs], batch_first=True)
+    mask = pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in seqs], batch_first=True)
+    return feats.to(device), mask.to(device)
 
 
 #################################################################################
@@ -449,7 +446,7 @@ def markdown(results):
 def probe_encoder(args, name, questions, pairs, ddp, out_dir):
     """Load, train the aggregators, score: one encoder's row of Table 1 and its aggregators' weights."""
     t0 = time.time()
-    encoder = load_encoder(name, device=ddp.device, dtype=plumbing.pick_dtype(ddp.device, args.dtype),
+    encoder = load_encoder(name, device=ddp.device, dtype=plumbing.pick_dtype(ddp.device, args.encoder_dtype),
                            cache_dir=args.cache_dir, max_length=args.max_length)
     fusions = make_fusions(args.strategies, encoder)
     t_load = time.time() - t0
@@ -465,7 +462,7 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
 
     texts = benchmark_texts(questions)
     my_index = list(range(ddp.rank, len(texts), ddp.world_size))
-    bar = plumbing.Progress(len(my_index), desc=f"embed {name}")
+    bar = plumbing.progress(total=len(my_index), desc=f"embed {name}")
     local = embed_texts(encoder, fusions, [aggs for aggs, _ in runs], [texts[i] for i in my_index], args,
                         ddp.device, bar)
     emb = gather_embeddings(local, my_index, len(texts), ddp)
@@ -545,7 +542,7 @@ def get_parser():
     p.add_argument("--feature-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="precision of stored encoder features (bf16 = what a GPU encoder produces)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16", "auto"],
+    p.add_argument("--encoder-dtype", default="bf16", choices=["bf16", "fp32", "fp16", "auto"],
                    help="encoder dtype (bf16 on CPU too: the features are stored in bf16 anyway; auto = bf16 "
                         "on a GPU that has it, else fp32)")
     p.add_argument("--cache-dir", default="cache", help="tiny models, tokenizer, converted GGUF")

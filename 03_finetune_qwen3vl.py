@@ -574,7 +574,7 @@ def train(args):
     writer = tensorboard(out, d)
 
     losses, tokens_seen, t_loop = [], 0, time.time()
-    bar = plumbing.Progress(total=stop, initial=step, desc="stage1")
+    bar = plumbing.progress(total=stop, initial=step, desc="stage1")
     model.train()
     while step < stop:
         micro = [next(batches) for _ in range(args.grad_accum)]

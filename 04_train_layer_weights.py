@@ -41,7 +41,7 @@ def get_parser():
     p.add_argument("--encoder", default="runs/stage1/model", help="the stage-1 model of 03 (or any encoder)")
     p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
-    p.add_argument("--cache-dir", default="cache/features")
+    p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
     p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
     p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)

@@ -76,7 +76,7 @@ def get_parser():
     p.add_argument("--layer-weights", default=None, help="with --fusion frozen: layer_weights.pt written by 04")
     p.add_argument("--init-from", default=None, help="04's output folder (or one of its checkpoints) to continue")
     p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
-    p.add_argument("--cache-dir", default="cache/features")
+    p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
     p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="how cached features are stored (the DiT computes in fp32 or autocast)")
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")

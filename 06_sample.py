@@ -10,7 +10,7 @@ render's caption against captions of one-aspect edits of its scene, Li et al. 20
 
     python 06_sample.py                                   # a few held-out world prompts -> runs/samples/
     python 06_sample.py --prompts "a red circle on the left" "a blue square" --kind image
-    python 06_sample.py --prompt-file my_prompts.txt --kind video --seeds 0 1 2 3
+    python 06_sample.py --prompt-file my_prompts.txt --kind video --sample-seeds 0 1 2 3
     python 06_sample.py --eval                            # fidelity table: renders / DiT / empty caption
     python 06_sample.py --eval --ckpt runs/layer_weights --out runs/samples/two_step
 
@@ -44,7 +44,7 @@ class Conditioner:
 
     def __init__(self, config, fusion, device):
         import encoders
-        self.encoder = encoders.load_encoder(config["encoder"], device=device,
+        self.encoder = encoders.load_encoder(config["encoder"], device=device, cache_dir=config["encoder_cache"],
                                              dtype=plumbing.pick_dtype(device, config["encoder_dtype"]))
         if config.get("encoder_id") != getattr(self.encoder, "fingerprint", None):
             raise DataError(f"encoder {config['encoder']!r} has changed since this DiT was trained on it "
@@ -203,10 +203,10 @@ def evaluate(args, model, config, cond_fn, out, source):
         # Every prompt gets its own seeds and its floor sample starts from the same noise: paired,
         # and the floor is as many distinct samples as the model's (4 shared seeds made it 4 images).
         seeds = [[i * n + s for s in range(n)] for i in range(len(rs))]
-        gen = generate(model, cond_fn, texts, seeds, kind, config, args.steps, cfg, args.batch_size,
+        gen = generate(model, cond_fn, texts, seeds, kind, config, args.sample_steps, cfg, args.batch_size,
                        desc=f"eval {kind}", renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         t_gen = time.time() - t0
-        floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, config, args.steps, None, args.batch_size,
+        floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, config, args.sample_steps, None, args.batch_size,
                          desc=f"floor {kind}")
         if gen.shape[-2] != size:
             gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
@@ -227,7 +227,7 @@ def evaluate(args, model, config, cond_fn, out, source):
                          for (i, sd), m, f, w in zip([(i, sd) for i in range(len(rs)) for sd in seeds[i]],
                                                      got, base, wrong)]
         settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
-                          "cfg_trunc": args.cfg_trunc, "steps": args.steps,
+                          "cfg_trunc": args.cfg_trunc, "steps": args.sample_steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
         shown = min(8, len(rs))
         frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), scenes.VIEW_SCALE)
@@ -375,8 +375,8 @@ def get_parser():
     p.add_argument("--prompts", nargs="*", default=None)
     p.add_argument("--prompt-file", default=None, help=".txt (one prompt a line) or .jsonl ({prompt|caption, kind})")
     p.add_argument("--kind", default="image", choices=["image", "video", "both"], help="for --prompts / .txt prompts")
-    p.add_argument("--seeds", type=plumbing.nonneg_int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--steps", type=pos, default=50, help="Euler steps")
+    p.add_argument("--sample-seeds", type=plumbing.nonneg_int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--sample-steps", type=pos, default=50, help="Euler steps")
     p.add_argument("--cfg-image", type=plumbing.nonneg_float, default=4.0)
     p.add_argument("--cfg-video", type=plumbing.nonneg_float, default=5.0)
     p.add_argument("--cfg-renorm", type=plumbing.nonneg_float, default=0.0,
@@ -415,12 +415,12 @@ def main(argv=None):
         if not texts:
             continue
         cfg = args.cfg_image if kind == "image" else args.cfg_video
-        px = generate(model, cond_fn, texts, args.seeds, kind, config, args.steps, cfg, args.batch_size, desc=kind,
+        px = generate(model, cond_fn, texts, args.sample_seeds, kind, config, args.sample_steps, cfg, args.batch_size, desc=kind,
                       renorm=args.cfg_renorm, trunc=args.cfg_trunc)
         path = out / ("images.png" if kind == "image" else "videos.gif")
         write_grid(path, grid(px, scenes.VIEW_SCALE))
         plumbing.atomic_write_text(out / f"{kind}_prompts.txt", "".join(f"{t}\n" for t in texts))
-        log(f"{len(texts)} {kind} prompt(s) x {len(args.seeds)} seeds -> {path}")
+        log(f"{len(texts)} {kind} prompt(s) x {len(args.sample_seeds)} seeds -> {path}")
 
 
 if __name__ == "__main__":

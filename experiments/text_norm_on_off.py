@@ -114,7 +114,7 @@ def main():
     p.add_argument("--out", default="runs/text_norm")
     p.add_argument("--data", default="runs/world/t2x.jsonl")
     p.add_argument("--eval-data", default="runs/world/eval.jsonl")
-    p.add_argument("--cache-dir", default="cache/features")
+    p.add_argument("--cache-dir", default="cache")
     p.add_argument("--train-args", default=TRAIN)
     p.add_argument("--eval-args", default=EVAL)
     p.add_argument("--analyse-only", default=None, metavar="OUT")

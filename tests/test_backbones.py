@@ -203,13 +203,13 @@ def test_06_samples_and_scores_each_backbone_on_latents(tmp_path, backbone):
         scene = scenes.sample_scene(rng, kind)
         recs.append({"caption": scenes.write_captions(scene, rng)[0], "kind": kind, "scene": scene})
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    sample.main(["--ckpt", str(tmp_path / "out"), "--eval", "--eval-data", str(tmp_path / "eval.jsonl"), "--steps", "2",
+    sample.main(["--ckpt", str(tmp_path / "out"), "--eval", "--eval-data", str(tmp_path / "eval.jsonl"), "--sample-steps", "2",
                  "--eval-seeds", "2", "--out", str(tmp_path / "samples")])
     res = json.loads((tmp_path / "samples/eval.json").read_text())["results"]["DiT + prompt"]
     assert res["image"]["colour"]["n"] == 2
     assert ("video" in res) == (backbone != "lumina2")  # lumina2 makes images only
     sample.main(["--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "s"), "--prompts", "a red square",
-                 "--seeds", "0", "--steps", "2"])
+                 "--sample-seeds", "0", "--sample-steps", "2"])
     assert (tmp_path / "s/images.png").is_file()
 
 

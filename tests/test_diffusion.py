@@ -288,7 +288,7 @@ def test_sample_grids_are_seeded_and_written(tmp_path, trained):
 
 def test_06_reads_the_shape_from_the_file_and_refuses_other_files(tmp_path, trained):
     sample.main(["--ckpt", str(trained), "--out", str(tmp_path / "s"), "--prompts", "a red square",
-                 "--seeds", "0", "--steps", "2"])
+                 "--sample-seeds", "0", "--sample-steps", "2"])
     assert (tmp_path / "s/images.png").is_file()
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     for bad, message in [(tmp_path / "bad.safetensors", "not a safetensors file"),
@@ -307,7 +307,7 @@ def test_eval_scores_renders_model_and_floor(tmp_path, trained):
         recs.append({"caption": scenes.write_captions(scene, rng)[0], "prompt": scenes.write_prompt(scene),
                      "kind": kind, "scene": scene})
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    sample.main(["--ckpt", str(trained), "--eval", "--eval-data", str(tmp_path / "eval.jsonl"), "--steps", "2",
+    sample.main(["--ckpt", str(trained), "--eval", "--eval-data", str(tmp_path / "eval.jsonl"), "--sample-steps", "2",
                  "--eval-seeds", "2", "--out", str(tmp_path / "samples")])
     report = json.loads((tmp_path / "samples/eval.json").read_text())
     res = report["results"]
@@ -334,7 +334,7 @@ def test_eval_scores_renders_model_and_floor(tmp_path, trained):
     assert (tmp_path / "samples/eval_images.png").is_file() and (tmp_path / "samples/eval_videos.gif").is_file()
 
 
-BAD_06 = [(["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+BAD_06 = [(["--sample-steps", "0"], "--sample-steps"), (["--batch-size", "0"], "--batch-size"),
           (["--cfg-trunc", "2"], "--cfg-trunc"), (["--ckpt", "nowhere"], "nowhere: no such file")]
 
 

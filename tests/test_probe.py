@@ -327,7 +327,7 @@ def _cli(tmp_path, capsys, *args, in_subprocess=False):
     (out / "results.json").write_text('{"previous": true}\n')
     base = {"--benchmark": str(bench), "--caption-pairs": str(pairs), "--out": str(out), "--encoders": "tiny-qwen3",
             "--steps": "2", "--batch-size": "8", "--width": "32", "--out-dim": "16", "--heads": "4",
-            "--dtype": "fp32", "--threads": "1", "--seeds": "1"}
+            "--encoder-dtype": "fp32", "--threads": "1", "--seeds": "1"}
     base.update(dict(zip(args[0::2], args[1::2])))
     argv = ["--overwrite"] + [x for kv in base.items() for x in kv]
     if in_subprocess:
@@ -424,7 +424,7 @@ def test_length_batches_cover_once_within_budget():
 
 ARGS = ["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--seeds", "2", "--steps", "6",
         "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--feature-dtype", "fp32",
-        "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+        "--lr", "1e-3", "--encoder-dtype", "fp32", "--device", "cpu", "--threads", "1"]
 
 
 def _run(tmp_path, bench, pairs, out, nproc):
@@ -467,7 +467,7 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
 def _small_probe(tmp_path, out, *flags):
     bench, pairs = write(tmp_path, n_bench=6, n_pairs=16)
     return probe.main(["--encoders", "tiny-qwen3", "--strategies", "last,norm-avg", "--steps", "4", "--batch-size", "8",
-                       "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--feature-dtype", "fp32",
+                       "--width", "32", "--out-dim", "16", "--heads", "4", "--encoder-dtype", "fp32", "--feature-dtype", "fp32",
                        "--lr", "1e-3", "--threads", "1", "--benchmark", str(bench), "--caption-pairs", str(pairs),
                        "--out", str(tmp_path / out), "--overwrite", *flags])
 
@@ -535,7 +535,7 @@ def test_mismatch_notice_printed_before_training(tmp_path, capsys):
     (world / "caption_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_pairs(16)))
     (world / "scenes.jsonl").write_text("{}\n")
     probe.main(["--encoders", "tiny-qwen3", "--strategies", "last", "--steps", "1", "--batch-size", "8", "--seeds", "1",
-                "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--threads", "1",
+                "--width", "32", "--out-dim", "16", "--heads", "4", "--encoder-dtype", "fp32", "--threads", "1",
                 "--benchmark", str(bench), "--caption-pairs", str(world / "caption_pairs.jsonl"),
                 "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
@@ -560,7 +560,7 @@ def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     common.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
     args = ["--encoders", "tiny-qwen3", "--strategies", f"norm-avg,frozen:{tmp_path / 'w.pt'}", "--steps", "0",
             "--seeds", "2",
-            "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--dtype", "fp32",
+            "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--encoder-dtype", "fp32",
             "--feature-dtype", "fp32", "--benchmark", str(bench), "--caption-pairs", str(pairs),
             "--out", str(tmp_path / "out"), "--threads", "1", "--overwrite"]
     r = probe.main(args)["encoders"]["tiny-qwen3"]["strategies"]
@@ -583,7 +583,7 @@ def test_default_zoo_runs_without_the_stage1_rung_until_03_has_run(tmp_path, cap
     stage1 = tmp_path / "stage1"
     monkeypatch.setattr(probe, "DEFAULT_ZOO", ("tiny-qwen3", str(stage1)))
     argv = ["--strategies", "last", "--steps", "1", "--batch-size", "8", "--seeds", "1", "--width", "32",
-            "--out-dim", "16", "--heads", "4", "--dtype", "fp32", "--threads", "1", "--benchmark", str(bench),
+            "--out-dim", "16", "--heads", "4", "--encoder-dtype", "fp32", "--threads", "1", "--benchmark", str(bench),
             "--caption-pairs", str(pairs), "--overwrite", "--out", str(tmp_path / "out")]
     assert list(probe.main(argv)["encoders"]) == ["tiny-qwen3"]
     assert "does not exist yet" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def shrink(stem, args, tmp, models, data, prompts, steps):
     """The same command at CPU size: sizes and paths replaced, nothing else."""
     backbone = flag(args, "--backbone")
     tiny = {"--backbone-config": "tiny", "--size": "16", "--frames": "4", "--image-batch": "4", "--video-batch": "2",
-            "--steps": str(steps if stem != "06_sample" else 2), "--vae": str(models.get(backbone)),
+            "--steps": str(steps), "--sample-steps": "2", "--vae": str(models.get(backbone)),
             "--init-transformer": str(models.get(backbone)), "--encoder": "tiny-qwen3", "--data": str(data),
             "--prompt-file": str(prompts)}
     out = []
@@ -81,7 +81,7 @@ def shrink(stem, args, tmp, models, data, prompts, steps):
         out.append(tok)
     cpu = ["--device", "cpu", "--threads", "1"]
     if stem == "06_sample":
-        return out + cpu + ["--seeds", "0"]
+        return out + cpu + ["--sample-seeds", "0"]
     extra = ["--max-length", "8", "--log-every", "2"] if stem == "04_train_layer_weights" else []
     return out + cpu + ["--cache-dir", str(tmp / "cache")] + extra
 

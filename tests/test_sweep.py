@@ -141,8 +141,8 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
         c = a["correlation"][kind]
         assert c["pearson"]["value"] == pytest.approx(1.0) and c["spearman"]["value"] == pytest.approx(1.0)
         assert c["pearson"]["ci95"] == pytest.approx([1.0, 1.0]) and c["pearson"]["p"] < 0.01
-        # exact over the 6! orderings: xs are unevenly spaced, so only the identity reaches |r| = 1
-        assert c["pearson"]["p_permutation"] == pytest.approx(1 / 720)
+        # exact over the 6! orderings: only the identity reaches r = 1; two-sided doubles it
+        assert c["pearson"]["p_permutation"] == pytest.approx(2 / 720)
         assert a["correlation_zero_shot"][kind]["pearson"]["value"] == pytest.approx(-1.0)  # zero-shot = 60 - TED
     m = a["matrix"]
     assert m["r"][m["rows"].index("Quantity")][m["columns"].index("image colour")] == pytest.approx(-1.0)
@@ -163,19 +163,12 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"analysis.json", "analysis.md", "scatter.png", "heatmap.png"}
 
 
-def test_exact_permutation_p_on_evenly_spaced_points():
-    # identity and reversal are the 2 of 4! orderings with |r| = 1
-    assert sweep.permutation_p([1, 2, 3, 4], [2, 4, 6, 8], "pearson") == pytest.approx(2 / 24)
-    assert sweep.permutation_p([1, 2, 3, 4], [1, 8, 27, 64], "spearman") == pytest.approx(2 / 24)
-
-
-def test_ranks_ties_and_spearman_match_scipy():
-    assert sweep.ranks([3, 1, 2, 2]).tolist() == [4.0, 1.0, 2.5, 2.5]
-    assert sweep.pearson([1, 2, 3], [5, 5, 5]) is None
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 5, 12).astype(float), rng.normal(size=12)
-    assert sweep.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+def test_exact_permutation_p_and_constant_sides():
+    # 4! = 24 orderings, fewer than the resamples: exact; only the identity reaches r = 1, doubled
+    c = sweep.correlation([1, 2, 3, 4], [1, 8, 27, 64])
+    assert c["spearman"]["value"] == pytest.approx(1.0) and c["spearman"]["p_permutation"] == pytest.approx(2 / 24)
+    assert c["pearson"]["value"] < 1.0
+    assert sweep.correlation([1, 2, 3], [5, 5, 5])["pearson"]["value"] is None
 
 
 #################################################################################

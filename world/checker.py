@@ -11,11 +11,11 @@ count, position, shape, motion, speed). On the world's own renders every aspect 
     print(checker.check_sample(scenes.render_video(scene), scene))   # all 1.0
 """
 import copy
-import itertools
 import math
 import random
 
 import numpy as np
+from scipy import ndimage, optimize
 
 from .scenes import (BACKGROUND, COLOURS, DIRECTIONS, IMAGE_SIZE, PALETTE, SHAPES, first_segment, position, visible,
                      write_caption)
@@ -45,25 +45,12 @@ def segment(frame):
 
 def _components(labels):
     """4-connected components of equal non-zero label: list of (label, [ys], [xs])."""
-    h, w = labels.shape
-    seen = np.zeros((h, w), bool)
     comps = []
-    ys_all, xs_all = np.nonzero(labels)
-    for y0, x0 in zip(ys_all.tolist(), xs_all.tolist()):
-        if seen[y0, x0]:
-            continue
-        lab = labels[y0, x0]
-        stack, ys, xs = [(y0, x0)], [], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            ys.append(y)
-            xs.append(x)
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and labels[ny, nx] == lab:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        comps.append((int(lab), ys, xs))
+    for lab in np.unique(labels[labels > 0]):
+        parts, n = ndimage.label(labels == lab)
+        for k in range(1, n + 1):
+            ys, xs = np.nonzero(parts == k)
+            comps.append((int(lab), ys.tolist(), xs.tolist()))
     return comps
 
 
@@ -96,21 +83,14 @@ def read_objects(frame):
 #################################################################################
 
 def _match(expected, found):
-    """Best assignment of expected objects [(colour, x, y)] to found ones (index or None)."""
-    best, best_cost = None, float("inf")
+    """Best assignment of expected objects [(colour, x, y)] to found ones (index or None: cost 100)."""
     found = found[:6]
-    options = list(range(len(found))) + [None] * len(expected)
-    for combo in itertools.permutations(options, len(expected)):
-        cost = 0.0
-        for (colour, x, y), j in zip(expected, combo):
-            if j is None:
-                cost += 100.0
-            else:
-                f = found[j]
-                cost += (0 if f["colour"] == colour else 60.0) + math.hypot(f["cx"] - x, f["cy"] - y)
-        if cost < best_cost:
-            best, best_cost = combo, cost
-    return list(best) if best is not None else [None] * len(expected)
+    cost = np.full((len(expected), len(found) + len(expected)), 100.0)
+    for i, (colour, x, y) in enumerate(expected):
+        for j, f in enumerate(found):
+            cost[i, j] = (0 if f["colour"] == colour else 60.0) + math.hypot(f["cx"] - x, f["cy"] - y)
+    rows, cols = optimize.linear_sum_assignment(cost)
+    return [int(c) if c < len(found) else None for c in cols[np.argsort(rows)]]
 
 
 def check_sample(pixels, scene):
