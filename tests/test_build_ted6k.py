@@ -1,6 +1,6 @@
 """01_build_ted6k.py: exact counts, the public file format, the training splits, determinism, input
 validation with clear errors and no half-written output, folders replaced whole (a failed or killed
-rebuild leaves the previous one intact), and statements from an LLM (a fake one and a tiny random
+rebuild leaves the previous one intact), and tools/ted_from_llm.py (a fake generator and a tiny random
 transformers model)."""
 import copy
 import importlib
@@ -22,6 +22,8 @@ from world import checker, claims, scenes
 
 build = importlib.import_module("01_build_ted6k")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import ted_from_llm as llm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +232,7 @@ def test_cli_reports_one_clear_error(tmp_path):
 
 
 #################################################################################
-#                                 --source llm                                  #
+#                         tools/ted_from_llm.py                                #
 #################################################################################
 
 class FakeGenerator:
@@ -277,18 +279,18 @@ def _captions(tmp_path):
 
 
 def _llm_args(captions, out):
-    return ["--source", "llm", "--captions", str(captions), "--generator", "fake", "--out", str(out)]
+    return ["--captions", str(captions), "--generator", "fake", "--out", str(out)]
 
 
 def _use_generator(monkeypatch, gen):
     """main builds its generator from --generator; here it gets `gen` whatever the name."""
-    monkeypatch.setattr(build, "HFGenerator", lambda *args, **kwargs: gen)
+    monkeypatch.setattr(llm, "HFGenerator", lambda *args, **kwargs: gen)
 
 
 def test_llm_source_with_a_fake_generator(tmp_path, monkeypatch):
     gen = FakeGenerator()
     _use_generator(monkeypatch, gen)
-    out = build.main(_llm_args(_captions(tmp_path), tmp_path / "o"))
+    out = llm.main(_llm_args(_captions(tmp_path), tmp_path / "o"))
     assert list(out) == ["image_0", "clip_a"]
     assert set(out["image_0"]["statements"]) == set(claims.STATEMENT_TYPES) - set(claims.VIDEO_ONLY_TYPES)
     assert set(out["clip_a"]["statements"]) == set(claims.STATEMENT_TYPES)
@@ -303,7 +305,7 @@ def test_llm_source_with_a_fake_generator(tmp_path, monkeypatch):
 
 def test_llm_source_marks_failures_instead_of_crashing(tmp_path, monkeypatch):
     _use_generator(monkeypatch, BadGenerator())
-    out = build.main(_llm_args(_captions(tmp_path), tmp_path / "o"))
+    out = llm.main(_llm_args(_captions(tmp_path), tmp_path / "o"))
     st = out["clip_a"]["statements"]
     for t in ("Adjective", "Quantity", "Adverb"):
         assert st[t]["correct_statement"]["status"].startswith("failed"), t
@@ -324,10 +326,10 @@ def test_llm_captions_file_errors(tmp_path, monkeypatch):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"caption": "x", "caption_type": "audio"}) + "\n")
     with pytest.raises(DataError, match="record 1: caption_type 'audio'"):
-        build.main(_llm_args(p, tmp_path / "o"))
+        llm.main(_llm_args(p, tmp_path / "o"))
     p.write_text(json.dumps({"caption": "", "caption_type": "image"}) + "\n")
     with pytest.raises(DataError, match="record 1: empty caption"):
-        build.main(_llm_args(p, tmp_path / "o"))
+        llm.main(_llm_args(p, tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -359,15 +361,15 @@ def test_llm_source_with_a_tiny_random_model(tmp_path):
     import torch
     torch.set_num_threads(1)
     model_dir = _tiny_causal_lm(tmp_path / "tiny")
-    gen = build.HFGenerator(str(model_dir), max_new_tokens=12)
+    gen = llm.HFGenerator(str(model_dir), max_new_tokens=12)
     reply = gen.generate("Reply with JSON only")
     assert isinstance(reply, str)
     captions = _captions(tmp_path)
-    for info in build.build_from_llm(build.read_captions(captions)[:1], gen)["image_0"]["statements"].values():
+    for info in llm.build_from_llm(llm.read_captions(captions)[:1], gen)["image_0"]["statements"].values():
         assert info["correct_statement"]["status"].startswith("failed"), info
     with pytest.raises(DataError, match=r"--generator .*tiny: no scorable statement for the 2 caption\(s\) of "
                                         r".*captions.jsonl \(most common: failed: no JSON object"):
-        build.main(["--source", "llm", "--captions", str(captions), "--out", str(tmp_path / "o"),
+        llm.main(["--captions", str(captions), "--out", str(tmp_path / "o"),
                     "--generator", str(model_dir), "--max-new-tokens", "12", "--threads", "1", "--device", "cpu"])
     assert not (tmp_path / "o").exists()
 
@@ -408,7 +410,7 @@ _CAPS = json.dumps({"caption": "A red circle.", "caption_type": "image"}) + "\n"
 # id: (argv after the previous build's --out/--world-out ({bad} = a file holding `content`), content,
 #      what the one error line must say). Every row also passes --overwrite, so only the bad input can stop it.
 FILE = ["--source", "file", "--benchmark", "{bad}"]
-LLM = ["--source", "llm", "--generator", "fake", "--captions", "{bad}"]
+LLM = ["@llm", "--generator", "fake", "--captions", "{bad}"]
 ROWS = {
     # --source file: bad benchmark content, refused by common's TED-6K checks
     "positive is a string": (FILE, _ted(_set(["video_0", "statements", "Action Recognition", "correct_statement"],
@@ -420,7 +422,7 @@ ROWS = {
     "non-UTF-8": (FILE, b'{"image_0": {"caption": "caf\xe9"}}', "not UTF-8 text"),
     "zero scorable instances": (FILE, _ted(_all_null), "no scorable statement"),
     "no such benchmark": (["--source", "file", "--benchmark", "{bad}"], None, "bad.json: no such file"),
-    # --source llm: bad captions file
+    # tools/ted_from_llm.py: bad captions file
     "numeric llm caption": (LLM, json.dumps({"caption": 7, "caption_type": "image"}),
                             "record 1: caption must be a string, got int"),
     "duplicate llm keys": (LLM, _CAPS.replace("}", ', "key": "a"}') * 2, "duplicate key(s) ['a']"),
@@ -435,8 +437,8 @@ ROWS = {
     "fraction with no instance": (["--bench-fraction", "0.0001"], None,
                                   "--bench-fraction 0.0001: the benchmark holds no instance"),
     "file source without file": (["--source", "file"], None, "--source file needs --benchmark"),
-    "llm source without model": (["--source", "llm", "--captions", "{bad}"], _CAPS, "--source llm needs"),
-    "flag of another source": (["--generator", "x"], None, "--generator is for --source llm, not world"),
+    "llm without model": (["@llm", "--captions", "{bad}"], _CAPS, "the following arguments are required: --generator"),
+    "flag of a tool": (["--generator", "x"], None, "unrecognized arguments: --generator x"),
     "seed with a file": (FILE + ["--seed", "1"], _ted(), "--seed is for --source world, not file"),
     "split size without splits": (["--no-splits", "--vqa", "3"], None, "--vqa does nothing with --no-splits"),
 }
@@ -452,20 +454,20 @@ def _bad_run(previous, tmp_path, row, overwrite=True):
         bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     argv = [a.replace("{bad}", str(bad)) for a in argv]
     out = ["--out", str(prev / "ted6k")] + ([] if "--source" in argv and argv[argv.index("--source") + 1] != "world"
-                                            or "--no-splits" in argv else ["--world-out", str(prev / "world")])
+                                            or "--no-splits" in argv or "@llm" in argv else ["--world-out", str(prev / "world")])
     return argv + out + (["--overwrite"] if overwrite else []), prev
 
 
 def _one_line_error(argv, capsys):
     """Run argv through the CLI's own wrapper: (exit status, stderr)."""
     with pytest.raises(SystemExit) as e:
-        plumbing.run_cli(lambda: build.main(argv))
+        plumbing.run_cli(lambda: llm.main(argv[1:]) if argv[0] == "@llm" else build.main(argv))
     return e.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ROWS)
 def test_bad_input_is_one_line_and_replaces_nothing(previous, tmp_path, case, capsys, monkeypatch):
-    monkeypatch.setattr(build, "HFGenerator", lambda *a, **k: FakeGenerator())
+    monkeypatch.setattr(llm, "HFGenerator", lambda *a, **k: FakeGenerator())
     argv, prev = _bad_run(previous, tmp_path, ROWS[case])
     before = _snapshot(prev)
     rc, err = _one_line_error(argv, capsys)

@@ -1,8 +1,9 @@
-"""01_build_ted6k.py --source media: caption pairs from a folder or jsonl of media, written by a tiny
+"""tools/caption_pairs.py: caption pairs from a folder or jsonl of media, written by a tiny
 random Qwen3-VL (gibberish, but real processor, chat template and sampling), one record per good item,
 failures counted and named, a rerun that skips finished items, and a killed run's half line repaired."""
-import importlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from common import load_pairs
 from plumbing import DataError
 from tests.cli import assert_one_line, cli_error
 
-build = importlib.import_module("01_build_ted6k")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import caption_pairs as build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def media(tmp_path):
 
 
 def _run(media, tiny, out, *extra):
-    return build.main(["--source", "media", "--media", str(media), "--captioner", str(tiny), "--pairs-out", str(out),
-                       "--max-new-tokens", "8", "--frames", "4", "--threads", "1", "--device", "cpu", *extra])
+    return build.main(["--media", str(media), "--captioner", str(tiny), "--out", str(out),
+                       "--max-new-tokens", "8", "--max-frames", "4", "--threads", "1", "--device", "cpu", *extra])
 
 
 def test_folder_gives_one_pair_per_good_item_and_a_rerun_resumes(media, tiny, tmp_path, capsys, monkeypatch):
@@ -135,15 +137,15 @@ def test_a_captioner_that_never_works_stops_early(media, tmp_path):
 def test_nothing_captioned_is_one_line_exit_2(tmp_path, tiny, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "ok.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the signature, then nothing
-    argv = ["--source", "media", "--media", str(tmp_path / "m"), "--captioner", str(tiny), "--threads", "1",
-            "--pairs-out", str(tmp_path / "p.jsonl")]
+    argv = ["--media", str(tmp_path / "m"), "--captioner", str(tiny), "--threads", "1",
+            "--out", str(tmp_path / "p.jsonl")]
     code, err = cli_error(build.main, argv, capsys)
     assert_one_line(code, err, "none of the 1 items could be captioned (first: ok.png: unreadable image")
     assert (tmp_path / "p.jsonl").read_text() == ""
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no media", "unknown kind", "media file", "foreign pairs",
-                                  "out flag", "odd frames", "no captioner"])
+                                  "media as out", "odd frames", "no captioner"])
 def test_bad_input_is_one_line_exit_2_and_loads_no_model(case, media, tmp_path, capsys):
     pairs = tmp_path / "p.jsonl"
     src, extra = media, []
@@ -160,17 +162,18 @@ def test_bad_input_is_one_line_exit_2_and_loads_no_model(case, media, tmp_path, 
         src, message = media / "a.png", "not one media file"
     elif case == "foreign pairs":  # e.g. the world's caption pairs: neither appended to nor cut
         pairs.write_text('{"a": "x", "b": "y", "kind": "image"}\n{"a": "half')
-        message = "p.jsonl:1: not a record {a, b, kind, media} of --source media"
-    elif case == "out flag":
-        extra, message = ["--out", str(tmp_path / "o")], "--out is for the benchmark"
+        message = "p.jsonl:1: not a record {a, b, kind, media} of this tool"
+    elif case == "media as out":  # a jsonl of media whose records name media is not a half-finished output
+        src, pairs, message = tmp_path / "m.jsonl", tmp_path / "m.jsonl", "m.jsonl is --media itself"
+        src.write_text('{"media": "a.png"}\n')
     elif case == "odd frames":
-        extra, message = ["--frames", "3"], "argument --frames: 3 is odd"
+        extra, message = ["--max-frames", "3"], "argument --max-frames: 3 is odd"
     else:
-        message = "--source media needs --media FOLDER_OR_JSONL and --captioner"
+        message = "the following arguments are required: --captioner"
     if case != "no captioner":  # a folder that holds no model: loading it would be a different error
         extra += ["--captioner", str(tmp_path / "no-model-here")]
     before = pairs.read_bytes() if pairs.exists() else None
-    code, err = cli_error(build.main, ["--source", "media", "--media", str(src), "--pairs-out", str(pairs),
+    code, err = cli_error(build.main, ["--media", str(src), "--out", str(pairs),
                                        "--threads", "1", *extra], capsys)
     assert_one_line(code, err, message)
     assert (pairs.read_bytes() if pairs.exists() else None) == before
