@@ -35,36 +35,9 @@ from plumbing import DataError, log
 
 def get_parser():
     p = plumbing.ArgumentParser(__doc__)
-    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
-    p.add_argument("--data", default="runs/world/t2x.jsonl", help="jsonl of {media, caption, kind}")
-    p.add_argument("--out", default="runs/layer_weights")
-    p.add_argument("--encoder", default="runs/stage1/model", help="the stage-1 model of 03 (or any encoder)")
-    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
-    p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
-    p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
-    p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
-    # The DiT shape, batch and lr of the measured layer-weight ablation (docs/results.md); 05 --init-from
-    # reads them from the checkpoint.
-    p.add_argument("--hidden", type=pos, default=128)
-    p.add_argument("--depth", type=pos, default=6)
-    p.add_argument("--heads", type=pos, default=4)
-    p.add_argument("--patch", type=pos, default=4)
-    p.add_argument("--tpatch", type=pos, default=2)
-    common.add_backbone_args(p)
-    p.add_argument("--steps", type=pos, default=3000, help="planned total steps of the joint-then-frozen run")
-    p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
-    p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")
-    p.add_argument("--interleave", default="7:3", help="image:video steps")
-    p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the DiT's")
+    pos = plumbing.positive_int
+    common.add_run_args(p, out="runs/layer_weights", encoder="runs/stage1/model", steps=3000)
     p.add_argument("--weights-lr", type=plumbing.positive_float, default=1e-2, help="the layer weights' group")
-    p.add_argument("--warmup", type=nonneg, default=100)
-    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
-    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=0.0)
-    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
-    p.add_argument("--ema-decay", type=plumbing.fraction, default=0.999)
-    p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1)
     p.add_argument("--freeze-window", type=pos, default=200, help="steps over which convergence is judged")
     p.add_argument("--freeze-tol", type=plumbing.positive_float, default=2e-3,
                    help="largest change of any softmax weight over the window that counts as converged")
@@ -72,16 +45,6 @@ def get_parser():
                    default=2 / 3, help="freeze here at the latest (paper: 96k of 144k)")
     p.add_argument("--continuous", action="store_true", help="never freeze (Table 5's 'learned throughout')")
     p.add_argument("--run-to-end", action="store_true", help="after the freeze, train on to --steps here")
-    p.add_argument("--ckpt-every", type=pos, default=500)
-    p.add_argument("--keep", type=pos, default=2, help="checkpoints kept")
-    p.add_argument("--log-every", type=pos, default=25)
-    p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (once the new one has a checkpoint)")
-    p.add_argument("--seed", type=nonneg, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT autocast dtype")
-    p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads (0: torch's default)")
     p.set_defaults(fusion="learned")
     return p
 

@@ -3,7 +3,7 @@
 The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V; image and video steps interleaved 7:3, batch
 512:128) on the text encoder's fused layer features, the layer weights learned jointly at first and then
 frozen (04). Here one pixel-space DiT (common.DiT) learns both kinds from the built-in world, with the
-same schedule scaled down (8 images : 2 videos a step); the paper's own backbones and a VAE are flags.
+same schedule scaled down (32 images : 8 videos a step); the paper's own backbones and a VAE are flags.
 
     python 05_train_diffusion.py                                # built-in world, MiniLM, Norm-Avg, CPU
     python 05_train_diffusion.py --encoder smollm2 --fusion last --steps 20000
@@ -66,53 +66,11 @@ from plumbing import DataError, log
 
 def get_parser():
     p = plumbing.ArgumentParser(__doc__)
-    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
-    p.add_argument("--data", default="runs/world/t2x.jsonl", help="jsonl of {media, caption, kind}")
-    p.add_argument("--out", default="runs/diffusion")
-    p.add_argument("--encoder", default="minilm", help="built-in name, hub id or folder (e.g. runs/stage1/model)")
-    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    common.add_run_args(p, out="runs/diffusion", encoder="minilm", steps=3000)
     p.add_argument("--fusion", default="norm-avg",
                    help="last, penultimate, layer:K, norm-avg, or frozen (with --layer-weights)")
     p.add_argument("--layer-weights", default=None, help="with --fusion frozen: layer_weights.pt written by 04")
     p.add_argument("--init-from", default=None, help="04's output folder (or one of its checkpoints) to continue")
-    p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
-    p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
-    p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
-                   help="how cached features are stored (the DiT computes in fp32 or autocast)")
-    p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
-    p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
-    # Wide and shallow: a 2x4x4 video patch is 96 numbers that each token must carry through, which
-    # crowds a narrow token; at CPU scale 192 x 3 trained faster and lower than 128 x 6 (docs/results.md).
-    p.add_argument("--hidden", type=pos, default=192)
-    p.add_argument("--depth", type=pos, default=3)
-    p.add_argument("--heads", type=pos, default=6)
-    p.add_argument("--patch", type=pos, default=4)
-    p.add_argument("--tpatch", type=pos, default=2)
-    common.add_backbone_args(p)
-    # Sized for a 2-core CPU in about 20 minutes: small batches at many steps learned more per second.
-    p.add_argument("--steps", type=pos, default=9000, help="total optimiser steps (with --init-from: 04's plan)")
-    p.add_argument("--image-batch", type=pos, default=8, help="global; the paper's 512")
-    p.add_argument("--video-batch", type=pos, default=2, help="global; the paper's 128")
-    p.add_argument("--interleave", default="7:3", help="image:video steps")
-    p.add_argument("--lr", type=plumbing.positive_float, default=1e-3,
-                   help="the paper's 1e-4 is for batch 512 and a 2B model")
-    p.add_argument("--warmup", type=nonneg, default=200)
-    p.add_argument("--decay", default="cosine", choices=["constant", "cosine"], help="lr after the warm-up")
-    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=0.0)
-    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
-    p.add_argument("--ema-decay", type=plumbing.fraction, default=0.999)
-    p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1, help="for classifier-free guidance")
-    p.add_argument("--ckpt-every", type=pos, default=500)
-    p.add_argument("--keep", type=pos, default=2, help="checkpoints kept")
-    p.add_argument("--log-every", type=pos, default=25)
-    p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (once the new one has a checkpoint)")
-    p.add_argument("--seed", type=nonneg, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT autocast dtype")
-    # The default batches are too small to gain from more threads, and a busy second core slows 2 threads.
-    p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads (0: torch's default)")
     p.set_defaults(weights_lr=None)  # a learned fusion's lr: set by 04, carried by its checkpoint
     return p
 

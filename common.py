@@ -1292,13 +1292,26 @@ RUN_KEYS = ("data", "encoder", "encoder_dtype", "fusion", "max_length", "cache_d
             "hidden", "depth", "heads", "patch", "tpatch", "image_batch", "video_batch", "interleave", "steps",
             "lr", "weights_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema_decay", "caption_dropout",
             "seed", "dtype", "backbone", "backbone_config", "init_transformer", "vae", "text_norm")
-# What a checkpoint written before a key existed meant by it (so older runs still resume).
-LEGACY = {"backbone": "dit", "backbone_config": "tiny", "init_transformer": None, "vae": None, "vae_id": None,
-          "channels": 3, "latent_shape": None, "backbone_kwargs": None}
 
 
-def add_backbone_args(p):
-    """The denoiser and latent-space flags 04 and 05 share."""
+def add_run_args(p, out, encoder, steps):
+    """The flags of a DiT run, the same in 04 and 05 with the same defaults (the measured 600-step recipe's
+    DiT, batch and optimiser, docs/results.md); 05 --init-from and --resume take them from the checkpoint."""
+    pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
+    p.add_argument("--data", default="runs/world/t2x.jsonl", help="jsonl of {media, caption, kind}")
+    p.add_argument("--out", default=out)
+    p.add_argument("--encoder", default=encoder, help="built-in name, hub id or folder (e.g. runs/stage1/model)")
+    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
+    p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
+    p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="stored text features")
+    p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
+    p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
+    p.add_argument("--hidden", type=pos, default=128)
+    p.add_argument("--depth", type=pos, default=6)
+    p.add_argument("--heads", type=pos, default=4)
+    p.add_argument("--patch", type=pos, default=4)
+    p.add_argument("--tpatch", type=pos, default=2)
     p.add_argument("--text-norm", default="standardise", choices=["standardise", "none"],
                    help="standardise each text-feature dimension at the denoiser's input (training captions' "
                         "statistics, stored with the model), or feed the features as they are")
@@ -1311,6 +1324,28 @@ def add_backbone_args(p):
     p.add_argument("--vae", default=None,
                    help=f"train on latents of this VAE ({TINY_VAE}, or a diffusers AutoencoderKLWan/AutoencoderKL "
                         "folder or hub id); default: pixels")
+    p.add_argument("--steps", type=pos, default=steps, help="planned total optimiser steps")
+    p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
+    p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")
+    p.add_argument("--interleave", default="7:3", help="image:video steps")
+    p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the paper's 1e-4 is for batch 512")
+    p.add_argument("--warmup", type=nonneg, default=100)
+    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
+    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=0.0)
+    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
+    p.add_argument("--ema-decay", type=plumbing.fraction, default=0.999)
+    p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1, help="for classifier-free guidance")
+    p.add_argument("--ckpt-every", type=pos, default=500)
+    p.add_argument("--keep", type=pos, default=2, help="checkpoints kept")
+    p.add_argument("--log-every", type=pos, default=25)
+    p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (once the new one has a checkpoint)")
+    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT autocast dtype")
+    # Batches this small do not gain from more threads, and a busy second core slows two.
+    p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads (0: torch's default)")
 
 
 def parse_ratio(text):
@@ -1360,8 +1395,7 @@ def adopt_config(args, saved, given, source):
 
 def check_same_run(saved, now, source, ignore=("steps",)):
     """Refuse to continue a checkpoint whose data file, encoder weights or settings differ from now."""
-    diff = [f"{k}: {saved.get(k, LEGACY.get(k))!r} then, {now[k]!r} now" for k in now
-            if k not in ignore and saved.get(k, LEGACY.get(k)) != now[k]]
+    diff = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if k not in ignore and saved.get(k) != now[k]]
     if diff:
         raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
 
@@ -1498,12 +1532,11 @@ def build_run(args, d, make_fusion, start=None, source=None):
     log(f"text encoder: {encoder}")
     fusion = make_fusion(encoder).to(d.device)
     bank, _ = feature_bank(encoder, fusion, texts, args.max_length, Path(args.cache_dir) / "features", d, plumbing.DTYPES[args.cache_dtype])
-    # A kind the interleave never draws is not encoded (nor refused by lumina2). Pixel-space dit runs keep
-    # it loaded, as they always did, so their older checkpoints resume.
+    # A kind the interleave never draws is not loaded, encoded or refused (lumina2 makes images only).
     ratio = parse_ratio(args.interleave)
     for k, share in zip(KINDS, ratio):
         other = data[KINDS[1 - KINDS.index(k)]]["media"]
-        if share == 0 and data[k]["media"] is not None and other is not None and (args.vae or args.backbone != "dit"):
+        if share == 0 and data[k]["media"] is not None and other is not None:
             log(f"--interleave {args.interleave}: the {k}s are not used")
             data[k]["media"] = None
     if args.backbone == "lumina2" and data["video"]["media"] is not None:

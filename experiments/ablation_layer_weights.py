@@ -58,9 +58,8 @@ ARMS = ("norm-avg", "continuous", "two-step")  # the evaluated arms, in the tabl
 JOINT = "two-step-joint"  # two-step's first half: 04 until the freeze
 PAIRS = (("two-step", "norm-avg"), ("continuous", "norm-avg"), ("two-step", "continuous"))
 
-# One DiT recipe for every arm: 04's defaults (the measured ablation's), passed to 05 as well.
-SAME = ["--hidden", "128", "--depth", "6", "--heads", "4", "--image-batch", "32", "--video-batch", "8", "--lr", "5e-4",
-        "--warmup", "100", "--decay", "constant", "--ckpt-every", "200"]
+# One DiT recipe for every arm: 04 and 05 share their defaults.
+SAME = ["--ckpt-every", "200"]
 # Sizes: (full, smoke). The encoder: the paper uses its stage-1 encoder, but the tiny stage-1 Qwen3-VL of 03
 # gives the DiT no prompt signal at CPU size (docs/results.md: colour ignored), so every arm would sit at the
 # floor and the table would compare noise; MiniLM does carry the prompt. `--encoder runs/stage1/model` gives

@@ -85,7 +85,7 @@ SMOKE_CONFIGS = (
 )
 
 # Sizes: (full, smoke). Full sizes are the stages' own defaults, so a sweep row is comparable to a stage run.
-DEFAULTS = {"steps": (9000, 6), "seeds": (3, 2), "eval_images": (48, 4), "eval_videos": (24, 4),
+DEFAULTS = {"steps": (3000, 6), "seeds": (3, 2), "eval_images": (48, 4), "eval_videos": (24, 4),
             "eval_seeds": (4, 2), "sample_steps": (50, 4), "max_captions": (0, 0)}
 SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
                "--eval-scenes", "8", "--seed", "0"]
@@ -110,7 +110,7 @@ def get_parser():
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     p.add_argument("--smoke", action="store_true",
                    help="tiny world, tiny encoders and sizes: the whole sweep in a few minutes (what the tests run)")
-    p.add_argument("--steps", type=pos, default=None, help="DiT optimiser steps (default 9000; smoke 6)")
+    p.add_argument("--steps", type=pos, default=None, help="DiT optimiser steps (default 3000; smoke 6)")
     p.add_argument("--seeds", type=pos, default=None, help="probe aggregator seeds (default 3; smoke 2)")
     p.add_argument("--max-captions", type=nonneg, default=None, help="02: benchmark captions scored (0 = all)")
     p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 48)")

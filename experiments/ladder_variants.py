@@ -1,0 +1,85 @@
+"""Why the tiny Qwen3-VL ladder's colour is hard to read: build a rung under a variant of its pretraining.
+
+Builds the ladder's LLM twin (or, with --media, its MLLM base) into --out with encoders.pretrain_tiny_qwen3vl
+and one change, then reports two numbers: how alike the colour words' input embeddings are (mean pairwise
+cosine; 0 for random vectors) and how often the model answers "What colour is the X? It is ..." right
+(chance 1/8). The readout of experiments/colour_readout.py then takes --encoder OUT.
+
+    python experiments/ladder_variants.py --out runs/ladder/qa --material captions+qa
+    python experiments/ladder_variants.py --out runs/ladder/init --steps 0     # the random init
+    python experiments/colour_readout.py --encoder runs/ladder/qa
+"""
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import encoders  # noqa: E402
+from world import scenes  # noqa: E402
+
+
+def captions_and_qa(step, batch_size, seed):
+    """The ladder's generic material with up to three of the world's question/answer pairs after each caption."""
+    rng = random.Random(f"pretrain:{seed}:{step}")
+    items = []
+    for i in range(batch_size):
+        scene = scenes.sample_scene(rng, ("image", "video")[i % 2])
+        caption = rng.choice(scenes.write_captions(scene, rng))
+        qa = scenes._qa_pairs(scene, rng)
+        items.append((scene, caption + " " + " ".join(f"{q} {a}" for q, a, _ in rng.sample(qa, min(len(qa), 3)))))
+    return items
+
+
+def colour_report(path, n=150):
+    """(mean pairwise cosine of the colour words' input embeddings, colour-question accuracy)."""
+    model, processor = encoders.load_qwen3vl(path)
+    tok, emb = processor.tokenizer, model.get_input_embeddings().weight.detach()
+    ids = [tok.encode(" " + c, add_special_tokens=False)[0] for c in scenes.COLOURS]
+    e = torch.nn.functional.normalize(emb[ids].float(), dim=-1)
+    cos = (e @ e.T)[~torch.eye(len(ids), dtype=torch.bool)].mean().item()
+    rng, hits, asked = random.Random(123), 0, 0
+    for _ in range(n):
+        scene = scenes.sample_scene(rng, "image")
+        caption = scenes.write_captions(scene, rng)[0]
+        qa = [(q, a) for q, a, kind in scenes._qa_pairs(scene, rng) if kind == "colour"]
+        if qa:
+            with torch.no_grad():
+                logits = model(input_ids=tok(f"{caption} {qa[0][0]} It is", return_tensors="pt").input_ids).logits
+            hits += scenes.COLOURS[int(logits[0, -1, ids].argmax())] in qa[0][1].lower()
+            asked += 1
+    return cos, hits / max(1, asked)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--material", default="captions", choices=["captions", "captions+qa"])
+    p.add_argument("--steps", type=int, default=encoders.PRETRAIN["steps"], help="0: the random init")
+    p.add_argument("--media", action="store_true", help="the MLLM base (half its captions answer a render)")
+    p.add_argument("--freeze-embeddings", action="store_true", help="keep the input embeddings at their init")
+    p.add_argument("--cache-dir", default="cache")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.material == "captions+qa":
+        encoders.pretrain_items = captions_and_qa
+    if args.freeze_embeddings:
+        load = encoders.load_qwen3vl
+
+        def frozen(path):
+            model, processor = load(path)
+            model.get_input_embeddings().weight.requires_grad_(False)  # AdamW skips a parameter with no grad
+            return model, processor
+        encoders.load_qwen3vl = frozen
+    if args.steps:
+        encoders.pretrain_tiny_qwen3vl(args.out, args.media, cache_dir=args.cache_dir, recipe=dict(steps=args.steps))
+    else:
+        encoders.build_tiny_qwen3vl(args.out, cache_dir=args.cache_dir, **encoders.LADDER_SIZE)
+    cos, acc = colour_report(args.out)
+    print(f"{args.out}: colour embeddings' mean cosine {cos:.3f}; colour questions answered {acc:.3f} (chance 0.125)")
+
+
+if __name__ == "__main__":
+    main()
