@@ -28,6 +28,9 @@ OUT/weights.png (weight per layer at several steps, like Fig. 4) and OUT/summary
 import math
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 import common
 import plumbing
 from plumbing import DataError, log
@@ -126,12 +129,34 @@ def write_results(run, watch, out):
 #                                     Main                                      #
 #################################################################################
 
+def train_step(run):
+    """05's step, the layer weights' logits included until they freeze (their gradient averaged by hand: the
+    fusion sits outside DDP so that it can freeze mid-run)."""
+    kind, x, (feats, mask), t, noise = run.next_batch()
+    with plumbing.autocast(run.d.device, run.dtype):
+        loss = run.rf.loss(run.ddp, x, (run.fusion(feats), mask), t, noise).mean()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(run.model.parameters())
+    if run.frozen_at is None:
+        if run.d.enabled:
+            dist.all_reduce(run.fusion.logits.grad)
+            run.fusion.logits.grad /= run.d.world_size
+        params.append(run.fusion.logits)
+    run.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.config["grad_clip"], foreach=True))
+    run.opt.step()
+    run.sched.step()
+    run.ema.update(run.model)
+    run.step += 1
+    return kind, loss.item()
+
+
 def train(run, watch, args, out, d, replaces=()):
     """Joint steps until the freeze (then on to --steps with --run-to-end); checkpoints as 05's."""
     meter = common.TrainLog(out, d, args.steps, run.step, "joint")
     stop = min(args.steps, args.stop_at or args.steps)
     while run.step < stop:
-        kind, loss = run.train_step()
+        kind, loss = train_step(run)
         meter.add(kind, loss)
         freeze = watch.after_step(run, meter.writer)
         if freeze:

@@ -59,6 +59,8 @@ reads and what one would share), OUT/args.json and OUT/tb (tensorboard).
 """
 from pathlib import Path
 
+import torch
+
 import common
 import plumbing
 from plumbing import DataError, log
@@ -109,12 +111,32 @@ def make_fusion(args, state):
     return build
 
 
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def train_step(run):
+    """One optimiser step on the next batch: rectified-flow loss, backward, clip, AdamW, lr, EMA."""
+    kind, x, (feats, mask), t, noise = run.next_batch()
+    with plumbing.autocast(run.d.device, run.dtype):
+        cond = (run.fusion(feats) if run.learned else feats, mask)  # continuing 04: its frozen weights
+        loss = run.rf.loss(run.ddp, x, cond, t, noise).mean()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config["grad_clip"], foreach=True))
+    run.opt.step()
+    run.sched.step()
+    run.ema.update(run.model)
+    run.step += 1
+    return kind, loss.item()
+
+
 def train(run, args, out, d, replaces=()):
-    """The loop: a step, a log line every --log-every, a checkpoint every --ckpt-every and at the end."""
+    """Steps, a log line every --log-every, a checkpoint every --ckpt-every and at the end."""
     meter = common.TrainLog(out, d, args.steps, run.step, "train")
     stop = min(args.steps, args.stop_at or args.steps)
     while run.step < stop:
-        kind, loss = run.train_step()
+        kind, loss = train_step(run)
         meter.add(kind, loss)
         if run.step % args.log_every == 0 or run.step == stop:
             meter.flush(run)

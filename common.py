@@ -1409,7 +1409,7 @@ def dit_shape(config):
 class DiffusionRun:
     """A DiT trained on cached text features: model, EMA, AdamW (the DiT, and a learned fusion's
     layer-weight logits in a group of their own), the lr schedule and one data stream per kind.
-    `train_step` takes one optimiser step; `state_dict` holds everything a resume needs."""
+    04 and 05 each take their optimiser steps on it; `state_dict` holds everything a resume needs."""
 
     def __init__(self, config, data, bank, fusion, d, pretrained=None):
         self.config, self.data, self.bank, self.fusion, self.d = config, data, bank, fusion, d
@@ -1445,12 +1445,10 @@ class DiffusionRun:
         self.rf = RectifiedFlow()
         self.step, self.frozen_at, self.grad_norm = 0, None, 0.0
 
-    def next_kind(self):
-        return step_kind(self.step, self.ratio) if len(self.kinds) == 2 else self.kinds[0]
-
-    def train_step(self):
-        """One optimiser step on the next batch of this step's kind; returns (kind, loss)."""
-        d, c, kind = self.d, self.config, self.next_kind()
+    def next_batch(self):
+        """This step's kind and this rank's slice of its global batch: (kind, x, (feats, mask), t, noise)."""
+        d, c = self.d, self.config
+        kind = step_kind(self.step, self.ratio) if len(self.kinds) == 2 else self.kinds[0]
         idx = self.streams[kind].next()
         x = self.data[kind]["media"][idx].to(d.device).float()
         if self.data[kind]["media"].dtype == torch.uint8:  # pixels; VAE latents are stored as they train
@@ -1464,23 +1462,7 @@ class DiffusionRun:
         noise = torch.randn((B,) + tuple(x.shape[1:]), generator=g)[mine]
         drop = (torch.rand(B, generator=g) < c["caption_dropout"])[mine]
         text_idx = [0 if dr else self.data[kind]["text_idx"][i] for i, dr in zip(idx, drop.tolist())]
-        feats, mask = self.bank.batch(text_idx, d.device)
-        with plumbing.autocast(d.device, self.dtype):
-            cond = (self.fusion(feats) if self.learned else feats, mask)
-            loss = self.rf.loss(self.ddp, x, cond, t.to(d.device), noise.to(d.device)).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        weights_train = self.learned and self.frozen_at is None
-        if weights_train and d.enabled:
-            dist.all_reduce(self.fusion.logits.grad)  # the fusion sits outside DDP so it can freeze mid-run
-            self.fusion.logits.grad /= d.world_size
-        params = list(self.model.parameters()) + ([self.fusion.logits] if weights_train else [])
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c["grad_clip"], foreach=True))
-        self.opt.step()
-        self.sched.step()
-        self.ema.update(self.model)
-        self.step += 1
-        return kind, loss.item()
+        return kind, x, self.bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
 
     def freeze_layer_weights(self):
         """Freeze the softmax layer weights for good: no gradient, so AdamW leaves them where they are."""

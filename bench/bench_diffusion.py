@@ -1,6 +1,6 @@
 """Benchmark the default DiT: training throughput and 50-step sampling time (not a test).
 
-Training is timed on 05's own step (common.DiffusionRun.train_step on synthetic media and text
+Training is timed on 05's own step (its train_step on a common.DiffusionRun of synthetic media and text
 features: batch gathering, the loss, backward, gradient clipping, AdamW and the EMA update) and
 reported as samples/s per kind and for the 7:3 mix, and as achieved FLOP/s (FLOPs counted by torch's
 FlopCounterMode over one step) over the FLOP/s of a 1024x1024 fp32 matmul measured in the same run,
@@ -10,8 +10,9 @@ itself moves from day to day.
     python bench/bench_diffusion.py                    # 05's default DiT and batches, CPU
     python bench/bench_diffusion.py --threads 1        # on a busy machine
     python bench/bench_diffusion.py --device cuda --dtype bf16
-    python bench/bench_diffusion.py --hidden 128 --depth 6 --heads 4 --image-batch 32 --video-batch 8   # 04's
+    python bench/bench_diffusion.py --hidden 192 --depth 3 --heads 6 --image-batch 8 --video-batch 2   # 05's earlier
 """
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plumbing  # noqa: E402
 import common  # noqa: E402
+
+t2x_step = importlib.import_module("05_train_diffusion").train_step
 
 
 def timeit(fn, iters, warmup=2, sync=lambda: None):
@@ -41,9 +44,9 @@ def timeit(fn, iters, warmup=2, sync=lambda: None):
 
 def main(argv=None):
     p = plumbing.ArgumentParser(__doc__)
-    # 05's defaults
-    for flag, default in (("hidden", 192), ("depth", 3), ("heads", 6), ("patch", 4), ("tpatch", 2), ("size", 32),
-                          ("frames", 8), ("image-batch", 8), ("video-batch", 2)):
+    # 04's and 05's defaults
+    for flag, default in (("hidden", 128), ("depth", 6), ("heads", 4), ("patch", 4), ("tpatch", 2), ("size", 32),
+                          ("frames", 8), ("image-batch", 32), ("video-batch", 8)):
         p.add_argument(f"--{flag}", type=plumbing.positive_int, default=default)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -65,12 +68,12 @@ def main(argv=None):
     a, b = torch.randn(1024, 1024, device=d), torch.randn(1024, 1024, device=d)
     peak = 2 * 1024 ** 3 / timeit(lambda: a @ b, 20, sync=sync)
 
-    # ---- training: 05's own step (DiffusionRun.train_step: data path, loss, clip, AdamW, EMA) ----
+    # ---- training: 05's own step (data path, loss, clip, AdamW, EMA) ----
     config = {"hidden": t2x.hidden, "depth": t2x.depth, "heads": t2x.heads, "patch": t2x.patch, "tpatch": t2x.tpatch,
               "text_dim": args.text_dim, "image_batch": t2x.image_batch, "video_batch": t2x.video_batch,
               "interleave": "1:0", "lr": 1e-4, "weights_lr": None, "warmup": 0, "decay": "constant", "steps": 10 ** 6,
               "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.999, "caption_dropout": 0.1, "seed": 0,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "channels": 3, "text_norm": "none", "backbone": "dit"}
     n = 64  # synthetic records per kind, every caption args.text_len tokens
     bank = common.FeatureBank(torch.randn(n * args.text_len, args.text_dim),
                               torch.arange(0, (n + 1) * args.text_len, args.text_len))
@@ -86,9 +89,9 @@ def main(argv=None):
         # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
         # would count attention as free. Same arithmetic either way; only the count needs the math path.
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            run.train_step()
+            t2x_step(run)
         flops = fc.get_total_flops()
-        sec = timeit(run.train_step, args.iters, sync=sync)
+        sec = timeit(lambda: t2x_step(run), args.iters, sync=sync)
         tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
         result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
                                  "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,

@@ -71,7 +71,7 @@ def test_each_backbone_learns_on_pixels_and_latents(tmp_path, world, backbone, l
     kinds = ["image"] if backbone == "lumina2" else ["image", "video"]
     assert run.data["image"]["media"].dtype == (torch.float32 if latent else torch.uint8)
     before = {k: fixed_loss(run, k) for k in kinds}
-    seen = {run.train_step()[0] for _ in range(30)}
+    seen = {t2x.train_step(run)[0] for _ in range(30)}
     assert seen == set(kinds)
     after = {k: fixed_loss(run, k) for k in kinds}
     for k in kinds:
@@ -290,7 +290,7 @@ def test_an_image_vae_from_a_pipeline_folder_encodes_frame_by_frame(tmp_path, wo
                                              "--patch", "2", "--tpatch", "2", "--steps", "2"))
     run = common.build_run(args, plumbing.Dist(), lambda enc: common.LayerFusion("norm-avg", enc.num_layers))
     assert run.config["latent_shape"] == {"image": [4, 1, 4, 4], "video": [4, 4, 4, 4]}
-    assert [run.train_step()[0] for _ in range(2)]
+    assert [t2x.train_step(run)[0] for _ in range(2)]
 
 
 @pytest.mark.parametrize("backbone,text_dim,low,high", [("wan", 4096, 1.3e9, 1.5e9), ("lumina2", 2304, 2.5e9, 2.7e9)],
