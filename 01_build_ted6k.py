@@ -1,30 +1,19 @@
 """01: build (or import) the TED-6K benchmark, and write the built-in world's training splits.
 
-TED-6K (GRAN-TED, arXiv 2512.15560, Sec. 3) pairs a detailed caption with, for each of nine statement
-types, one true statement and three hard negatives (minimal edits that contradict the caption); an
-encoder is scored by whether the true statement's embedding is the closest to the caption's.
+TED-6K (GRAN-TED, Sec. 3) pairs a detailed caption with, for each of nine statement types, one true
+statement and three hard negatives (minimal edits that contradict the caption); an encoder is scored by
+whether the true statement's embedding is the closest to the caption's. One output format (the public
+TED-6k.json: keys image_N / video_N, each with caption, caption_type and statements), two sources:
 
-Two sources, one output format (the public TED-6k.json format: keys image_N / video_N, each with
-caption, caption_type and statements{type: {question, correct_statement, incorrect_statements}}):
-
-    # the built-in world (default): exactly the paper's 16 (type, caption type) counts, 6,641
-    # instances, plus the training splits for the later stages under runs/world/
-    python 01_build_ted6k.py
+    python 01_build_ted6k.py     # the built-in world: the paper's 16 cell counts, 6,641 instances
     python 01_build_ted6k.py --overwrite --t2x-images 20000 --t2x-videos 5000 --pairs 50000 --vqa 20000
+    python 01_build_ted6k.py --source file --benchmark TED-6k.json    # check and normalise a file
 
-    # the public benchmark (or any file in its format): check, normalise, print the counts
-    python 01_build_ted6k.py --source file --benchmark TED-6k.json
-
-The benchmark and the world are single-process (I/O and text work, seconds to minutes), so there is
-no torchrun form. Outputs: runs/ted6k/ted6k.json (+ runs/ted6k/scenes.json: the scene and the structured
-claim behind every world statement) and runs/world/{caption_pairs,vqa,t2x,eval,scenes}.jsonl + media/.
-
-Each output folder is built next to its final place and swapped in whole, so a failed or killed run
-leaves the previous one as it was (never captions paired with another run's pictures). A folder that
-already holds a benchmark or a world is replaced only with --overwrite.
-
-Statements for your own captions (an instruct model) and caption pairs from your own media (a Qwen3-VL)
-are tools/ted_from_llm.py and tools/caption_pairs.py.
+Single process (seconds of text work). Writes runs/ted6k/ted6k.json (+ scenes.json: the scene and claim
+behind every world statement) and runs/world/{caption_pairs,vqa,t2x,eval,scenes}.jsonl + media/. Each
+folder is built beside its final place and swapped in whole, so a failed or killed run leaves the previous
+one as it was; one that holds a benchmark or a world is replaced only with --overwrite. Statements for your
+own captions and caption pairs from your own media are tools/ted_from_llm.py and tools/caption_pairs.py.
 """
 import argparse
 import random

@@ -1,38 +1,22 @@
 """02: probe text encoders on TED-6K (the paper's Table 1 and Table 2).
 
-For every encoder and every layer-feature strategy: freeze the encoder, train a context aggregator on
-its features with a symmetric InfoNCE over pairs of differently worded captions of the same image or
-video, then score TED-6K: the caption and each option are embedded separately and an instance is
-correct when the true statement has the strictly highest cosine with the caption (ties lose).
-Each aggregator is trained --seeds times (seeds --seed, --seed+1, ...: each its own initial weights and
-batch order; the encoder's features are computed once for all of them), and reported as mean +- sample std
-over the seeds. Two references are scored the same way: bag of words (no encoder), and per encoder and
-strategy a zero-shot one (the fused features mean-pooled over the text's tokens, no aggregator), which
-tells whether training the aggregator helped at all.
+For every encoder and layer-feature strategy: freeze the encoder, train a context aggregator on its
+features with a symmetric InfoNCE over pairs of differently worded captions of one image or video, then
+score TED-6K: caption and options are embedded separately, and an instance is right when the true
+statement has the strictly highest cosine with the caption (ties lose). Each aggregator is trained
+--seeds times (mean +- sample std), beside bag of words and a zero-shot reference (the fused features
+mean-pooled, no aggregator).
 
-When the benchmark is not the one 01 built from the world but the caption pairs are the world's, 02 says
-so before training: the aggregator then learns the world's wording, not the benchmark's.
-
-Single process (built-in data from 01; the default zoo is DEFAULT_ZOO below):
-    python 02_probe_encoders.py
-One node, 2 processes (DDP, gloo on CPU / nccl on GPU), same results as one process:
-    torchrun --nproc_per_node=2 02_probe_encoders.py
-Multi-node:
+    python 02_probe_encoders.py                                   # the default zoo on 01's benchmark
+    torchrun --nproc_per_node=2 02_probe_encoders.py              # DDP: the same results as one process
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 --nproc_per_node=8 \
         02_probe_encoders.py --encoders Qwen/Qwen3-VL-8B-Instruct --benchmark TED-6k.json \
         --caption-pairs pairs.jsonl --max-pairs 0 --width 0 --out-dim 1024 --lr 1e-5 --steps 0 --batch-size 1024
-The paper's setting: `--width 0` (blocks at the encoder's width), `--out-dim 1024`, `--lr 1e-5`,
-`--steps 0` (one epoch over the pairs), global batch 1024 (16 x 64 GPUs). The public TED-6k.json
-works as `--benchmark` unchanged.
 
-Writes OUT/results.json, OUT/results.md (Tables 1 and 2) and OUT/aggregators/ENCODER__STRATEGY.pt (the
-first seed's; ENCODER__STRATEGY__seedK.pt the others'; read them with plumbing.load_checkpoint(path,
-AGGREGATOR_KIND)) together, once every encoder is done. In results.json each encoder x strategy holds the
-mean over seeds of every cell (overall, by_type, by_caption_type, by_both, loss_first, loss_last), the same
-cells' sample std under "std" (null with one seed) and per-seed values under "values" (in the order of
-"seeds"), the zero-shot reference under "zero_shot" and the comparison under "vs_zero_shot"; timings and
-config beside them. A run that fails part-way leaves the previous ones as they were. An OUT that already
-holds results is replaced only with --overwrite. Loss curves go to OUT/tb/ (tensorboard).
+The last is the paper's setting (blocks at the encoder's width, one epoch, global batch 1024). Writes
+OUT/results.json (every cell's mean, std and per-seed values), OUT/results.md (Tables 1 and 2),
+OUT/aggregators/ and OUT/tb/, together once every encoder is done; an OUT holding results is replaced
+only with --overwrite.
 """
 import argparse
 import random

@@ -1,43 +1,23 @@
 """03: stage 1 of GRAN-TED, visual-semantic fine-tuning of Qwen3-VL on VQA and captioning data.
 
-The paper first fine-tunes Qwen3-VL-8B-Instruct on questions and answers about attributes, spatial
-relations, temporal order, counts and text in images and videos, so that the text encoder it becomes
-carries the visual semantics a diffusion model needs. This script is that stage: images and videos
-both go through the real `Qwen3VLProcessor` and `Qwen3VLForConditionalGeneration`, the loss is on the
-assistant's tokens only (each reply and its <|im_end|>), and rank 0 writes a consolidated
-`save_pretrained` folder (model + processor) that `encoders.load_encoder` (02, 04, 05) loads.
+The paper fine-tunes Qwen3-VL-8B-Instruct on questions about attributes, spatial relations, temporal
+order, counts and text in images and videos, so the encoder it becomes carries the visual semantics a
+diffusion model needs. Here the real Qwen3VLProcessor and Qwen3VLForConditionalGeneration train with the
+loss on the assistant's tokens only; rank 0 writes a save_pretrained folder that 02, 04 and 05 load. With
+no --model it fine-tunes the tiny pretrained `tiny-qwen3vl-base` (copied to runs/stage1/base/ for 02) on
+01's targeted VQA, and scores held-out questions per perspective (runs/stage1/vqa_eval.md).
 
-With no `--model` it fine-tunes the tiny pretrained Qwen3-VL `tiny-qwen3vl-base` (real classes, 4 layers
-of 128, the world's byte-level BPE; `encoders.ladder_dir` pretrains it once on generic captioning, as
-Qwen3-VL-8B-Instruct arrives pretrained), copied to `runs/stage1/base/` so that 02 can score base
-against fine-tuned, on the world's targeted VQA (`runs/world/vqa.jsonl`, written by 01), and scores
-held-out questions per perspective against chance (`runs/stage1/vqa_eval.json`, `.md`).
-
-    python 03_finetune_qwen3vl.py                                  # CPU, built-in data
-    python 03_finetune_qwen3vl.py --resume                         # continue from the last checkpoint
-    torchrun --nproc_per_node=2 03_finetune_qwen3vl.py             # one node: DDP (gloo on CPU, nccl on GPU)
-    torchrun --nproc_per_node=8 03_finetune_qwen3vl.py --fsdp --grad-ckpt \\
-        --model Qwen/Qwen3-VL-8B-Instruct --data my_vqa.jsonl --steps 3000 --batch-size 128 --grad-accum 8 \\
-        --lr 1e-5 --warmup 100 --max-pixels 200704 --frames 16 --max-length 4096 --eval-size 0
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \\
-        03_finetune_qwen3vl.py --fsdp --grad-ckpt --model /path/Qwen3-VL-8B-Instruct --data my_vqa.jsonl ...
-
-Then measure what the stage buys (02's norm-avg TED-6K score, base vs fine-tuned):
+    python 03_finetune_qwen3vl.py                                  # CPU, built-in data (--resume continues)
+    torchrun --nproc_per_node=2 03_finetune_qwen3vl.py             # DDP: the same model as one process
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \
+        03_finetune_qwen3vl.py --fsdp --grad-ckpt --model Qwen/Qwen3-VL-8B-Instruct --data my_vqa.jsonl \
+        --steps 3000 --batch-size 128 --grad-accum 8 --lr 1e-5 --max-pixels 200704 --frames 16
     python 02_probe_encoders.py --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg
 
-Data: jsonl, one record a line, media paths relative to the jsonl's folder (common's "VQA records"):
-    {"media": "media/0001.png", "kind": "image" | "video",
-     "messages": [{"role": "user", "content": "What colour is the circle?"},
-                  {"role": "assistant", "content": "red", "perspective": "colour"}, ...]}
-The media belongs to the first user turn. "perspective" (on a reply or on the record) groups the
-held-out accuracy. `--captions FILE` adds `{media, caption, kind}` records as "describe" turns.
-
-`--batch-size` is the global batch (all ranks and accumulation steps together), so the same flags train
-the same model on any number of processes: the loss is the mean over every assistant token of the
-global batch. Checkpoints (`OUT/checkpoints/`) hold model, optimiser, scheduler, step, data position,
-every rank's RNG and the run's settings; `--resume` continues the same loss curve and refuses a
-checkpoint of another run. A new run into a folder that holds one needs --overwrite, and replaces the
-old checkpoints and model only once it has written its own.
+Data: jsonl of {"media", "kind", "messages": [{"role": "user", ...}, {"role": "assistant", "content",
+"perspective"?}, ...]}, media relative to the jsonl; --captions adds {media, caption, kind} as describe
+turns. --batch-size is global (ranks x accumulation), so any process count trains the same model.
+Checkpoints hold everything a resume needs; --resume continues the same loss curve.
 """
 import argparse
 import re

@@ -1,28 +1,19 @@
 """04: learn the softmax layer weights jointly with the DiT, then freeze them (stage 2, first part).
 
-The text condition is sum_i softmax(w)_i * LayerNorm(h_i) over the encoder's decoder layers, one
-scalar w_i per layer, zeros at the start (so training starts exactly at Norm-Avg), trained together
-with the DiT in an optimiser group of their own. Weights that keep moving make the condition
-non-stationary (the paper's Fig. 4: under continuous training they never settle; Table 5: a fusion
-learned throughout is worse than fixed Norm-Avg), so they are frozen once they converge: when no
-softmax weight moves more than --freeze-tol over --freeze-window steps, or at --freeze-fraction of
-the planned --steps (the paper: 96k of 144k T2I steps), whichever comes first. This script stops
-there, with a checkpoint, the weights, their plot and a summary; 05 continues the same run:
+The text condition is sum_i softmax(w)_i * LayerNorm(h_i) over the encoder's decoder layers, w = 0 at the
+start (exactly Norm-Avg), trained with the DiT in an optimiser group of its own. Weights that keep moving
+make the condition non-stationary (Fig. 4, Table 5), so they freeze once no softmax weight moves more than
+--freeze-tol over --freeze-window steps, or at --freeze-fraction of the planned --steps (the paper: 96k of
+144k), whichever is first. 04 stops there with a checkpoint; 05 --init-from continues the same run:
 
     python 04_train_layer_weights.py                                   # stage-1 encoder of 03
     python 05_train_diffusion.py --init-from runs/layer_weights        # the rest of --steps, frozen
     python 04_train_layer_weights.py --continuous --out runs/ablation/continuous   # never freeze
-    torchrun --nproc_per_node=8 04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
         04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
 
---backbone, --backbone-config, --init-transformer and --vae work as in 05 (its docstring); 05 --init-from
-takes them from the checkpoint:
-
-    python 04_train_layer_weights.py --backbone wan --vae tiny-wan-vae --out runs/layer_weights_wan
-
-With --run-to-end it trains on past the freeze in this one process, which is what 04 then 05 gives.
-Writes OUT/checkpoints/step_N.pt and OUT/model.safetensors (as 05 does), OUT/layer_weights.pt,
+The DiT flags are 05's, with the same defaults. --run-to-end trains on past the freeze in this process,
+which is what 04 then 05 gives. Writes OUT/checkpoints/, OUT/model.safetensors, OUT/layer_weights.pt,
 OUT/weights.png (weight per layer at several steps, like Fig. 4) and OUT/summary.json.
 """
 import math

@@ -1,61 +1,22 @@
 """05: train the DiT on text-to-image and text-to-video, steps interleaved 7:3, under the frozen encoder.
 
-The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V; image and video steps interleaved 7:3, batch
-512:128) on the text encoder's fused layer features, the layer weights learned jointly at first and then
-frozen (04). Here one pixel-space DiT (common.DiT) learns both kinds from the built-in world, with the
-same schedule scaled down (32 images : 8 videos a step); the paper's own backbones and a VAE are flags.
+The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V; image:video steps 7:3, batch 512:128) on the
+encoder's fused layer features, the layer weights learned jointly at first and then frozen (04). Here one
+DiT (common.DiT) learns both kinds from the built-in world on the same schedule scaled down.
 
     python 05_train_diffusion.py                                # built-in world, MiniLM, Norm-Avg, CPU
-    python 05_train_diffusion.py --encoder smollm2 --fusion last --steps 20000
+    python 05_train_diffusion.py --init-from runs/layer_weights # stage 2: continue 04's run, weights frozen
     python 05_train_diffusion.py --resume                       # continue runs/diffusion
-    python 05_train_diffusion.py --init-from runs/layer_weights # stage 2: continue 04's DiT, weights frozen
-    # one node, N processes (gloo on CPU, nccl on GPU); batch sizes are global:
     torchrun --nproc_per_node=8 05_train_diffusion.py --data t2x.jsonl --encoder runs/stage1/model
-    # multi-node:
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
-        05_train_diffusion.py --data t2x.jsonl --encoder runs/stage1/model
+        05_train_diffusion.py --data t2x.jsonl --encoder runs/stage1/model      # batch sizes are global
+    python 05_train_diffusion.py --backbone wan --vae tiny-wan-vae --out runs/wan  # diffusers' Wan2.1, on latents
 
-Backbones and latents. `--backbone dit` (default) is our own DiT above. `--backbone wan` and `--backbone
-lumina2` train diffusers' WanTransformer3DModel (Wan2.1, T2V) and Lumina2Transformer2DModel
-(Lumina-Image-2.0, T2I), the fused features fed through their own text / caption embedder (built at the
-encoder's width); `--backbone-config` sizes them (tiny by default; `paper` is Wan2.1-T2V-1.3B / Lumina-
-Image-2.0 2B; or a JSON file, e.g. a diffusers config.json). Lumina2 is an image model: it trains with
-`--interleave 1:0` only (a video step is refused). `--init-transformer DIR` starts from pretrained
-diffusers weights (a transformer folder, or a pipeline folder holding transformer/), every tensor kept
-but the text embedder, which is re-initialised for the new encoder as the paper does for Wan2.1.
-`--vae NAME` trains on latents: media are encoded once (cached under --cache-dir, keyed by the VAE's
-weights, size, frames and the media) by an AutoencoderKLWan (images as 1-frame videos; a video of T
-frames is padded with its last frame to the VAE's 1+4k, the world's 8 -> 9 -> 3 latent frames, and 06
-cuts the decoded video back to T) or an AutoencoderKL (frame by frame). `tiny-wan-vae` is a random
-4x-smaller one for tests (untrained: it checks the plumbing, its samples score nothing); with the DiT on
-latents pick --patch/--tpatch that divide the latent shape.
-
-    python 05_train_diffusion.py --backbone wan --vae tiny-wan-vae --out runs/wan      # CPU miniature
-    python 05_train_diffusion.py --backbone lumina2 --interleave 1:0 --out runs/lumina2
-    # the paper's T2V model, fine-tuned (a local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers):
-    torchrun --nproc_per_node=8 05_train_diffusion.py --backbone wan --init-transformer /models/wan1.3b \
-        --vae /models/wan1.3b --size 256 --frames 9 --encoder runs/stage1/model --data t2x.jsonl
-    # the paper's T2I model, from scratch at 2B (its VAE from a local copy of Alpha-VLLM/Lumina-Image-2.0):
-    torchrun --nproc_per_node=8 05_train_diffusion.py --backbone lumina2 --backbone-config paper \
-        --vae /models/lumina2 --interleave 1:0 --size 256 --encoder runs/stage1/model --data t2i.jsonl
-
-`--init-from DIR` continues the newest checkpoint of 04's run: the same DiT (its shape is in the
-checkpoint), optimiser, lr schedule, data position and encoder, with the layer weights frozen where 04
-froze them, up to the same planned `--steps`. So 04 followed by 05 is one joint-then-frozen run. A
-checkpoint carries every setting of its run, so neither --init-from nor --resume needs a flag re-typed,
-and a flag that contradicts the checkpoint is refused.
-
-`--text-norm standardise` (default) standardises each text-feature dimension at the denoiser's input with
-the training captions' statistics, stored in the model (a choice of this miniature; `none` turns it off).
-
-Data: a jsonl of {"media": path, "caption": str, "kind": "image"|"video"} (runs/world/t2x.jsonl by
-default); PNG/JPG images, GIF/MP4 videos, resized and centre-cropped to --size, videos sampled to
---frames frames, decoded once into memory (fine for the world; a large corpus would stream). Text
-features of every caption (and the empty caption, the CFG null condition) are computed once and cached
-under --cache-dir, keyed by encoder weights, layer choice, dtype, length and texts.
-
-Writes OUT/checkpoints/step_N.pt (resume), OUT/model.safetensors (EMA weights + run config: what 06
-reads and what one would share), OUT/args.json and OUT/tb (tensorboard).
+--backbone lumina2|wan trains diffusers' Lumina2Transformer2DModel / WanTransformer3DModel (--backbone-config
+tiny, paper or a config.json; --init-transformer keeps pretrained weights but the text embedder); --vae trains
+on cached latents. A checkpoint carries its run's settings, so --resume and --init-from need no flag re-typed
+and refuse one that contradicts it. Data: a jsonl of {"media", "caption", "kind"}, decoded into memory once.
+Writes OUT/checkpoints/step_N.pt (resume), OUT/model.safetensors (EMA weights + run config, for 06), OUT/tb.
 """
 from pathlib import Path
 

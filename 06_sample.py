@@ -1,12 +1,11 @@
 """06: sample the DiT of 05 (50 Euler steps, classifier-free guidance) and score prompt fidelity.
 
-The paper samples with 50 steps and CFG 4.0 (T2I) / 5.0 (T2V) and scores GenAI-Bench with a VQA
-model. Here the world's checker plays the judge: it reads colour, count, position, shape, motion and
-speed back out of the pixels, so fidelity is measured exactly, per aspect, on held-out prompts. Three
-measures, each paired and with its standard error: prompt - floor (the same noise with the empty
-caption), prompt - mismatched prompt (the same samples scored against another prompt's scene: guidance
-damage cancels), and diffusion-classifier accuracy (no sampling: the DiT's denoising loss ranks a
-render's caption against captions of one-aspect edits of its scene, Li et al. 2023; chance ~0.25).
+The paper samples with 50 steps and CFG 4.0 (T2I) / 5.0 (T2V) and scores GenAI-Bench with a VQA model.
+Here the world's checker is the judge: it reads colour, count, position, shape, motion and speed back
+out of the pixels of samples of held-out prompts. Three measures, each paired with its standard error:
+prompt - floor (the same noise, empty caption), prompt - mismatched prompt (the same samples scored
+against another prompt's scene: guidance damage cancels), and diffusion-classifier accuracy (no
+sampling: the DiT's denoising loss ranks a render's caption against one-aspect edits, Li et al. 2023).
 
     python 06_sample.py                                   # a few held-out world prompts -> runs/samples/
     python 06_sample.py --prompts "a red circle on the left" "a blue square" --kind image
@@ -14,12 +13,9 @@ render's caption against captions of one-aspect edits of its scene, Li et al. 20
     python 06_sample.py --eval                            # fidelity table: renders / DiT / empty caption
     python 06_sample.py --eval --ckpt runs/layer_weights --out runs/samples/two_step
 
-`--ckpt` takes a run folder of 04/05 or its model.safetensors (EMA weights, backbone and its shape,
-encoder, layer fusion and VAE, all read from the file). A latent-space run samples latents and decodes
-them with its VAE (refused if the VAE's weights changed) before the checker sees them; a lumina2 run
-makes images only (its video prompts are not scored). Outputs: images.png (rows: prompts, columns: seeds, upscaled),
-videos.gif (the same, animated), prompts; with --eval, eval.json and eval.md (plus eval_images.png /
-eval_videos.gif: the world's render beside the DiT's samples).
+--ckpt takes a run folder of 04/05 or its model.safetensors (weights, backbone, encoder, fusion and VAE
+all read from the file; a latent run decodes with its VAE). Writes images.png and videos.gif (rows:
+prompts, columns: seeds); with --eval, eval.json (every sample's scores), eval.md and render-vs-sample grids.
 """
 import time
 from pathlib import Path

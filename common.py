@@ -658,8 +658,59 @@ def load_pretrained_transformer(model, path):
     return sorted(kept)
 
 
-def make_model(config):
-    """The denoiser a run config describes: common.DiT (default) or a diffusers backbone."""
+MAX_PARAMS = 20e9  # a config that asks for more is a typo, refused before anything is allocated
+
+
+def check_model_config(config, where):
+    """One check of a run config, from flags or from a model file, before anything is built: the keys,
+    types and ranges the denoiser needs, the media's divisibility by its patch, and its size (counted on
+    the meta device, so a huge config fails fast instead of allocating)."""
+    def need(key, ok, what, within=config):
+        if not ok(within.get(key)):
+            raise DataError(f"{where}: {key} must be {what}, got {within.get(key)!r}")
+        return within[key]
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536  # noqa: E731
+    backbone = need("backbone", lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}")
+    need("text_norm", lambda v: v in ("standardise", "none"), "standardise or none")
+    for key in ("text_dim", "channels"):
+        need(key, count, "an integer in [1, 65536]")
+    if backbone == "dit":
+        hidden, heads, patch = (need(k, count, "an integer in [1, 65536]") for k in ("hidden", "heads", "patch"))
+        need("depth", count, "an integer in [1, 65536]")
+        need("tpatch", count, "an integer in [1, 65536]")
+        if hidden % heads:
+            raise DataError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+        if 12 * config["depth"] * hidden ** 2 > MAX_PARAMS:  # the blocks' weights, before building any
+            raise DataError(f"{where}: depth {config['depth']} x hidden {hidden} is over {MAX_PARAMS / 1e9:.0f}B parameters")
+    else:
+        kwargs = need("backbone_kwargs", lambda v: isinstance(v, dict), "the backbone's constructor options")
+        defaults = inspect.signature(diffusers_class(backbone).__init__).parameters
+        for key, value in kwargs.items():
+            if key in defaults and isinstance(defaults[key].default, int) and not isinstance(defaults[key].default, bool):
+                need(key, count, "an integer in [1, 65536]", within=kwargs)
+        patch = kwargs.get("patch_size", 2)
+        patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    latent = next(iter((config.get("latent_shape") or {}).values()), None)
+    side = latent[-1] if latent else need("size", count, "an integer in [1, 65536]") if "size" in config else patch
+    if side % patch:
+        raise DataError(f"{where}: the {side}-pixel side{' (latent)' if config.get('latent_shape') else ''} is not "
+                        f"divisible by the patch {patch}")
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in _build_model(config).parameters())
+    except Exception as e:  # a backbone's own check of its options (heads vs width, ...)
+        raise DataError(f"{where}: {backbone} cannot be built from this config ({first_line(e)})") from None
+    if n > MAX_PARAMS:
+        raise DataError(f"{where}: this config has {n / 1e9:.0f}B parameters (more than {MAX_PARAMS / 1e9:.0f}B)")
+
+
+def make_model(config, where="the run config"):
+    """The denoiser a run config describes, once check_model_config accepts it."""
+    check_model_config(config, where)
+    return _build_model(config)
+
+
+def _build_model(config):
     if config["backbone"] == "dit":
         return DiT(**dit_shape(config))
     return DiffusersBackbone(config["backbone"], config["backbone_kwargs"], config["text_norm"] == "standardise")
@@ -1558,13 +1609,22 @@ def load_dit(path, device="cpu"):
         raise DataError(f"{path}: not a safetensors file ({type(e).__name__})") from None
     if meta.get("kind") != CKPT_KIND:
         raise DataError(f"{path}: not a DiT written by 04/05 (no {CKPT_KIND!r} tag)")
-    config = json.loads(meta["config"])
-    model = make_model(config)
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: its metadata holds no run config (a JSON object under 'config')")
+    model = make_model(config, str(path))
     plumbing.load_state_dict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("dit.")}, str(path))
     fusion_state = {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}
-    fusion = LayerFusion(config["fusion"], config["num_layers"], weights=fusion_state.get("weights"))
+    try:
+        fusion = LayerFusion(config["fusion"], config["num_layers"], weights=fusion_state.get("weights"))
+        step = int(meta["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: its run config has no usable layer fusion or step ({first_line(e)})") from None
     plumbing.load_state_dict(fusion, fusion_state, f"{path} (layer fusion)")
-    return model.to(device).eval(), config, fusion.to(device), int(meta["step"])
+    return model.to(device).eval(), config, fusion.to(device), step
 
 
 def claim_run_dir(out, args):

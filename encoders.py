@@ -492,13 +492,18 @@ def _load_dir(name, path, device, dtype, max_length):
     """TextEncoder from a save_pretrained folder or hub id."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as tf_logging
-    config = AutoConfig.from_pretrained(path)
-    cls, family = _model_class(config)
-    tok = AutoTokenizer.from_pretrained(path)
     verbosity = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()  # an MLLM's unused lm_head is reported as "unexpected": expected here
     try:
+        config = AutoConfig.from_pretrained(path)
+        cls, family = _model_class(config)
+        tok = AutoTokenizer.from_pretrained(path)
         model = cls.from_pretrained(path, dtype=dtype).to(device)
+    except Exception as e:  # a folder a user handed over: truncated weights, a bad config.json, a pickle
+        if not Path(path).is_dir():
+            raise
+        raise DataError(f"{path}: not a model folder transformers can load ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     finally:
         tf_logging.set_verbosity(verbosity)
     encoder = TextEncoder(name, model, tok, family, max_length)
@@ -569,7 +574,7 @@ def load_qwen3vl(name_or_path, dtype=torch.float32):
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
         model = Qwen3VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as e:  # no such folder or hub id, or not a Qwen3-VL with its processor
+    except Exception as e:  # no such folder or hub id, not a Qwen3-VL with its processor, truncated weights
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DataError(f"{name_or_path}: cannot load a Qwen3-VL model and processor ({first})") from None
     return model, processor

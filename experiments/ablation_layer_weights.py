@@ -1,42 +1,21 @@
 """The paper's Table 5 on the built-in world: fixed Norm-Avg vs layer weights learned throughout vs two-step,
 over several DiT seeds, paired by seed.
 
-Three arms with the same DiT shape, batches, optimiser, total steps and seed that differ only in how the
-encoder's layers are fused (paper, GenAI-Bench T2I: Norm-Avg 76.17, learned throughout 75.94, two-step 77.01):
-  norm-avg    fixed Norm-Avg                                        05 --fusion norm-avg
-  continuous  softmax layer weights learned for every step          04 --continuous
-  two-step    learned with the DiT, frozen, training goes on        04 (OUT/seed_S/two-step-joint), then
-                                                                    05 --init-from, to the same total steps
-A seed fixes the DiT's init, its data order and its noise, so the arms of one seed differ in the fusion
-alone; 06 --eval then scores each arm (the paired gain over the empty-caption floor, per aspect, images and
-videos apart; its prompts and noise are the same for every arm and seed).
+Three arms with the same DiT, batches, optimiser, steps and seed, differing only in the layer fusion:
+norm-avg (05 --fusion norm-avg), continuous (04 --continuous) and two-step (04, then 05 --init-from to the
+same total steps). A seed fixes the DiT's init, data order and noise; 06 --eval scores each arm on the
+same prompts and noise. Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned throughout 75.94, two-step 77.01.
 
     python experiments/ablation_layer_weights.py --threads 1                   # 3 seeds x 3 arms x 600 steps, CPU
     python experiments/ablation_layer_weights.py --dry-run                     # print the commands still to run
     python experiments/ablation_layer_weights.py --smoke --out /tmp/ablation   # tiny world, encoder, DiT: minutes
     python experiments/ablation_layer_weights.py --analyse-only runs/ablation  # table and Fig. 4 from disk alone
-    # the paper's encoder: 03's stage-1 model (see --encoder's default for why it is not the default here)
-    python experiments/ablation_layer_weights.py --encoder runs/stage1/model --out runs/ablation_stage1
-    # a GPU: the same three arms, longer, with a bigger eval
-    python experiments/ablation_layer_weights.py --out runs/ablation_gpu --steps 6000 --seeds 0 1 2 3 4 \\
-        --train-args "--device cuda" --eval-args "--device cuda" --eval-images 48 --eval-videos 24 --eval-seeds 4
 
-Restartable: every 04/05 call has --resume, so a killed run is continued by running the same command again;
-an arm is kept once its checkpoint of the last step and model.safetensors exist, two-step's first half once
-its newest checkpoint is frozen, an eval once eval.json scores the last step and is newer than the DiT. The
-recipe (the flags that change a result) goes to OUT/settings.json at the start, and a rerun with another
-into the same OUT is refused; --seeds may grow (each seed is its own set of runs).
-
-Statistics (OUT/table.json, table.md): per arm, kind and seed the mean over aspects of 06's paired gain over
-the floor; per arm the mean +- s.e. over seeds (sample std / sqrt(n)) of that and of each aspect; and the
-paired differences two-step - norm-avg, continuous - norm-avg, two-step - continuous: mean +- s.e. of the
-per-seed differences, n seeds and how many are > 0. "eval s.e." is 06's own s.e. of one run's aspect mean
-(aspects taken as independent), averaged over seeds: the part of the spread that a larger eval would shrink.
-OUT/fig4.png: the softmax weight of each layer against the step, learned throughout and two-step (the
-paper's Fig. 4), from 04's summary.json snapshots (every steps/8 steps).
-
-OUT/seed_S/ARM/ holds each run (04/05's own outputs), ARM/eval/ its eval, ARM/logs/ the stages' output and
-ARM/seconds.json their wall seconds; with --smoke, OUT/world/ holds the tiny world 01 builds.
+Restartable: a killed run is continued by the same command (finished arms and evals are kept); the recipe
+goes to OUT/settings.json and a rerun with another into the same OUT is refused. OUT/table.json and
+table.md hold, per arm, the mean +- s.e. over seeds of 06's gains and the paired differences between arms
+(mean +- s.e. of the per-seed differences, and how many are > 0); OUT/fig4.png the layer weights against
+the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its eval/, logs/ and seconds.json.
 """
 import math
 import shlex

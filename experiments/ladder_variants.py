@@ -60,11 +60,20 @@ def main():
     p.add_argument("--steps", type=int, default=encoders.PRETRAIN["steps"], help="0: the random init")
     p.add_argument("--media", action="store_true", help="the MLLM base (half its captions answer a render)")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the input embeddings at their init")
+    p.add_argument("--tie-embeddings", action="store_true", help="share the input and output embeddings")
     p.add_argument("--cache-dir", default="cache")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.material == "captions+qa":
         encoders.pretrain_items = captions_and_qa
+    if args.tie_embeddings:
+        make_config = encoders.tiny_qwen3vl_config
+
+        def tied(*a, **k):
+            config = make_config(*a, **k)
+            config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+            return config
+        encoders.tiny_qwen3vl_config = tied
     if args.freeze_embeddings:
         load = encoders.load_qwen3vl
 

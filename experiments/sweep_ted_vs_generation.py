@@ -1,38 +1,22 @@
 """Does TED predict generation? The paper's headline correlation (Tables 3 and 4) on the built-in world.
 
 For each encoder configuration (encoder x layer-feature strategy) the sweep runs the stages as they are:
-  02_probe_encoders.py   the TED score (mean and seed std over --seeds aggregator seeds; overall and per
-                         statement type) of that one encoder and strategy;
-  05_train_diffusion.py  a DiT trained on that encoder and fusion, every other setting (data, seed, steps,
-                         shape, batches) the same for all configurations;
-  06_sample.py --eval    its prompt fidelity: the paired gain over the empty-caption floor, per aspect, with
-                         its standard error, images and videos kept apart (the paper's T2I and T2V tables).
-It writes one table, OUT/sweep.json, after every finished configuration, and from that table alone the
-analysis (OUT/analysis.json, analysis.md, scatter.png, heatmap.png): Pearson r and Spearman rho between TED
-and fidelity for images and for videos with bootstrap 95% intervals and p-values, the statement-type x
-aspect correlation matrix, and the cost of ranking the configurations with 02 vs with 05 + 06.
+02 for the TED score (mean and seed std), 05 for a DiT with one recipe for all (only the encoder and
+fusion change), 06 --eval for its prompt fidelity per aspect, images and videos apart. After each finished
+configuration it writes OUT/sweep.json, and from that table alone OUT/analysis.{json,md}, scatter.png and
+heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and p-values (scipy.stats), the
+statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
 
     python experiments/sweep_ted_vs_generation.py --threads 1             # the default configurations (hours)
     python experiments/sweep_ted_vs_generation.py --dry-run               # print the commands, run nothing
     python experiments/sweep_ted_vs_generation.py --only minilm-last,gemma3-norm-avg
     python experiments/sweep_ted_vs_generation.py --smoke --out /tmp/sweep    # 3 tiny configurations, minutes
     python experiments/sweep_ted_vs_generation.py --analyse-only runs/sweep/sweep.json
-    # a GPU: the same sweep, a larger DiT (every configuration gets the same extra flags)
-    python experiments/sweep_ted_vs_generation.py --out runs/sweep_gpu --probe-args "--device cuda" \\
-        --train-args "--device cuda --hidden 384 --depth 6" --eval-args "--device cuda"
 
-Restartable: every finished step is kept and skipped on a rerun (a configuration's probe once its
-results.json exists, its DiT once the checkpoint of the last step exists, its eval once eval.json is
-newer than the DiT); an unfinished DiT continues from its newest checkpoint (05 --resume). So a killed
-sweep is continued by running the same command again. The recipe (the flags that change a result) is
-written to OUT/settings.json at the start, and a rerun with other settings into the same OUT is refused.
-
-Seconds per configuration are the wall time of each stage's process (interpreter start and model load
-included, as a user pays them); a DiT killed part-way counts up to its newest checkpoint, the work after
-it is redone. Encoder paths (runs/stage1/model) are read from the repository root, where the stages run.
-
-OUT/configs/NAME/{probe,dit,eval}/ hold each stage's own outputs, OUT/configs/NAME/logs/ their logs, and
-OUT/configs/NAME/seconds.json the timings; with --smoke, OUT/world/ holds the tiny world 01 builds.
+Restartable: finished stages are kept and an unfinished DiT continues from its newest checkpoint, so a
+killed sweep is continued by the same command; the recipe goes to OUT/settings.json and a rerun with
+other settings into the same OUT is refused. Seconds are each stage's process wall time. OUT/configs/NAME/
+holds each stage's outputs, logs and seconds.json; with --smoke, OUT/world/ holds the tiny world.
 """
 import itertools
 import math

@@ -1,16 +1,10 @@
 """The built-in synthetic world: every dataset this repo needs, derived from one plain scene dict.
 
-No weights or data can be downloaded at run time, so the default data is made here. Three
-submodules, split by who uses them; import the one you need (nothing is re-exported here):
-
-- `world.scenes`: scene sampling, renders, PNG/GIF media, captions, prompts and VQA
-  (01 writes the training splits with it; 06 renders the ceiling; 03 and 05 read what 01 wrote);
-- `world.claims`: the TED claim language, the nine hard-negative builders, `make_statement(s)`,
-  the statement types and the difficulty knobs (01 builds TED-6K with it; 02 uses `bow_tokens`;
-  encoders.py trains the world tokenizer on `claims.text_corpus`);
-- `world.checker`: reads objects back out of pixels and scores a sample against its scene (06).
-
-claims and checker import scenes; scenes imports neither.
+No weights or data can be downloaded at run time, so the default data is made here, in three modules
+(nothing is re-exported here): `world.scenes` (scenes, renders, media, captions, prompts, VQA; 01 writes
+the splits with it), `world.claims` (the TED claim language, hard negatives, statement types; 01 builds
+TED-6K with it) and `world.checker` (reads objects back from pixels and scores a sample; 06). claims and
+checker import scenes; scenes imports neither.
 
     import random
     from world import scenes, claims, checker

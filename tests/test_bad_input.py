@@ -1,0 +1,105 @@
+"""One validation of a model configuration (common.check_model_config), from 05's flags and from a
+model file handed to 06, and one guarded load of an encoder folder (encoders._load_dir): each bad case is one stderr line naming the flag or file, exit 2, no traceback,
+and nothing written."""
+import importlib
+import json
+import pickle
+import shutil
+
+import pytest
+from safetensors.torch import save_file
+
+import common
+from tests.cli import assert_one_line, cli_error
+from tests.diffusion_stubs import TINY, make_world
+
+t2x = importlib.import_module("05_train_diffusion")
+sample = importlib.import_module("06_sample")
+
+# A run config as 05 writes it into model.safetensors, small enough to build.
+GOOD = {"backbone": "dit", "text_norm": "none", "text_dim": 8, "channels": 3, "hidden": 32, "depth": 2, "heads": 2,
+        "patch": 4, "tpatch": 2, "size": 16, "latent_shape": None, "backbone_kwargs": None, "fusion": "norm-avg",
+        "num_layers": 2, "encoder": "tiny-qwen3"}
+
+MODEL_FILES = {  # id: (change to GOOD, or a raw metadata dict; what the one line must say)
+    "no run config": ({"kind": "gran-ted/dit", "step": "1"}, "its metadata holds no run config"),
+    "huge depth": ({"depth": 1_000_000}, "depth must be an integer in [1, 65536]"),
+    "over 20B parameters": ({"depth": 60_000, "hidden": 8192, "heads": 8}, "is over 20B parameters"),
+    "hidden a string": ({"hidden": "wide"}, "hidden must be an integer in [1, 65536], got 'wide'"),
+    "heads do not divide": ({"hidden": 30, "heads": 4}, "hidden 30 is not divisible by heads 4"),
+    "unknown backbone": ({"backbone": "unet"}, "backbone must be one of dit, lumina2, wan"),
+    "missing backbone": ({"backbone": None}, "backbone must be one of"),
+    "size and patch": ({"size": 18}, "the 18-pixel side is not divisible by the patch 4"),
+    "no fusion": ({"fusion": None, "num_layers": None}, "no usable layer fusion"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_FILES)
+def test_a_bad_model_file_is_one_line(tmp_path, capsys, case):
+    change, message = MODEL_FILES[case]
+    meta = change if "kind" in change else {"kind": "gran-ted/dit", "step": "1",
+                                            "config": json.dumps({k: v for k, v in {**GOOD, **change}.items()
+                                                                  if v is not None or k in GOOD and GOOD[k] is None})}
+    path = tmp_path / "model.safetensors"
+    weights = {f"dit.{k}": v for k, v in common.make_model(GOOD).state_dict().items()} if case == "no fusion" else {}
+    save_file(weights, str(path), metadata=meta)
+    code, err = cli_error(sample.main, ["--ckpt", str(path), "--out", str(tmp_path / "s")], capsys)
+    assert_one_line(code, err, message)
+    assert str(path) in err and not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+FLAGS = {  # id: (05 flags, what the one line must say)
+    "wan layers negative": (["--backbone", "wan", "--backbone-config", '{"num_layers": -1}'],
+                            "num_layers must be an integer in [1, 65536], got -1"),
+    "wan layers a word": (["--backbone", "wan", "--backbone-config", '{"num_layers": "two"}'],
+                          "num_layers must be an integer in [1, 65536], got 'two'"),
+    "wan ffn huge": (["--backbone", "wan", "--backbone-config", '{"ffn_dim": 1000000000000}'],
+                     "ffn_dim must be an integer in [1, 65536]"),
+    "size and patch": (["--size", "10"], "the 10-pixel side is not divisible by the patch 4"),
+    "heads do not divide": (["--hidden", "30", "--heads", "4"], "hidden 30 is not divisible by heads 4"),
+}
+
+
+@pytest.mark.parametrize("case", FLAGS)
+def test_a_bad_model_config_from_flags_is_one_line(tmp_path, world, capsys, case):
+    extra, message = FLAGS[case]
+    out = tmp_path / "out"
+    argv = ["--data", str(world), "--out", str(out), "--cache-dir", str(tmp_path.parent / "cache"), *TINY, *extra]
+    assert_one_line(*cli_error(t2x.main, argv, capsys), message)
+    assert not out.exists() or not any(out.rglob("*.*"))  # no checkpoint, model, log or tensorboard file
+
+
+@pytest.fixture(scope="module")
+def bad_encoders(tmp_path_factory):
+    """Copies of the tiny Qwen3 folder, each broken one way a handed-over folder can be."""
+    import encoders
+    root = tmp_path_factory.mktemp("encoders")
+    good = encoders.tiny_model_dir("tiny-qwen3", cache_dir=root / "cache")
+    out = {}
+    for case in ("truncated weights", "bad config.json", "pickle weights"):
+        folder = root / case.replace(" ", "_")
+        shutil.copytree(good, folder)
+        weights = folder / "model.safetensors"
+        if case == "truncated weights":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        elif case == "bad config.json":
+            (folder / "config.json").write_text("{")
+        else:  # no code may run while loading it: weights_only refuses the global
+            weights.unlink()
+            (folder / "pytorch_model.bin").write_bytes(pickle.dumps(print))
+        out[case] = folder
+    return out
+
+
+@pytest.mark.parametrize("case", ["truncated weights", "bad config.json", "pickle weights"])
+def test_a_broken_encoder_folder_is_one_line(tmp_path, world, bad_encoders, capsys, case):
+    out, folder = tmp_path / "out", bad_encoders[case]
+    argv = ["--data", str(world), "--out", str(out), "--cache-dir", str(tmp_path.parent / "cache"), *TINY,
+            "--encoder", str(folder)]
+    assert_one_line(*cli_error(t2x.main, argv, capsys), f"{folder}: not a model folder transformers can load")
+    assert not out.exists() or not any(out.rglob("*.*"))
