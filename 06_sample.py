@@ -334,33 +334,31 @@ def markdown(report):
 #################################################################################
 
 def read_prompts(args):
-    """(text, kind) pairs from --prompts, --prompt-file (.txt lines or .jsonl), else held-out world prompts."""
+    """(text, kind) pairs from --prompts, --prompt-file (.txt lines or .jsonl), else held-out world prompts;
+    every prompt a non-empty string of a known kind (common.check_caption)."""
     kinds = ["image", "video"] if args.kind == "both" else [args.kind]
     if args.prompts:
-        return [(p, k) for p in args.prompts for k in kinds]
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if path.suffix == ".jsonl":
-            recs = plumbing.read_jsonl(path)
-            out = []
-            for i, r in enumerate(recs, 1):
-                text = r.get("prompt", r.get("caption"))
-                if not isinstance(text, str):
-                    raise DataError(f"{path}: record {i}: needs a 'prompt' or 'caption' string")
-                out += [(text, r["kind"])] if r.get("kind") in ("image", "video") else [(text, k) for k in kinds]
-            return out
-        if not path.is_file():
-            raise DataError(f"{path}: no such prompt file")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = [(p, k, f"--prompts {p!r}") for p in args.prompts for k in kinds]
+    elif args.prompt_file and Path(args.prompt_file).suffix == ".jsonl":
+        out = []
+        for i, r in enumerate(plumbing.read_jsonl(args.prompt_file), 1):
+            text = r.get("prompt", r.get("caption"))
+            out += [(text, kind, f"{args.prompt_file}: record {i}") for kind in ([r["kind"]] if "kind" in r else kinds)]
+    elif args.prompt_file:
+        lines = [line.strip() for line in plumbing._read_text(args.prompt_file).splitlines() if line.strip()]
         if not lines:
-            raise DataError(f"{path}: no prompts")
-        return [(p, k) for p in lines for k in kinds]
-    if Path(args.eval_data).is_file():
+            raise DataError(f"{args.prompt_file}: no prompts")
+        out = [(p, k, args.prompt_file) for p in lines for k in kinds]
+    elif Path(args.eval_data).is_file():
         recs = plumbing.read_jsonl(args.eval_data, required=("caption", "kind"))
-        return ([(r["caption"], "image") for r in recs if r["kind"] == "image"][:4]
-                + [(r["caption"], "video") for r in recs if r["kind"] == "video"][:4])
-    return [(p, k) for p in ("a red circle", "a blue square on the left and a green triangle on the right")
-            for k in ("image", "video")]
+        out = ([(r["caption"], "image", args.eval_data) for r in recs if r["kind"] == "image"][:4]
+               + [(r["caption"], "video", args.eval_data) for r in recs if r["kind"] == "video"][:4])
+    else:
+        out = [(p, k, "") for p in ("a red circle", "a blue square on the left and a green triangle on the right")
+               for k in ("image", "video")]
+    for text, kind, where in out:
+        common.check_caption(text, kind, where)
+    return [(text, kind) for text, kind, _ in out]
 
 
 def get_parser():
@@ -399,13 +397,17 @@ def main(argv=None):
     device = plumbing.pick_device(args.device)
     plumbing.seed_everything(0)
     out = Path(args.out)
+    prompts = None if args.eval else read_prompts(args)  # inputs first: nothing is written for a bad one
     model, config, fusion, step = load_model(args.ckpt, device)
     log(f"{args.ckpt}: step {step}, encoder {config['encoder']}, fusion {config['fusion']}")
+    if prompts and config["backbone"] == "lumina2" and any(k == "video" for _, k in prompts):
+        if args.prompts or args.prompt_file:
+            raise DataError(f"{args.ckpt}: a lumina2 run makes images only; give image prompts (--kind image)")
+        prompts = [(t, k) for t, k in prompts if k == "image"]
     cond_fn = Conditioner(config, fusion, device)
     if args.eval:
         evaluate(args, model, config, cond_fn, out, str(args.ckpt))
         return
-    prompts = read_prompts(args)
     for kind in ("image", "video"):
         texts = [t for t, k in prompts if k == kind]
         if not texts:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
 import plumbing
-from plumbing import DataError, atomic_torch_save, log
+from plumbing import DataError, atomic_torch_save, first_line, log
 
 KINDS = ("image", "video")
 
@@ -203,14 +203,8 @@ def save_layer_weights(path, fusion, encoder_name, num_layers):
 
 def load_layer_weights(path, encoder_name, num_layers):
     """Softmax layer weights from `save_layer_weights`; refuses another encoder or layer count."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such layer-weights file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: not a layer-weights file ({e})") from None
-    if not isinstance(blob, dict) or not {"encoder", "num_layers", "weights"} <= set(blob):
+    blob = plumbing.load_torch(path, "layer-weights file")
+    if not {"encoder", "num_layers", "weights"} <= set(blob):
         raise DataError(f"{path}: not a layer-weights file (needs encoder, num_layers, weights)")
     if blob["encoder"] != encoder_name or blob["num_layers"] != num_layers:
         raise DataError(f"{path}: layer weights are for encoder {blob['encoder']!r} with {blob['num_layers']} "
@@ -554,11 +548,6 @@ BACKBONE_CONFIGS = {
 TEXT_EMBEDDER = {"lumina2": "time_caption_embed.caption_embedder.", "wan": "condition_embedder.text_embedder."}
 
 
-def first_line(e):
-    """An exception's first line: diffusers' load errors run to a paragraph."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def diffusers_class(backbone):
     import diffusers
     return {"lumina2": diffusers.Lumina2Transformer2DModel, "wan": diffusers.WanTransformer3DModel}[backbone]
@@ -818,10 +807,11 @@ def latent_media(vae, vae_id, data, size, frames, cache_dir, d, batch=8):
                            for s in range(0, len(media), batch)])
             atomic_torch_save({"meta": meta, "latents": z}, path)
         d.barrier()
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["meta"] != meta:
+        blob = plumbing.load_torch(path, "latent cache (delete it)")
+        z, channels = blob.get("latents"), getattr(vae.config, "z_dim", None) or vae.config.latent_channels
+        if blob.get("meta") != meta or not isinstance(z, torch.Tensor) or z.shape[:2] != (len(media), channels):
             raise DataError(f"{path}: latent cache does not match its key (corrupt or hand-edited); delete it")
-        data[k]["media"] = blob["latents"]
+        data[k]["media"] = z
     return data
 
 
@@ -1281,11 +1271,8 @@ def feature_bank(encoder, fusion, texts, max_length, cache_dir, d, store_dtype=t
     elif d.is_main:
         log(f"text features from cache {path}")
     d.barrier()
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: unreadable feature cache ({type(e).__name__}); delete it") from None
-    if blob["meta"] != meta or blob["texts"] != texts:
+    blob = plumbing.load_torch(path, "feature cache (delete it)")
+    if blob.get("meta") != meta or blob.get("texts") != texts:
         raise DataError(f"{path}: feature cache does not match its key (corrupt or hand-edited); delete it")
     return FeatureBank(blob["feats"], blob["offsets"]), path
 

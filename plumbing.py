@@ -327,15 +327,18 @@ def _read_text(path):
 
 
 def read_json(path):
-    """json.load with an error that names the file and the position of the fault; duplicate keys refused."""
+    """json.load with an error that names the file and the position of the fault; duplicate keys and
+    NaN / Infinity refused."""
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
             raise DataError(f"{path}: duplicate key(s) {dup[:5]}")
         return dict(pairs)
+    def not_finite(constant):
+        raise DataError(f"{path}: {constant} where a number belongs")
     try:
-        return json.loads(_read_text(path), object_pairs_hook=no_duplicates)
+        return json.loads(_read_text(path), object_pairs_hook=no_duplicates, parse_constant=not_finite)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
@@ -422,19 +425,31 @@ def save_checkpoint(out_dir, step, state, keep=2, replaces=()):
     return path
 
 
-def load_checkpoint(path, kind):
-    """A checkpoint written by this repo (`state["kind"] == kind`), loaded with weights_only=True."""
+def first_line(e):
+    """An exception's first line (diffusers' and safetensors' errors run to a paragraph), or its type."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def load_torch(path, what):
+    """The one way a torch file is read (checkpoints, caches, layer weights): weights_only=True, so no code
+    runs; a missing, truncated or foreign file is one line naming it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint")
+        raise DataError(f"{path}: no such {what}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle that weights_only refuses
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: not a readable checkpoint ({first[:200]})") from None
-    if not isinstance(state, dict) or state.get("kind") != kind:
-        got = state.get("kind") if isinstance(state, dict) else type(state).__name__
-        raise DataError(f"{path}: not a {kind} checkpoint (kind {got!r})")
+        raise DataError(f"{path}: not a readable {what} ({first_line(e)})") from None
+    if not isinstance(blob, dict):
+        raise DataError(f"{path}: not a {what} (it holds a {type(blob).__name__})")
+    return blob
+
+
+def load_checkpoint(path, kind):
+    """A checkpoint written by this repo (`state["kind"] == kind`)."""
+    state = load_torch(path, "checkpoint")
+    if state.get("kind") != kind:
+        raise DataError(f"{path}: not a {kind} checkpoint (kind {state.get('kind')!r})")
     return state
 
 

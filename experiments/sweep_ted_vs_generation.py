@@ -518,10 +518,15 @@ def write_analysis(sweep_path, n_boot=10000):
     sweep = plumbing.read_json(sweep_path)
     if not isinstance(sweep, dict) or not isinstance(sweep.get("configurations"), list):
         raise DataError(f"{sweep_path}: not a sweep table (no 'configurations' list)")
-    a = analyse(sweep, n_boot)
+    try:  # the whole analysis in memory first: a table it cannot read replaces nothing
+        a = analyse(sweep, n_boot)
+        text = markdown(sweep, a)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{sweep_path}: not a sweep table this script wrote ({type(e).__name__}: "
+                        f"{plumbing.first_line(e)})") from None
     out = sweep_path.parent
     plumbing.atomic_write_json(out / "analysis.json", a)
-    plumbing.atomic_write_text(out / "analysis.md", markdown(sweep, a))
+    plumbing.atomic_write_text(out / "analysis.md", text)
     if sweep["configurations"]:
         plumbing.atomic_write(out / "scatter.png", lambda tmp: plot_scatter(sweep, a, tmp))
         plumbing.atomic_write(out / "heatmap.png", lambda tmp: plot_heatmap(a, tmp))

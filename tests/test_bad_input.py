@@ -1,10 +1,12 @@
 """One validation of a model configuration (common.check_model_config), from 05's flags and from a
-model file handed to 06, and one guarded load of an encoder folder (encoders._load_dir): each bad case is one stderr line naming the flag or file, exit 2, no traceback,
+model file handed to 06, one guarded load of an encoder folder (encoders._load_dir), and 06's prompts
+checked before any model loads: each bad case is one stderr line naming the flag or file, exit 2, no traceback,
 and nothing written."""
 import importlib
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
@@ -103,3 +105,56 @@ def test_a_broken_encoder_folder_is_one_line(tmp_path, world, bad_encoders, caps
             "--encoder", str(folder)]
     assert_one_line(*cli_error(t2x.main, argv, capsys), f"{folder}: not a model folder transformers can load")
     assert not out.exists() or not any(out.rglob("*.*"))
+
+
+PROMPTS = {  # id: (06 flags ({file} = a prompt file holding `content`), content, what the one line must say)
+    "empty prompt": (["--prompts", ""], None, "--prompts '': empty caption"),
+    "blank prompt": (["--prompts", "  "], None, "empty caption"),
+    "empty jsonl prompt": (["--prompt-file", "{file}.jsonl"], '{"prompt": ""}\n', "record 1: empty caption"),
+    "audio kind": (["--prompt-file", "{file}.jsonl"], '{"prompt": "a red square", "kind": "audio"}\n',
+                   "record 1: caption_type 'audio' is not 'image' or 'video'"),
+    "numeric prompt": (["--prompt-file", "{file}.jsonl"], '{"prompt": 7}\n', "record 1: caption must be a string"),
+    "not UTF-8": (["--prompt-file", "{file}.txt"], b"a red \xff square\n", "not UTF-8 text"),
+    "no prompts": (["--prompt-file", "{file}.txt"], "\n  \n", "no prompts"),
+}
+
+
+@pytest.mark.parametrize("case", PROMPTS)
+def test_bad_prompts_are_one_line_before_any_model_loads(tmp_path, capsys, case):
+    flags, content, message = PROMPTS[case]
+    argv = [a.replace("{file}", str(tmp_path / "prompts")) for a in flags]
+    if content is not None:
+        path = next(a for a in argv if a.startswith(str(tmp_path)))
+        Path(path).write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = cli_error(sample.main, [*argv, "--ckpt", str(tmp_path / "no-model"), "--out", str(tmp_path / "s")],
+                          capsys)
+    assert_one_line(code, err, message)
+    assert not (tmp_path / "s").exists()
+
+
+TORCH_FILES = {  # id: (bytes of the file, or None for no file; what the one line must say)
+    "missing": (None, "no such latent cache"),
+    "empty": (b"", "not a readable latent cache"),
+    "garbage": (b"not a torch file at all", "not a readable latent cache"),
+    "truncated": ("truncated", "not a readable latent cache"),
+    "a pickle that would run code": (pickle.dumps(print), "not a readable latent cache"),
+    "not a dict": ("list", "not a latent cache (it holds a list)"),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_FILES)
+def test_one_guarded_torch_reader(tmp_path, case):
+    import torch
+
+    import plumbing
+    content, message = TORCH_FILES[case]
+    path = tmp_path / "latents_x.pt"
+    if content in ("truncated", "list"):
+        torch.save({"latents": torch.zeros(4, 4)} if content == "truncated" else [1, 2], path)
+        if content == "truncated":
+            path.write_bytes(path.read_bytes()[:100])
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(plumbing.DataError) as e:
+        plumbing.load_torch(path, "latent cache")
+    assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
