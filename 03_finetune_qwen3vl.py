@@ -11,7 +11,7 @@ no --model it fine-tunes the tiny pretrained `tiny-qwen3vl-base` (copied to runs
     torchrun --nproc_per_node=2 03_finetune_qwen3vl.py             # DDP: the same model as one process
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \
         03_finetune_qwen3vl.py --fsdp --grad-ckpt --model Qwen/Qwen3-VL-8B-Instruct --data my_vqa.jsonl \
-        --steps 3000 --batch-size 128 --grad-accum 8 --lr 1e-5 --max-pixels 200704 --frames 16
+        --steps 3000 --batch-size 128 --grad-accum 8 --lr 1e-5 --max-pixels 200704 --max-frames 16
     python 02_probe_encoders.py --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg
 
 Data: jsonl of {"media", "kind", "messages": [{"role": "user", ...}, {"role": "assistant", "content",
@@ -41,7 +41,7 @@ IGNORE = encoders.IGNORE
 KIND = "gran-ted/stage1"  # the checkpoint's kind tag
 # The settings that make the loss curve; a checkpoint carries them and --resume refuses one that differs.
 RUN_KEYS = ("model", "data", "captions", "seed", "lr", "batch_size", "steps", "warmup", "decay", "weight_decay",
-            "grad_clip", "freeze_vision", "frames", "max_pixels", "min_pixels", "max_length", "eval_size")
+            "grad_clip", "freeze_vision", "max_frames", "max_pixels", "min_pixels", "max_length", "eval_size")
 
 
 #################################################################################
@@ -159,7 +159,7 @@ class Collator:
             kwargs["images_kwargs"] = self.size_kwargs(self.processor.image_processor.size)
         if videos:
             kwargs["videos"] = videos
-            # a video may use --frames x the per-frame budget (shorter clips get sharper frames)
+            # a video may use --max-frames x the per-frame budget (shorter clips get sharper frames)
             vk = self.size_kwargs(self.processor.video_processor.size, self.frames)
             kwargs["videos_kwargs"] = dict(vk, video_metadata=metas, do_sample_frames=False)
         tok = self.processor.tokenizer
@@ -185,7 +185,7 @@ class Collator:
         for b in range(mm.shape[0]):
             if mm[b, keep:].any():
                 raise DataError(f"{recs[b]['_file']}:{recs[b]['_line']}: --max-length {keep} would cut the "
-                                f"{recs[b]['kind']}'s tokens; raise it or lower --max-pixels / --frames")
+                                f"{recs[b]['kind']}'s tokens; raise it or lower --max-pixels / --max-frames")
         for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels"):
             batch[k] = batch[k][:, :keep]
         return batch
@@ -222,7 +222,7 @@ def tiny_base(out_dir, seed, d):
 def prepare_model(model_path, args, d, dtype):
     """(wrapped model, processor, config): the trainable part chosen, on the device, DDP or FSDP."""
     model, processor = encoders.load_qwen3vl(model_path)
-    keep_pixel_limits(processor, args.frames, args.max_pixels, args.min_pixels)
+    keep_pixel_limits(processor, args.max_frames, args.max_pixels, args.min_pixels)
     model.config.use_cache = False
     params = encoders.set_trainable(model, args.freeze_vision)
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
@@ -392,7 +392,7 @@ def eval_items(records):
 def evaluate_vqa(model, processor, heldout, train, args, device, dtype):
     """Greedy answers to held-out questions: exact-match accuracy per perspective vs chance."""
     model.eval()
-    collate = Collator(processor, args.frames, args.max_pixels, args.min_pixels)
+    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels)
     items = [it for it in eval_items(heldout) if it[3] not in args.eval_skip]
     answers_by_p = defaultdict(Counter)
     for it in eval_items(train):
@@ -465,7 +465,7 @@ def load_data(args, d):
     records = read_vqa_records(args.data)
     if args.captions:
         records += read_vqa_records(args.captions, captions=True)
-    records, n_bad = scan_vqa_media(records, args.frames, d)
+    records, n_bad = scan_vqa_media(records, args.max_frames, d)
     train_recs, heldout = split_heldout(records, args.eval_size, args.seed)
     if not train_recs:
         raise DataError(f"{args.data}: no records left to train on")
@@ -548,7 +548,7 @@ def train(args):
     stop = min(args.steps, args.stop_at or args.steps)
     sampler = StepBatches(len(train_recs), args.batch_size, args.grad_accum, d.rank, d.world_size,
                           args.seed, position, max(0, stop - step))
-    collate = Collator(processor, args.frames, args.max_pixels, args.min_pixels, args.max_length)
+    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels, args.max_length)
     batches = iter(torch.utils.data.DataLoader(train_recs, batch_sampler=sampler, collate_fn=collate,
                                                num_workers=args.workers))
     writer = tensorboard(out, d)
@@ -600,14 +600,6 @@ def train(args):
 #                                Command line                                   #
 #################################################################################
 
-def even_frames(text):
-    """An argparse type: a positive even frame count (Qwen3-VL groups frames in pairs)."""
-    n = plumbing.positive_int(text)
-    if n % 2:
-        raise argparse.ArgumentTypeError(f"{text} is odd: Qwen3-VL groups video frames in pairs")
-    return n
-
-
 def get_parser():
     p = plumbing.ArgumentParser(__doc__)
     pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
@@ -633,7 +625,7 @@ def get_parser():
     p.add_argument("--min-pixels", type=pos, default=None,
                    help="min pixels per image / per video frame (default: the processor's; the tiny model's "
                         "is 64x64, so the world's 32x32 renders give 16 vision tokens instead of 4)")
-    p.add_argument("--frames", type=even_frames, default=8, help="at most this many frames per video (even)")
+    p.add_argument("--max-frames", type=plumbing.even_frames, default=8, help="at most this many frames per video (even)")
     p.add_argument("--max-length", type=pos, default=None, help="truncate sequences to this many tokens")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")

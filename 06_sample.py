@@ -176,14 +176,13 @@ def evaluate(args, model, config, cond_fn, out, source):
     """Held-out world prompts: the checker's scores of the renders, the DiT's samples and the
     empty-caption floor, per kind and aspect, with the paired gain over the floor."""
     recs = plumbing.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
-    limits = {"image": args.eval_images, "video": args.eval_videos}
     n = args.eval_seeds
     size = scenes.IMAGE_SIZE
     results = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {},
                "DiT + prompt, scored as another prompt": {}}
     settings, gain, gain_mismatched, samples, scored = {}, {}, {}, {}, {}
     for kind in ("image", "video"):
-        rs = [r for r in recs if r["kind"] == kind][:limits[kind]]
+        rs = [r for r in recs if r["kind"] == kind][:getattr(args, f"eval_{kind}s")]
         if not rs:
             continue
         if kind == "video" and config.get("backbone") == "lumina2":
@@ -204,10 +203,7 @@ def evaluate(args, model, config, cond_fn, out, source):
         t_gen = time.time() - t0
         floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, config, args.sample_steps, None, args.batch_size,
                          desc=f"floor {kind}")
-        if gen.shape[-2] != size:
-            gen, floor = (np.asarray(torch.nn.functional.interpolate(torch.from_numpy(a).flatten(0, 2).permute(0, 3, 1, 2).float(),
-                          size=(size, size), mode="nearest").round().byte().permute(0, 2, 3, 1).reshape(
-                          *a.shape[:3], size, size, 3)) for a in (gen, floor))
+        gen, floor = checker_size(gen, size), checker_size(floor, size)
         scored[kind] = rs
         results["renders (ceiling)"][kind] = summary(score(ceiling, wanted))
         # The mismatched control: the same guided samples scored against the next prompt's scene. Guidance
@@ -225,10 +221,7 @@ def evaluate(args, model, config, cond_fn, out, source):
         settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
                           "cfg_trunc": args.cfg_trunc, "steps": args.sample_steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
-        shown = min(8, len(rs))
-        frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), scenes.VIEW_SCALE)
-        write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}", frames)
-        plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
+        write_eval_grid(out, kind, ceiling, gen, texts)
     report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"],
               "fusion": config["fusion"], "ema": True, "text": args.eval_text,
               "settings": settings, "results": results, "gain over floor": gain,
@@ -239,6 +232,22 @@ def evaluate(args, model, config, cond_fn, out, source):
     plumbing.atomic_write_text(out / "eval.md", markdown(report))
     log(markdown(report))
     return report
+
+
+def checker_size(samples, size):
+    """Samples [N, S, T, H, W, 3] at the checker's resolution (nearest-neighbour)."""
+    if samples.shape[-2] == size:
+        return samples
+    x = torch.from_numpy(samples).flatten(0, 2).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest").round().byte()
+    return np.asarray(x.permute(0, 2, 3, 1).reshape(*samples.shape[:3], size, size, 3))
+
+
+def write_eval_grid(out, kind, ceiling, gen, texts, shown=8):
+    """The first prompts' render beside their samples, and the prompts."""
+    frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), scenes.VIEW_SCALE)
+    write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}", frames)
+    plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
 
 
 @torch.no_grad()

@@ -82,6 +82,14 @@ fraction = bounded(float, 0.0, 1.0, what="a number in [0, 1]")
 _NOT_GIVEN = object()
 
 
+def even_frames(text):
+    """A positive even frame count (Qwen3-VL groups video frames in pairs)."""
+    n = positive_int(text)
+    if n % 2:
+        raise argparse.ArgumentTypeError(f"{text} is odd: Qwen3-VL groups video frames in pairs")
+    return n
+
+
 def parse_flags(parser, argv=None):
     """(args, the dests of the flags the user typed): a continued run fills in the rest from its checkpoint."""
     return parser.parse_args(argv), given_flags(parser, argv)

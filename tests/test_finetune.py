@@ -274,7 +274,7 @@ def folder_bytes(folder):
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"),
-                                         ("--frames", "1"), ("--frames", "3"), ("--lr", "-1"),
+                                         ("--max-frames", "1"), ("--max-frames", "3"), ("--lr", "-1"),
                                          ("--stop-at", "0")])
 def test_bad_numbers_refused_before_anything_is_written(stopped, tmp_path, flag, value):
     out, flags = stopped

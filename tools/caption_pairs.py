@@ -217,14 +217,6 @@ def main(argv=None):
     return stats
 
 
-def even_frames(text):
-    """An argparse type: a positive even frame count (Qwen3-VL groups video frames in pairs)."""
-    n = plumbing.positive_int(text)
-    if n % 2:
-        raise argparse.ArgumentTypeError(f"{text} is odd: Qwen3-VL groups video frames in pairs")
-    return n
-
-
 def get_parser():
     p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--media", required=True, help="a folder of images and videos (searched recursively), or a "
@@ -235,7 +227,7 @@ def get_parser():
                    help="caption pairs {a, b, kind, media} for 02; appended to, so a rerun resumes")
     p.add_argument("--temperature", type=plumbing.positive_float, default=1.0, help="sampling temperature")
     p.add_argument("--sample-seed", type=int, default=0, help="with each item's path, seeds its sampling")
-    p.add_argument("--max-frames", type=even_frames, default=16, help="at most this many frames per video (even)")
+    p.add_argument("--max-frames", type=plumbing.even_frames, default=16, help="at most this many frames per video (even)")
     p.add_argument("--max-pixels", type=plumbing.positive_int, default=None,
                    help="max pixels per image / per video frame (default: the processor's)")
     p.add_argument("--max-new-tokens", type=plumbing.positive_int, default=1024, help="caption length limit")
