@@ -158,7 +158,7 @@ def train(run, watch, args, out, d, replaces=()):
         if run.step % args.log_every == 0 or done:
             meter.flush(run)
         if d.is_main and (run.step % args.ckpt_every == 0 or done or freeze):
-            run.save(out, args.keep, extra=watch.state_dict(), replaces=replaces)
+            run.save(out, args.keep, "04", extra=watch.state_dict(), replaces=replaces)
             plumbing.atomic_write_json(out / "args.json", vars(args))
             write_results(run, watch, out)
             replaces = ()
@@ -173,6 +173,9 @@ def main(argv=None):
     out = Path(args.out)
     replaces = common.claim_run_dir(out, args)
     path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND) if args.resume else (None, None)
+    if state is not None and state.get("stage") != "04":  # 04 continues its own runs only
+        raise DataError(f"--resume: {path} was written by {state.get('stage') or 'another script'}, not 04; "
+                        f"nothing was changed")
     if state is not None:
         common.adopt_config(args, state["config"], given, str(path))
     if args.encoder == "runs/stage1/model" and not Path(args.encoder).is_dir():

@@ -42,6 +42,8 @@ def starting_point(args, given, out):
     """The checkpoint this run continues (its own with --resume, 04's with --init-from) and its name."""
     if args.resume:
         path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND)
+        if state is not None and state.get("stage") != "05":  # 05 --resume continues its own runs only
+            raise DataError(f"--resume: {path} is a 04 run; continue it with --init-from {out} and another --out")
         if state is not None:
             return state, str(path)
         log(f"--resume: no checkpoint under {out}/checkpoints, starting fresh")
@@ -102,7 +104,7 @@ def train(run, args, out, d, replaces=()):
         if run.step % args.log_every == 0 or run.step == stop:
             meter.flush(run)
         if d.is_main and (run.step % args.ckpt_every == 0 or run.step == stop):
-            run.save(out, args.keep, replaces=replaces)
+            run.save(out, args.keep, "05", replaces=replaces)
             plumbing.atomic_write_json(out / "args.json", vars(args))
             replaces = ()
     meter.close()

@@ -1529,10 +1529,11 @@ class DiffusionRun:
             self.fusion.logits.requires_grad_(False)
         plumbing.set_rng_state(state["rng"])
 
-    def save(self, out, keep, extra=None, replaces=()):
-        """Rank 0: the resume checkpoint (checkpoints/step_N.pt) and, beside it, the shareable result:
-        model.safetensors with the EMA weights, the layer weights and the run config."""
-        path = plumbing.save_checkpoint(out, self.step, {**self.state_dict(), "extra": extra}, keep, replaces)
+    def save(self, out, keep, stage, extra=None, replaces=()):
+        """Rank 0: the resume checkpoint (checkpoints/step_N.pt, tagged with the stage that wrote it) and,
+        beside it, the shareable result: model.safetensors with the EMA weights, the layer weights and config."""
+        state = {**self.state_dict(), "stage": stage, "extra": extra}
+        path = plumbing.save_checkpoint(out, self.step, state, keep, replaces)
         tensors = {f"dit.{k}": v for k, v in self.ema.model.state_dict().items()}
         tensors.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})  # logits or weights
         meta = {"kind": CKPT_KIND, "step": str(self.step), "config": json.dumps(self.config)}

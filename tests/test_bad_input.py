@@ -158,3 +158,18 @@ def test_one_guarded_torch_reader(tmp_path, case):
     with pytest.raises(plumbing.DataError) as e:
         plumbing.load_torch(path, "latent cache")
     assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("first, then", [("04", "05"), ("05", "04")])
+def test_a_stage_resumes_only_its_own_runs(tmp_path, world, capsys, first, then):
+    """05 --resume pointed at a 04 run (or the reverse) is refused and leaves the run byte-identical."""
+    lw = importlib.import_module("04_train_layer_weights")
+    main = {"04": lw.main, "05": t2x.main}
+    out = tmp_path / "run"
+    argv = ["--data", str(world), "--out", str(out), "--cache-dir", str(tmp_path.parent / "cache"), *TINY,
+            "--steps", "2", "--ckpt-every", "2"]
+    main[first](argv)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    code, err = cli_error(main[then], argv + ["--resume"], capsys)
+    assert_one_line(code, err, "--resume: " + str(out / "checkpoints"))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
