@@ -534,8 +534,7 @@ def train(args):
     plumbing.seed_everything(args.seed, d.rank)
     out, dtype = Path(args.out), plumbing.pick_dtype(d.device, args.dtype)
     if args.batch_size % (args.grad_accum * d.world_size):
-        raise DataError(f"--batch-size {args.batch_size} must divide by --grad-accum x processes "
-                        f"({args.grad_accum} x {d.world_size})")
+        raise DataError(f"--batch-size {args.batch_size} must divide by --grad-accum x {d.world_size} processes")
     folder = RunFolder(out, args, run_signature(args))
     start = start_state(folder, d)
     train_recs, heldout, n_bad = load_data(args, d)
@@ -546,11 +545,7 @@ def train(args):
     scheduler = plumbing.lr_scheduler(optimizer, args.steps, args.warmup, args.decay, floor=0.1)
     step, position = restore(start, model, optimizer, scheduler, d) if start is not None else (0, 0)
     stop = min(args.steps, args.stop_at or args.steps)
-    sampler = StepBatches(len(train_recs), args.batch_size, args.grad_accum, d.rank, d.world_size,
-                          args.seed, position, max(0, stop - step))
-    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels, args.max_length)
-    batches = iter(torch.utils.data.DataLoader(train_recs, batch_sampler=sampler, collate_fn=collate,
-                                               num_workers=args.workers))
+    batches = data_loader(train_recs, processor, args, d, position, max(0, stop - step))
     writer = tensorboard(out, d)
 
     losses, tokens_seen, t_loop = [], 0, time.time()
@@ -580,8 +575,7 @@ def train(args):
                "world_size": d.world_size, "model": str(model_path)}
     finished = step >= args.steps
     if finished:
-        save_dtype = {"auto": dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
-        save_pretrained_dir(model, processor, config, folder, d, save_dtype, args.fsdp)
+        save_pretrained_dir(model, processor, config, folder, d, plumbing.DTYPES.get(args.save_dtype, dtype), args.fsdp)
         log(f"saved {out / 'model'}")
     del model, optimizer
     plumbing.cleanup_distributed()  # rank 0 evaluates alone, free of collective timeouts
@@ -589,11 +583,24 @@ def train(args):
         summary.update(evaluate_saved(out, heldout, train_recs, args, d, dtype))
     summary["wall_seconds"] = time.time() - t_start
     if d.is_main:
-        plumbing.atomic_write_json(out / "summary.json", summary, indent=None)
-        if losses:
-            log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]}); "
-                f"{summary['wall_seconds']:.0f}s")
+        write_summary(out, summary, losses)
     return summary
+
+
+def data_loader(records, processor, args, d, position, steps):
+    """This rank's micro-batches from the global batch order's `position` on, for `steps` optimiser steps."""
+    sampler = StepBatches(len(records), args.batch_size, args.grad_accum, d.rank, d.world_size, args.seed,
+                          position, steps)
+    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels, args.max_length)
+    return iter(torch.utils.data.DataLoader(records, batch_sampler=sampler, collate_fn=collate,
+                                            num_workers=args.workers))
+
+
+def write_summary(out, summary, losses):
+    plumbing.atomic_write_json(out / "summary.json", summary, indent=None)
+    if losses:
+        log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]}); "
+            f"{summary['wall_seconds']:.0f}s")
 
 
 #################################################################################

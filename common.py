@@ -1632,12 +1632,13 @@ class TrainLog:
 
     def __init__(self, out, d, total, initial, desc):
         self.writer, self.sums, self.t_last, self.s_last = None, {}, None, None
-        if d.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(out) / "tb"))
+        self.tb = Path(out) / "tb" if d.is_main else None
         self.bar = plumbing.progress(total=total, initial=initial, desc=desc)
 
     def add(self, kind, loss):
+        if self.tb is not None and self.writer is None:  # after the first step: a run that fails at once writes nothing
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb))
         s = self.sums.setdefault(kind, [0.0, 0])
         s[0], s[1] = s[0] + loss, s[1] + 1
         self.bar.update()

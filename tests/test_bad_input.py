@@ -173,3 +173,14 @@ def test_a_stage_resumes_only_its_own_runs(tmp_path, world, capsys, first, then)
     code, err = cli_error(main[then], argv + ["--resume"], capsys)
     assert_one_line(code, err, "--resume: " + str(out / "checkpoints"))
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_tensorboard_file(tmp_path):
+    import plumbing
+    meter = common.TrainLog(tmp_path, plumbing.Dist(), 10, 0, "train")
+    meter.close()  # what an --overwrite run that fails at step 1 gets to
+    assert not (tmp_path / "tb").exists()
+    meter = common.TrainLog(tmp_path, plumbing.Dist(), 10, 0, "train")
+    meter.add("image", 1.0)
+    meter.close()
+    assert any((tmp_path / "tb").iterdir())
