@@ -570,7 +570,7 @@ def check_encoder_names(names):
             AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:  # ValueError: not even a valid repo id
             raise DataError(f"--encoders: {name!r} is not a local path and the hub could not provide it "
-                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+                            f"({plumbing.first_line(e)})") from None
 
 
 def main(argv=None):

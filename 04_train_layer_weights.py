@@ -172,10 +172,7 @@ def main(argv=None):
     d = plumbing.setup(args)
     out = Path(args.out)
     replaces = common.claim_run_dir(out, args)
-    path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND) if args.resume else (None, None)
-    if state is not None and state.get("stage") != "04":  # 04 continues its own runs only
-        raise DataError(f"--resume: {path} was written by {state.get('stage') or 'another script'}, not 04; "
-                        f"nothing was changed")
+    path, state = common.own_checkpoint(out, "04") if args.resume else (None, None)
     if state is not None:
         common.adopt_config(args, state["config"], given, str(path))
     if args.encoder == "runs/stage1/model" and not Path(args.encoder).is_dir():

@@ -41,9 +41,7 @@ def get_parser():
 def starting_point(args, given, out):
     """The checkpoint this run continues (its own with --resume, 04's with --init-from) and its name."""
     if args.resume:
-        path, state = plumbing.load_latest_checkpoint(out, common.CKPT_KIND)
-        if state is not None and state.get("stage") != "05":  # 05 --resume continues its own runs only
-            raise DataError(f"--resume: {path} is a 04 run; continue it with --init-from {out} and another --out")
+        path, state = common.own_checkpoint(out, "05")
         if state is not None:
             return state, str(path)
         log(f"--resume: no checkpoint under {out}/checkpoints, starting fresh")

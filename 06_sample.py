@@ -354,7 +354,7 @@ def read_prompts(args):
             text = r.get("prompt", r.get("caption"))
             out += [(text, kind, f"{args.prompt_file}: record {i}") for kind in ([r["kind"]] if "kind" in r else kinds)]
     elif args.prompt_file:
-        lines = [line.strip() for line in plumbing._read_text(args.prompt_file).splitlines() if line.strip()]
+        lines = [line.strip() for line in plumbing.read_text(args.prompt_file).splitlines() if line.strip()]
         if not lines:
             raise DataError(f"{args.prompt_file}: no prompts")
         out = [(p, k, args.prompt_file) for p in lines for k in kinds]

@@ -664,17 +664,16 @@ def check_model_config(config, where):
     for key in ("text_dim", "channels"):
         need(key, count, "an integer in [1, 65536]")
     if backbone == "dit":
-        hidden, heads, patch = (need(k, count, "an integer in [1, 65536]") for k in ("hidden", "heads", "patch"))
-        need("depth", count, "an integer in [1, 65536]")
-        need("tpatch", count, "an integer in [1, 65536]")
+        hidden, heads, patch, depth, _ = (need(k, count, "an integer in [1, 65536]")
+                                          for k in ("hidden", "heads", "patch", "depth", "tpatch"))
         if hidden % heads:
             raise DataError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
-        if 12 * config["depth"] * hidden ** 2 > MAX_PARAMS:  # the blocks' weights, before building any
-            raise DataError(f"{where}: depth {config['depth']} x hidden {hidden} is over {MAX_PARAMS / 1e9:.0f}B parameters")
+        if 12 * depth * hidden ** 2 > MAX_PARAMS:  # the blocks' weights, before building any
+            raise DataError(f"{where}: depth {depth} x hidden {hidden} is over {MAX_PARAMS / 1e9:.0f}B parameters")
     else:
         kwargs = need("backbone_kwargs", lambda v: isinstance(v, dict), "the backbone's constructor options")
         defaults = inspect.signature(diffusers_class(backbone).__init__).parameters
-        for key, value in kwargs.items():
+        for key in kwargs:
             if key in defaults and isinstance(defaults[key].default, int) and not isinstance(defaults[key].default, bool):
                 need(key, count, "an integer in [1, 65536]", within=kwargs)
         patch = kwargs.get("patch_size", 2)
@@ -1578,6 +1577,16 @@ def build_run(args, d, make_fusion, start=None, source=None):
     shape = dit_shape(run.config) if args.backbone == "dit" else run.config["backbone_kwargs"]
     log(f"{args.backbone}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {shape}")
     return run
+
+
+def own_checkpoint(out, stage):
+    """(path, state) of the newest checkpoint under `out`, or (None, None); one that another stage wrote
+    (04 and 05 write the same kind) is refused before anything is touched."""
+    path, state = plumbing.load_latest_checkpoint(out, CKPT_KIND)
+    if state is not None and state.get("stage") != stage:
+        raise DataError(f"--resume: {path} was written by {state.get('stage') or 'another script'}, not {stage}; "
+                        f"nothing was changed (05 continues a 04 run with --init-from, into another --out)")
+    return path, state
 
 
 def load_dit(path, device="cpu"):

@@ -503,7 +503,7 @@ def _load_dir(name, path, device, dtype, max_length):
         if not Path(path).is_dir():
             raise
         raise DataError(f"{path}: not a model folder transformers can load ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+                        f"{plumbing.first_line(e)})") from None
     finally:
         tf_logging.set_verbosity(verbosity)
     encoder = TextEncoder(name, model, tok, family, max_length)
@@ -559,7 +559,7 @@ def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFA
         return _load_dir(name, name, device, dtype, max_length)
     except OSError as e:
         raise DataError(f"encoder {name!r}: not built in, not a local path, and the hub could not provide it "
-                        f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+                        f"({plumbing.first_line(e)})") from None
 
 
 #################################################################################
@@ -575,8 +575,8 @@ def load_qwen3vl(name_or_path, dtype=torch.float32):
         processor = AutoProcessor.from_pretrained(name_or_path)
         model = Qwen3VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
     except Exception as e:  # no such folder or hub id, not a Qwen3-VL with its processor, truncated weights
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"{name_or_path}: cannot load a Qwen3-VL model and processor ({first})") from None
+        raise DataError(f"{name_or_path}: cannot load a Qwen3-VL model and processor "
+                        f"({plumbing.first_line(e)})") from None
     return model, processor
 
 

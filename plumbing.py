@@ -324,7 +324,8 @@ def file_digest(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def _read_text(path):
+def read_text(path):
+    """A user's UTF-8 text file, or one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -346,7 +347,7 @@ def read_json(path):
     def not_finite(constant):
         raise DataError(f"{path}: {constant} where a number belongs")
     try:
-        return json.loads(_read_text(path), object_pairs_hook=no_duplicates, parse_constant=not_finite)
+        return json.loads(read_text(path), object_pairs_hook=no_duplicates, parse_constant=not_finite)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
@@ -354,7 +355,7 @@ def read_json(path):
 def read_jsonl(path, required=()):
     """Records of a jsonl file; each must be an object holding the `required` keys."""
     records = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -22,18 +22,16 @@ from world import scenes  # noqa: E402
 
 
 class Readout(nn.Module):
-    def __init__(self, dim, hidden=128, queries=4, classes=len(scenes.COLOURS), stats=None):
+    def __init__(self, dim, hidden=128, queries=4, classes=len(scenes.COLOURS), standardiser=None):
         super().__init__()
-        self.stats = stats
+        self.standardiser = standardiser or nn.Identity()
         self.norm = nn.RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.q = nn.Parameter(torch.randn(queries, hidden) * 0.02)
         self.out = nn.Linear(queries * hidden, classes)
 
     def forward(self, f, m):
-        if self.stats is not None:
-            f = (f - self.stats[0]) / self.stats[1]
-        x = self.mlp(self.norm(f))
+        x = self.mlp(self.norm(self.standardiser(f)))
         a = torch.einsum("qh,blh->bql", self.q, x).div(x.shape[-1] ** 0.5).masked_fill(~m[:, None], -1e9).softmax(-1)
         return self.out(torch.einsum("bql,blh->bqh", a, x).flatten(1))
 
@@ -59,10 +57,12 @@ def main():
     feats, offsets = common.encode_texts(enc, common.LayerFusion(args.fusion, enc.num_layers), [c for c, _ in data], 160)
     bank = common.FeatureBank(feats, offsets)
     y = torch.tensor([[c in cs for c in scenes.COLOURS] for _, cs in data], dtype=torch.float32)
-    train = feats[:int(offsets[n])].float()
-    stats = (train.mean(0), train.std(0).clamp(min=1e-2 * float(train.std(0).mean()))) if args.standardise else None
+    standardiser = None
+    if args.standardise:  # the DiT's own: statistics of the training captions' tokens
+        standardiser = common.FeatureStandardiser(enc.width)
+        standardiser.fit([feats[:int(offsets[n])]])
     torch.manual_seed(args.seed)
-    model = Readout(enc.width, stats=stats)
+    model = Readout(enc.width, standardiser=standardiser)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     held_out = bank.batch(list(range(n, n + 200)), "cpu")
@@ -75,7 +75,7 @@ def main():
         if step % 100 == 0:
             with torch.no_grad():
                 exact = ((model(*held_out) > 0).float() == y[n:]).all(1).float().mean().item()
-            print(f"{args.encoder} {args.fusion}{' standardised' if stats else ''}: step {step}, loss {loss.item():.3f}, "
+            print(f"{args.encoder} {args.fusion}{' standardised' if args.standardise else ''}: step {step}, loss {loss.item():.3f}, "
                   f"held-out exact match {exact:.3f}", flush=True)
 
 

@@ -173,7 +173,7 @@ def write_caption_pairs(todo, caption, out, frames):
                     a, b = caption(name, kind, pixels, meta)
                     why = None if a and b else f"empty caption from prompt {'a' if not a else 'b'}"
                 except Exception as e:  # e.g. out of memory on one huge item: skip it, keep the run
-                    why = f"captioner error ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+                    why = f"captioner error ({type(e).__name__}: {plumbing.first_line(e)})"
                 early += bool(why) and not stats["done"]  # the captioner's failures on readable items
             if why:
                 stats["failed"] += 1
