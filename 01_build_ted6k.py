@@ -236,17 +236,7 @@ WORLD_FILES = {"caption_pairs.jsonl", "vqa.jsonl", "t2x.jsonl", "eval.jsonl", "s
 
 def check_replaceable(folder, flag, ours, what, overwrite):
     """Refuse to replace a folder that holds files 01 does not write, or one holding `what` without --overwrite."""
-    folder = Path(folder)
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise DataError(f"{flag} {folder}: exists and is not a folder")
-    held = sorted(p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
-    foreign = [name for name in held if name not in ours]
-    if foreign:
-        raise DataError(f"{flag} {folder}: holds {foreign[:3]}, which 01 does not write; it replaces the whole "
-                        f"folder, so give it a new or empty one")
-    if held and not overwrite:
+    if plumbing.check_ours(folder, flag, ours, "01") and not overwrite:
         raise DataError(f"{flag} {folder} already holds {what}: --overwrite to replace it once the new one is "
                         f"built, or another {flag}")
 

@@ -17,10 +17,12 @@ which is what 04 then 05 gives. Writes OUT/checkpoints/, OUT/model.safetensors, 
 OUT/weights.png (weight per layer at several steps, like Fig. 4) and OUT/summary.json.
 """
 import math
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plumbing
@@ -39,7 +41,7 @@ def get_parser():
                    default=2 / 3, help="freeze here at the latest (paper: 96k of 144k)")
     p.add_argument("--continuous", action="store_true", help="never freeze (Table 5's 'learned throughout')")
     p.add_argument("--run-to-end", action="store_true", help="after the freeze, train on to --steps here")
-    p.set_defaults(fusion="learned")
+    p.set_defaults(fusion="learned")  # what the run config records; 04's fusion is always learned
     return p
 
 
@@ -60,20 +62,20 @@ class WeightWatch:
             self.snapshots = {int(k): v for k, v in extra["snapshots"].items()}
             self.reason = extra["reason"]
 
-    def after_step(self, run, writer):
+    def after_step(self, step, fusion, frozen_at, writer):
         """True when the weights should freeze now. Every rank decides alike: the weights are identical."""
-        w = run.fusion.layer_weights().detach().float().cpu()
+        w = fusion.layer_weights().detach().float().cpu()
         freeze = False
-        if run.frozen_at is None and self.freeze_step is not None:
+        if frozen_at is None and self.freeze_step is not None:
             converged = self.criterion.update(w)
-            if converged or run.step >= self.freeze_step:
+            if converged or step >= self.freeze_step:
                 self.reason = "converged" if converged else f"reached step {self.freeze_step}"
                 freeze = True
-        if run.step == 1 or run.step % self.plot_every == 0 or freeze:
-            self.snapshots[run.step] = w
+        if step == 1 or step % self.plot_every == 0 or freeze:
+            self.snapshots[step] = w
         if writer is not None:
             for i, v in enumerate(w.tolist()):
-                writer.add_scalar(f"layer_weight/{i:02d}", v, run.step)
+                writer.add_scalar(f"layer_weight/{i:02d}", v, step)
         return freeze
 
     def state_dict(self):
@@ -104,86 +106,123 @@ def plot_weights(snapshots, path, title):
     plt.close(fig)
 
 
-def write_results(run, watch, out):
+def write_results(config, fusion, frozen_at, step, watch, out):
     """The layer weights, their plot and a summary, written after the checkpoint they belong to."""
-    name = run.config["encoder"]
-    common.save_layer_weights(out / "layer_weights.pt", run.fusion, name, run.config["num_layers"])
-    arm = f"frozen at step {run.frozen_at} ({watch.reason})" if run.frozen_at else f"continuous, step {run.step}"
+    name = config["encoder"]
+    common.save_layer_weights(out / "layer_weights.pt", fusion, name, config["num_layers"])
+    arm = f"frozen at step {frozen_at} ({watch.reason})" if frozen_at else f"continuous, step {step}"
     plot_weights(watch.snapshots, out / "weights.png", f"{name}: softmax layer weights, {arm}")
     plumbing.atomic_write_json(out / "summary.json", {
-        "encoder": name, "num_layers": run.config["num_layers"], "frozen_at": run.frozen_at, "reason": watch.reason,
-        "step": run.step, "planned_steps": run.config["steps"], "weights": run.fusion.layer_weights().tolist(),
+        "encoder": name, "num_layers": config["num_layers"], "frozen_at": frozen_at, "reason": watch.reason,
+        "step": step, "planned_steps": config["steps"], "weights": fusion.layer_weights().tolist(),
         "snapshots": {str(k): v.tolist() for k, v in sorted(watch.snapshots.items())}})
 
 
 #################################################################################
-#                                     Main                                      #
+#                                    Training                                   #
 #################################################################################
 
-def train_step(run):
-    """05's step, the layer weights' logits included until they freeze (their gradient averaged by hand: the
-    fusion sits outside DDP so that it can freeze mid-run)."""
-    kind, x, (feats, mask), t, noise = run.next_batch()
-    with plumbing.autocast(run.d.device, run.dtype):
-        loss = run.rf.loss(run.ddp, x, (run.fusion(feats), mask), t, noise).mean()
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = list(run.model.parameters())
-    if run.frozen_at is None:
-        if run.d.enabled:
-            dist.all_reduce(run.fusion.logits.grad)
-            run.fusion.logits.grad /= run.d.world_size
-        params.append(run.fusion.logits)
-    run.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.config["grad_clip"], foreach=True))
-    run.opt.step()
-    run.sched.step()
-    run.ema.update(run.model)
-    run.step += 1
-    return kind, loss.item()
-
-
-def train(run, watch, args, out, d, replaces=()):
-    """Joint steps until the freeze (then on to --steps with --run-to-end); checkpoints as 05's."""
-    meter = common.TrainLog(out, d, args.steps, run.step, "joint")
-    stop = min(args.steps, args.stop_at or args.steps)
-    while run.step < stop:
-        kind, loss = train_step(run)
-        meter.add(kind, loss)
-        freeze = watch.after_step(run, meter.writer)
-        if freeze:
-            run.freeze_layer_weights()
-            log(f"layer weights frozen at step {run.step} ({watch.reason}): "
-                f"{[round(v, 4) for v in run.fusion.layer_weights().tolist()]}")
-        done = run.step == stop or (freeze and not args.run_to_end)
-        if run.step % args.log_every == 0 or done:
-            meter.flush(run)
-        if d.is_main and (run.step % args.ckpt_every == 0 or done or freeze):
-            run.save(out, args.keep, "04", extra=watch.state_dict(), replaces=replaces)
-            plumbing.atomic_write_json(out / "args.json", vars(args))
-            write_results(run, watch, out)
-            replaces = ()
-        if done:
-            break
-    meter.close()
-
-
 def main(argv=None):
-    args, given = plumbing.parse_flags(get_parser(), argv)
-    d = plumbing.setup(args)
-    out = Path(args.out)
-    replaces = common.claim_run_dir(out, args)
-    path, state = common.own_checkpoint(out, "04") if args.resume else (None, None)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    path, state = common.own_checkpoint(args.out, "04") if args.resume else (None, None)
     if state is not None:
-        common.adopt_config(args, state["config"], given, str(path))
+        args = common.checkpoint_args(parser, argv, state["config"], str(path))
     if args.encoder == "runs/stage1/model" and not Path(args.encoder).is_dir():
         raise DataError("runs/stage1/model does not exist: run 03_finetune_qwen3vl.py first, or pass --encoder")
-    run = common.build_run(args, d, lambda enc: common.LayerFusion("learned", enc.num_layers), state, str(path))
+    out = Path(args.out)
+    replaces = common.claim_run_dir(out, args)
+    d = plumbing.setup(args)
+
+    # Data: media in memory (or their VAE latents); every layer of each caption, normalised, cached once.
+    data, encoder, fusion, bank, vae_id = common.t2x_data(
+        args, d, lambda enc: common.LayerFusion("learned", enc.num_layers))
+    config = common.run_config(args, encoder, data, vae_id, state and state["config"])
+
+    # Model, EMA, optimiser: the DiT, and the layer-weight logits (w = 0: Norm-Avg) in a group of their own.
+    model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
+    ema = common.EMA(model)
+    fusion.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0},
+                             {"params": [fusion.logits], "lr": args.weights_lr, "weight_decay": 0.0}],
+                            betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
+    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
+    batches = common.streams(data, args, d)
+    # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
+    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
+    rf = common.RectifiedFlow()
+    step, frozen_at = 0, None
     watch = WeightWatch(args, state.get("extra") if state else None)
-    if run.frozen_at is not None and not args.run_to_end or run.step >= args.steps:
-        log(f"{path}: this stage is done (step {run.step}, weights frozen at {run.frozen_at})")
-    else:
-        train(run, watch, args, out, d, replaces)
-    if run.frozen_at is not None and run.step < args.steps:
+    if state is not None:  # everything a resume needs, so the curve continues exactly
+        common.check_same_run(state["config"], config, str(path))
+        plumbing.load_state_dict(model, state["model"], f"{path} (DiT)")
+        ema.load_state_dict(state["ema"])
+        fusion.load_state_dict(state["fusion"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for k, s in state["streams"].items():
+            batches[k].load_state_dict(s)
+        step, frozen_at = state["step"], state["frozen_at"]
+        if frozen_at is not None:
+            fusion.logits.requires_grad_(False)
+        plumbing.set_rng_state(state["rng"])
+        log(f"continuing {path} at step {step}")
+    if frozen_at is not None and not args.run_to_end or step >= args.steps:
+        log(f"{path}: this stage is done (step {step}, weights frozen at {frozen_at})")
+
+    # The loop: 05's step with the logits in it until they freeze; after each step the freeze rule.
+    stop, writer, losses, t0 = min(args.steps, args.stop_at or args.steps), None, {}, time.time()
+    while step < stop and (frozen_at is None or args.run_to_end):
+        kind, x, (feats, mask), t, noise = common.t2x_batch(data, bank, batches, step, args, d, rf)
+        with plumbing.autocast(d.device, plumbing.pick_dtype(d.device, args.dtype)):
+            loss = rf.loss(ddp, x, (fusion(feats), mask), t, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(model.parameters())
+        if frozen_at is None:
+            if d.enabled:
+                dist.all_reduce(fusion.logits.grad)
+                fusion.logits.grad /= d.world_size
+            params.append(fusion.logits)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True))
+        opt.step()
+        sched.step()
+        ema.update(model)
+        step += 1
+        losses.setdefault(kind, []).append(loss.item())
+        writer = writer or common.tensorboard(out, d)
+        freeze = watch.after_step(step, fusion, frozen_at, writer)
+        if freeze:  # for good: no gradient, so AdamW leaves the logits where they are
+            frozen_at = step
+            fusion.logits.requires_grad_(False)
+            fusion.logits.grad = None
+            log(f"layer weights frozen at step {step} ({watch.reason}): "
+                f"{[round(v, 4) for v in fusion.layer_weights().tolist()]}")
+        done = step == stop or (freeze and not args.run_to_end)
+        if step % args.log_every == 0 or done:
+            mean, n = {k: sum(v) / len(v) for k, v in losses.items()}, sum(map(len, losses.values()))
+            log(f"step {step}/{args.steps}: loss " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                + f", grad norm {grad_norm:.3f}, {n / (time.time() - t0):.2f} steps/s")
+            if writer is not None:
+                for k, v in mean.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+                writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
+                writer.add_scalar("grad_norm", grad_norm, step)
+            losses, t0 = {}, time.time()
+        if d.is_main and (step % args.ckpt_every == 0 or done or freeze):
+            plumbing.save_checkpoint(out, step, {
+                "kind": common.CKPT_KIND, "stage": "04", "config": config, "step": step, "frozen_at": frozen_at,
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "fusion_mode": fusion.mode, "fusion": fusion.state_dict(),
+                "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(),
+                "extra": watch.state_dict()}, replaces=replaces)
+            common.save_model(out, ema, fusion, config, step)
+            plumbing.atomic_write_json(out / "args.json", vars(args))
+            write_results(config, fusion, frozen_at, step, watch, out)
+            replaces = ()
+    if writer is not None:
+        writer.close()
+    if frozen_at is not None and step < args.steps:
         log(f"continue with the weights frozen, to step {args.steps}:\n  python 05_train_diffusion.py --init-from {out}")
     plumbing.cleanup_distributed()
 

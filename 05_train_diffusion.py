@@ -18,9 +18,11 @@ on cached latents. A checkpoint carries its run's settings, so --resume and --in
 and refuse one that contradicts it. Data: a jsonl of {"media", "caption", "kind"}, decoded into memory once.
 Writes OUT/checkpoints/step_N.pt (resume), OUT/model.safetensors (EMA weights + run config, for 06), OUT/tb.
 """
+import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import plumbing
@@ -34,25 +36,27 @@ def get_parser():
                    help="last, penultimate, layer:K, norm-avg, or frozen (with --layer-weights)")
     p.add_argument("--layer-weights", default=None, help="with --fusion frozen: layer_weights.pt written by 04")
     p.add_argument("--init-from", default=None, help="04's output folder (or one of its checkpoints) to continue")
-    p.set_defaults(weights_lr=None)  # a learned fusion's lr: set by 04, carried by its checkpoint
     return p
 
 
-def starting_point(args, given, out):
-    """The checkpoint this run continues (its own with --resume, 04's with --init-from) and its name."""
-    if args.resume:
-        path, state = common.own_checkpoint(out, "05")
-        if state is not None:
-            return state, str(path)
-        log(f"--resume: no checkpoint under {out}/checkpoints, starting fresh")
-    if args.init_from:
+def starting_point(parser, argv):
+    """(flags, the checkpoint this run continues or None, its name): --resume continues our own run,
+    --init-from 04's; either way the checkpoint's flags are the defaults."""
+    args = parser.parse_args(argv)
+    path, state = common.own_checkpoint(args.out, "05") if args.resume else (None, None)
+    if args.resume and state is None:
+        log(f"--resume: no checkpoint under {args.out}/checkpoints, starting fresh")
+    if state is None and args.init_from:
         src = Path(args.init_from)
         path, state = (src, plumbing.load_checkpoint(src, common.CKPT_KIND)) if src.is_file() else \
             plumbing.load_latest_checkpoint(src, common.CKPT_KIND)
         if state is None:
             raise DataError(f"--init-from {src}: no checkpoints/step_*.pt (run 04_train_layer_weights.py first)")
-        return state, str(path)
-    return None, None
+    if state is None:
+        if args.fusion != "frozen" and args.layer_weights:
+            raise DataError(f"--layer-weights is for --fusion frozen, not {args.fusion!r}")
+        return args, None, None
+    return common.checkpoint_args(parser, argv, state["config"], str(path)), state, str(path)
 
 
 def make_fusion(args, state):
@@ -73,59 +77,93 @@ def make_fusion(args, state):
 
 
 #################################################################################
-#                                 Training loop                                 #
+#                                    Training                                   #
 #################################################################################
 
-def train_step(run):
-    """One optimiser step on the next batch: rectified-flow loss, backward, clip, AdamW, lr, EMA."""
-    kind, x, (feats, mask), t, noise = run.next_batch()
-    with plumbing.autocast(run.d.device, run.dtype):
-        cond = (run.fusion(feats) if run.learned else feats, mask)  # continuing 04: its frozen weights
-        loss = run.rf.loss(run.ddp, x, cond, t, noise).mean()
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config["grad_clip"], foreach=True))
-    run.opt.step()
-    run.sched.step()
-    run.ema.update(run.model)
-    run.step += 1
-    return kind, loss.item()
-
-
-def train(run, args, out, d, replaces=()):
-    """Steps, a log line every --log-every, a checkpoint every --ckpt-every and at the end."""
-    meter = common.TrainLog(out, d, args.steps, run.step, "train")
-    stop = min(args.steps, args.stop_at or args.steps)
-    while run.step < stop:
-        kind, loss = train_step(run)
-        meter.add(kind, loss)
-        if run.step % args.log_every == 0 or run.step == stop:
-            meter.flush(run)
-        if d.is_main and (run.step % args.ckpt_every == 0 or run.step == stop):
-            run.save(out, args.keep, "05", replaces=replaces)
-            plumbing.atomic_write_json(out / "args.json", vars(args))
-            replaces = ()
-    meter.close()
-
-
 def main(argv=None):
-    args, given = plumbing.parse_flags(get_parser(), argv)
-    d = plumbing.setup(args)
+    parser = get_parser()
+    args, state, source = starting_point(parser, argv)
     out = Path(args.out)
     replaces = common.claim_run_dir(out, args)
-    state, source = starting_point(args, given, out)
-    if state is not None:
-        common.adopt_config(args, state["config"], given, source)
-    elif args.fusion != "frozen" and args.layer_weights:
-        raise DataError(f"--layer-weights is for --fusion frozen, not {args.fusion!r}")
-    run = common.build_run(args, d, make_fusion(args, state), state, source)
-    if run.learned and run.frozen_at is None:  # 04 --continuous: freeze where it stopped
-        run.freeze_layer_weights()
-    if run.step >= args.steps:
-        log(f"{source} is at step {run.step} of --steps {args.steps}: nothing left to train")
-    else:
-        train(run, args, out, d, replaces)
-        log(f"done: step {run.step}, {out / 'model.safetensors'}")
+    d = plumbing.setup(args)
+
+    # Data: media in memory (or their VAE latents), each caption's features encoded once and cached.
+    data, encoder, fusion, bank, vae_id = common.t2x_data(args, d, make_fusion(args, state))
+    config = common.run_config(args, encoder, data, vae_id, state and state["config"])
+
+    # Model, EMA, optimiser. Continuing 04, its layer-weight logits keep their optimiser group, frozen.
+    model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
+    ema = common.EMA(model)
+    groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
+    learned = fusion.mode == "learned"
+    fusion.requires_grad_(False)
+    if learned:
+        groups.append({"params": [fusion.logits], "lr": args.lr, "weight_decay": 0.0})  # lr: from 04's state
+    # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop was ~8% of a CPU step.
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
+    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
+    batches = common.streams(data, args, d)
+    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
+    rf = common.RectifiedFlow()
+    step, frozen_at = 0, None
+    if state is not None:  # everything a resume needs, so the curve continues exactly
+        common.check_same_run(state["config"], config, source)
+        plumbing.load_state_dict(model, state["model"], f"{source} (DiT)")
+        ema.load_state_dict(state["ema"])
+        fusion.load_state_dict(state["fusion"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for k, s in state["streams"].items():
+            batches[k].load_state_dict(s)
+        step, frozen_at = state["step"], state["frozen_at"]
+        plumbing.set_rng_state(state["rng"])
+        log(f"continuing {source} at step {step}")
+        if learned and frozen_at is None:  # 04 --continuous: its weights freeze here
+            frozen_at = step
+    if step >= args.steps:
+        log(f"{source} is at step {step} of --steps {args.steps}: nothing left to train")
+
+    # The loop: forward, backward, clip, AdamW, lr, EMA; a log line and tensorboard every --log-every
+    # steps, a checkpoint (resume) and model.safetensors (06) every --ckpt-every and at the end.
+    stop, writer, losses, t0 = min(args.steps, args.stop_at or args.steps), None, {}, time.time()
+    while step < stop:
+        kind, x, (feats, mask), t, noise = common.t2x_batch(data, bank, batches, step, args, d, rf)
+        with plumbing.autocast(d.device, plumbing.pick_dtype(d.device, args.dtype)):
+            cond = (fusion(feats) if learned else feats, mask)  # continuing 04: its frozen weights
+            loss = rf.loss(ddp, x, cond, t, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip, foreach=True))
+        opt.step()
+        sched.step()
+        ema.update(model)
+        step += 1
+        losses.setdefault(kind, []).append(loss.item())
+        writer = writer or common.tensorboard(out, d)
+        if step % args.log_every == 0 or step == stop:
+            mean, n = {k: sum(v) / len(v) for k, v in losses.items()}, sum(map(len, losses.values()))
+            log(f"step {step}/{args.steps}: loss " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                + f", grad norm {grad_norm:.3f}, {n / (time.time() - t0):.2f} steps/s")
+            if writer is not None:
+                for k, v in mean.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+                writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
+                writer.add_scalar("grad_norm", grad_norm, step)
+            losses, t0 = {}, time.time()
+        if d.is_main and (step % args.ckpt_every == 0 or step == stop):
+            plumbing.save_checkpoint(out, step, {
+                "kind": common.CKPT_KIND, "stage": "05", "config": config, "step": step, "frozen_at": frozen_at,
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "fusion_mode": fusion.mode, "fusion": fusion.state_dict(),
+                "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state()},
+                replaces=replaces)
+            common.save_model(out, ema, fusion, config, step)
+            plumbing.atomic_write_json(out / "args.json", vars(args))
+            replaces = ()
+    if writer is not None:
+        writer.close()
+    if step == stop:
+        log(f"done: step {step}, {out / 'model.safetensors'}")
     plumbing.cleanup_distributed()
 
 

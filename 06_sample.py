@@ -29,6 +29,7 @@ from plumbing import DataError, log
 from world import checker, scenes
 
 ASPECTS = checker.ASPECTS
+OUTPUTS = ("images.png", "videos.gif", "*_prompts.txt", "eval.json", "eval.md", "eval_images.png", "eval_videos.gif")
 
 
 #################################################################################
@@ -413,6 +414,7 @@ def main(argv=None):
         if args.prompts or args.prompt_file:
             raise DataError(f"{args.ckpt}: a lumina2 run makes images only; give image prompts (--kind image)")
         prompts = [(t, k) for t, k in prompts if k == "image"]
+    plumbing.check_ours(out, "--out", OUTPUTS, "06")  # replace only what 06 wrote, never a run's own files
     cond_fn = Conditioner(config, fusion, device)
     if args.eval:
         evaluate(args, model, config, cond_fn, out, str(args.ckpt))

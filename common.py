@@ -17,8 +17,8 @@ import functools
 import hashlib
 import inspect
 import json
+import argparse
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageSequence
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
 import plumbing
@@ -746,6 +745,12 @@ def vae_temporal_factor(vae):
     return 2 ** sum(vae.config.get("temperal_downsample") or [])
 
 
+def vae_spatial_factor(vae):
+    """Pixels per latent pixel along a side: 2 ** (spatial downsamplings)."""
+    cfg = vae.config
+    return 2 ** (len(cfg["temperal_downsample"]) if "temperal_downsample" in cfg else len(cfg["block_out_channels"]) - 1)
+
+
 def _latent_norm(vae, like):
     """(shift, scale) with latent = (z - shift) * scale, as the VAE's own pipelines normalise."""
     cfg = vae.config
@@ -791,6 +796,8 @@ def _image_vae_types():
 def latent_media(vae, vae_id, data, size, frames, cache_dir, d, batch=8):
     """Replace each kind's uint8 media by their VAE latents (float32), read from the cache or encoded
     once on rank 0; keyed by the VAE's weights and the preprocessing (size, frames, the media bytes)."""
+    if size % vae_spatial_factor(vae):
+        raise DataError(f"--size {size} is not divisible by the VAE's spatial factor {vae_spatial_factor(vae)} ({vae_id})")
     for k in KINDS:
         media = data[k]["media"]
         if media is None:
@@ -1252,6 +1259,9 @@ class FeatureBank:
         return out.to(device), mask.to(device)
 
 
+CACHE_DTYPE = "bf16"  # the stored caption features of a DiT run (06 rounds its prompts' features the same way)
+
+
 def feature_bank(encoder, fusion, texts, max_length, cache_dir, d, store_dtype=torch.float32):
     """Features of exactly these texts under this encoder (its weights' fingerprint), layer choice,
     dtype and length: read from the cache, or computed once on rank 0 and cached."""
@@ -1319,16 +1329,14 @@ class Stream:
 
 
 #################################################################################
-#                  The DiT training step (04 and 05 both drive it)              #
+#               A DiT run's parts (04 and 05 each hold their own loop)          #
 #################################################################################
 
 CKPT_KIND = "gran-ted/dit"
-# The settings a DiT run is made of. A checkpoint carries them, so --resume and 05 --init-from take the
-# model shape, data, encoder and optimiser settings from it, and a flag that contradicts them is refused.
-RUN_KEYS = ("data", "encoder", "encoder_dtype", "fusion", "max_length", "cache_dtype", "size", "frames",
-            "hidden", "depth", "heads", "patch", "tpatch", "image_batch", "video_batch", "interleave", "steps",
-            "lr", "weights_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema_decay", "caption_dropout",
-            "seed", "dtype", "backbone", "backbone_config", "init_transformer", "vae", "text_norm")
+# The flags that say how to run now rather than what is trained; a continued run takes every other flag
+# from its checkpoint, and refuses a given one that contradicts it (--steps may grow).
+NOW_ONLY = ("out", "resume", "overwrite", "init_from", "layer_weights", "stop_at", "ckpt_every", "log_every",
+            "device", "threads")
 
 
 def add_run_args(p, out, encoder, steps):
@@ -1341,7 +1349,6 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
     p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
-    p.add_argument("--cache-dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="stored text features")
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
     p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
     p.add_argument("--hidden", type=pos, default=128)
@@ -1364,16 +1371,13 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--steps", type=pos, default=steps, help="planned total optimiser steps")
     p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
     p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")
-    p.add_argument("--interleave", default="7:3", help="image:video steps")
+    p.add_argument("--interleave", type=parse_ratio, default="7:3", help="image:video steps")
     p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the paper's 1e-4 is for batch 512")
     p.add_argument("--warmup", type=nonneg, default=100)
     p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
-    p.add_argument("--weight-decay", type=plumbing.nonneg_float, default=0.0)
     p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
-    p.add_argument("--ema-decay", type=plumbing.fraction, default=0.999)
     p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1, help="for classifier-free guidance")
     p.add_argument("--ckpt-every", type=pos, default=500)
-    p.add_argument("--keep", type=pos, default=2, help="checkpoints kept")
     p.add_argument("--log-every", type=pos, default=25)
     p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
@@ -1386,25 +1390,74 @@ def add_run_args(p, out, encoder, steps):
 
 
 def parse_ratio(text):
-    """'7:3' -> (7, 3), refusing anything but two non-negative integers with a positive sum."""
+    """'7:3' -> [7, 3], refusing anything but two non-negative integers with a positive sum."""
+    if isinstance(text, list):  # a checkpoint's own value
+        return text
     try:
-        ratio = tuple(int(v) for v in str(text).split(":"))
+        ratio = [int(v) for v in str(text).split(":")]
     except ValueError:
-        ratio = ()
+        ratio = []
     if len(ratio) != 2 or min(ratio) < 0 or sum(ratio) == 0:
-        raise DataError(f"--interleave {text!r}: expected IMAGE:VIDEO steps, e.g. 7:3")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected IMAGE:VIDEO steps, e.g. 7:3")
     return ratio
 
 
-def run_config(args, encoder, data=None, vae_id=None, saved=None):
-    """The run's settings (RUN_KEYS from `args`) plus what the encoder, data file, VAE and the
-    denoiser's input (channels, latent shape per kind, a diffusers backbone's constructor kwargs) are.
-    A continued run (`saved`: its checkpoint's config) takes the pretrained model's config from there."""
-    config = {k: getattr(args, k) for k in RUN_KEYS}
-    config.update(data=str(args.data), data_sha256=plumbing.file_digest(args.data), encoder=encoder.name,
+def checkpoint_args(parser, argv, saved, source):
+    """Flags for continuing a run: the checkpoint's as defaults, the command line over them; a given flag
+    that contradicts the checkpoint is refused, except --steps (a continued run may be planned longer)."""
+    names = vars(parser.parse_args([]))
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in names and k not in NOW_ONLY})
+    args = parser.parse_args(argv)
+    for k in names:
+        if k in saved and k not in NOW_ONLY + ("steps",) and getattr(args, k) != saved[k]:
+            raise DataError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source}, which was "
+                            f"trained with {saved[k]!r}; drop the flag (or start a new run)")
+    return args
+
+
+def check_same_run(saved, now, source, ignore=("steps",)):
+    """Refuse to continue a checkpoint whose data file, encoder weights or settings differ from now."""
+    diff = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if k not in ignore and saved.get(k) != now[k]]
+    if diff:
+        raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
+
+
+def t2x_data(args, d, make_fusion):
+    """(media per kind, encoder, fusion, cached caption features, VAE id) of a DiT run: the jsonl decoded
+    into memory, the captions encoded once (the cache), the media replaced by latents under --vae."""
+    import encoders
+    data = load_t2x(args.data, args.size, args.frames)
+    texts = caption_index(data)
+    log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
+    encoder = encoders.load_encoder(args.encoder, device=d.device, cache_dir=args.cache_dir,
+                                    dtype=plumbing.pick_dtype(d.device, args.encoder_dtype))
+    log(f"text encoder: {encoder}")
+    fusion = make_fusion(encoder).to(d.device)
+    cache = Path(args.cache_dir) / "features"
+    bank, _ = feature_bank(encoder, fusion, texts, args.max_length, cache, d, plumbing.DTYPES[CACHE_DTYPE])
+    for k, share in zip(KINDS, args.interleave):  # a kind never drawn is not encoded (lumina2: images only)
+        if share == 0 and all(data[j]["media"] is not None for j in KINDS):
+            log(f"--interleave {args.interleave[0]}:{args.interleave[1]}: the {k}s are not used")
+            data[k]["media"] = None
+    if args.backbone == "lumina2" and data["video"]["media"] is not None:
+        raise DataError("--backbone lumina2 is an image model: train it with --interleave 1:0 (images only), "
+                        "or use --backbone wan for video")
+    vae_id = None
+    if args.vae:
+        vae, vae_id = load_vae(args.vae, d.device)
+        data = latent_media(vae, vae_id, data, args.size, args.frames, cache, d)
+    return data, encoder, fusion, bank, vae_id
+
+
+def run_config(args, encoder, data, vae_id, saved=None):
+    """What a checkpoint and model.safetensors carry: every flag that says what is trained, plus what the
+    data file, encoder, VAE and denoiser input are (06 rebuilds the model and its text condition from it)."""
+    config = {k: v for k, v in vars(args).items() if k not in NOW_ONLY}
+    config.update(data_sha256=plumbing.file_digest(args.data), encoder=encoder.name, cache_dtype=CACHE_DTYPE,
                   encoder_id=getattr(encoder, "fingerprint", None), encoder_cache=str(args.cache_dir),
-                  text_dim=encoder.width, num_layers=encoder.num_layers, vae_id=vae_id, channels=3, latent_shape=None, backbone_kwargs=None)
-    if args.vae and data is not None:
+                  text_dim=encoder.width, num_layers=encoder.num_layers, vae_id=vae_id, channels=3,
+                  latent_shape=None, backbone_kwargs=None)
+    if args.vae:
         config["latent_shape"] = {k: list(data[k]["media"].shape[1:]) for k in KINDS if data[k]["media"] is not None}
         config["channels"] = next(iter(config["latent_shape"].values()))[0]
     if args.backbone != "dit" and args.init_transformer and saved and saved.get("backbone_kwargs"):
@@ -1417,24 +1470,19 @@ def run_config(args, encoder, data=None, vae_id=None, saved=None):
     return config
 
 
-def adopt_config(args, saved, given, source):
-    """Take a checkpoint's run settings into `args`; a flag the user gave (`given`) that contradicts one
-    is refused, except --steps (a continued run may be planned longer)."""
-    for k in RUN_KEYS:
-        if k not in saved or getattr(args, k) == saved[k]:
-            continue
-        if k in given and k != "steps":
-            raise DataError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source}, which was "
-                            f"trained with {saved[k]!r}; drop the flag (or start a new run)")
-        if k not in given:
-            setattr(args, k, saved[k])
-
-
-def check_same_run(saved, now, source, ignore=("steps",)):
-    """Refuse to continue a checkpoint whose data file, encoder weights or settings differ from now."""
-    diff = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if k not in ignore and saved.get(k) != now[k]]
-    if diff:
-        raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
+def new_model(config, bank, fusion, pretrained, device):
+    """The denoiser of a new run: seeded init, its text standardiser fitted on the training captions'
+    features, a diffusers backbone's pretrained weights kept (text embedder re-initialised)."""
+    torch.manual_seed(config["seed"])  # the init does not depend on what loading the encoder drew
+    model = make_model(config)
+    if config["text_norm"] == "standardise":
+        model.text_standardiser.fit(bank.fused_chunks(fusion, device))
+    if pretrained:
+        kept = load_pretrained_transformer(model, pretrained)
+        log(f"--init-transformer {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")
+    shape = dit_shape(config) if config["backbone"] == "dit" else config["backbone_kwargs"]
+    log(f"{config['backbone']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {shape}")
+    return model.to(device)
 
 
 def dit_shape(config):
@@ -1443,140 +1491,43 @@ def dit_shape(config):
     return dict(shape, in_channels=config["channels"], standardise=config["text_norm"] == "standardise")
 
 
-class DiffusionRun:
-    """A DiT trained on cached text features: model, EMA, AdamW (the DiT, and a learned fusion's
-    layer-weight logits in a group of their own), the lr schedule and one data stream per kind.
-    04 and 05 each take their optimiser steps on it; `state_dict` holds everything a resume needs."""
-
-    def __init__(self, config, data, bank, fusion, d, pretrained=None):
-        self.config, self.data, self.bank, self.fusion, self.d = config, data, bank, fusion, d
-        self.kinds = [k for k in KINDS if data[k]["media"] is not None]
-        self.ratio = parse_ratio(config["interleave"])
-        self.dtype = plumbing.pick_dtype(d.device, config["dtype"])
-        torch.manual_seed(config["seed"])  # the DiT's init does not depend on what loading the encoder drew
-        self.model = make_model(config)
-        if config["text_norm"] == "standardise":  # statistics of the text condition at the start of training
-            self.model.text_standardiser.fit(bank.fused_chunks(fusion, d.device))
-        if pretrained:
-            kept = load_pretrained_transformer(self.model, pretrained)
-            log(f"--init-transformer {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")
-        self.model.to(d.device)
-        self.ema = EMA(self.model, config["ema_decay"])
-        self.learned = fusion.mode == "learned"
-        groups = [{"params": list(self.model.parameters()), "lr": config["lr"], "weight_decay": config["weight_decay"]}]
-        fusion.requires_grad_(self.learned)
-        if self.learned:
-            groups.append({"params": [fusion.logits], "lr": config["weights_lr"], "weight_decay": 0.0})
-        # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop was ~8% of a CPU step.
-        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
-        self.sched = plumbing.lr_scheduler(self.opt, config["steps"], config["warmup"], config["decay"])
-        self.per_rank = {}
-        for k in KINDS:
-            if config[f"{k}_batch"] % d.world_size:
-                raise DataError(f"--{k}-batch {config[f'{k}_batch']} is not divisible by {d.world_size} processes")
-            self.per_rank[k] = config[f"{k}_batch"] // d.world_size
-        self.streams = {k: Stream(len(data[k]["media"]), self.per_rank[k], d, config["seed"] + i)
-                        for i, k in enumerate(KINDS) if k in self.kinds}
-        self.ddp = DDP(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-            if d.enabled else self.model
-        self.rf = RectifiedFlow()
-        self.step, self.frozen_at, self.grad_norm = 0, None, 0.0
-
-    def next_batch(self):
-        """This step's kind and this rank's slice of its global batch: (kind, x, (feats, mask), t, noise)."""
-        d, c = self.d, self.config
-        kind = step_kind(self.step, self.ratio) if len(self.kinds) == 2 else self.kinds[0]
-        idx = self.streams[kind].next()
-        x = self.data[kind]["media"][idx].to(d.device).float()
-        if self.data[kind]["media"].dtype == torch.uint8:  # pixels; VAE latents are stored as they train
-            x = x / 127.5 - 1
-        # Noise, t and caption dropout for the *global* batch come from a generator seeded by the step;
-        # each rank takes its slice. So N processes see exactly what 1 process sees, and a resumed run
-        # draws exactly what the uninterrupted one would have.
-        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + self.step)
-        B, mine = self.per_rank[kind] * d.world_size, slice(d.rank, None, d.world_size)
-        t = self.rf.draw_t(B, g)[mine]
-        noise = torch.randn((B,) + tuple(x.shape[1:]), generator=g)[mine]
-        drop = (torch.rand(B, generator=g) < c["caption_dropout"])[mine]
-        text_idx = [0 if dr else self.data[kind]["text_idx"][i] for i, dr in zip(idx, drop.tolist())]
-        return kind, x, self.bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
-
-    def freeze_layer_weights(self):
-        """Freeze the softmax layer weights for good: no gradient, so AdamW leaves them where they are."""
-        self.frozen_at = self.step
-        self.fusion.logits.requires_grad_(False)
-        self.fusion.logits.grad = None
-
-    def state_dict(self):
-        return {"kind": CKPT_KIND, "config": self.config, "step": self.step, "frozen_at": self.frozen_at,
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "fusion_mode": self.fusion.mode, "fusion": self.fusion.state_dict(),
-                "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": plumbing.rng_state()}
-
-    def load_state_dict(self, state, source):
-        if state["fusion_mode"] != self.fusion.mode:
-            raise DataError(f"{source}: trained with fusion {state['fusion_mode']!r}, not {self.fusion.mode!r}")
-        plumbing.load_state_dict(self.model, state["model"], f"{source} (DiT)")
-        self.ema.load_state_dict(state["ema"])
-        self.fusion.load_state_dict(state["fusion"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        for k, s in state["streams"].items():
-            self.streams[k].load_state_dict(s)
-        self.step, self.frozen_at = state["step"], state["frozen_at"]
-        if self.frozen_at is not None:
-            self.fusion.logits.requires_grad_(False)
-        plumbing.set_rng_state(state["rng"])
-
-    def save(self, out, keep, stage, extra=None, replaces=()):
-        """Rank 0: the resume checkpoint (checkpoints/step_N.pt, tagged with the stage that wrote it) and,
-        beside it, the shareable result: model.safetensors with the EMA weights, the layer weights and config."""
-        state = {**self.state_dict(), "stage": stage, "extra": extra}
-        path = plumbing.save_checkpoint(out, self.step, state, keep, replaces)
-        tensors = {f"dit.{k}": v for k, v in self.ema.model.state_dict().items()}
-        tensors.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})  # logits or weights
-        meta = {"kind": CKPT_KIND, "step": str(self.step), "config": json.dumps(self.config)}
-        plumbing.atomic_save_safetensors(tensors, Path(out) / "model.safetensors", metadata=meta)
-        return path
+def streams(data, args, d):
+    """One resumable batch stream per kind in use, this rank's share of the global batch."""
+    out = {}
+    for i, k in enumerate(KINDS):
+        batch = getattr(args, f"{k}_batch")
+        if batch % d.world_size:
+            raise DataError(f"--{k}-batch {batch} is not divisible by {d.world_size} processes")
+        if data[k]["media"] is not None:
+            out[k] = Stream(len(data[k]["media"]), batch // d.world_size, d, args.seed + i)
+    return out
 
 
-def build_run(args, d, make_fusion, start=None, source=None):
-    """Data, frozen encoder, fusion (`make_fusion(encoder)`), cached text features and a DiffusionRun for
-    `args`; with `start`, the checkpoint it continues (refused if its data, encoder or settings differ)."""
-    import encoders
-    data = load_t2x(args.data, args.size, args.frames)
-    texts = caption_index(data)
-    log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
-    encoder = encoders.load_encoder(args.encoder, device=d.device, dtype=plumbing.pick_dtype(d.device, args.encoder_dtype),
-                                      cache_dir=args.cache_dir)
-    log(f"text encoder: {encoder}")
-    fusion = make_fusion(encoder).to(d.device)
-    bank, _ = feature_bank(encoder, fusion, texts, args.max_length, Path(args.cache_dir) / "features", d, plumbing.DTYPES[args.cache_dtype])
-    # A kind the interleave never draws is not loaded, encoded or refused (lumina2 makes images only).
-    ratio = parse_ratio(args.interleave)
-    for k, share in zip(KINDS, ratio):
-        other = data[KINDS[1 - KINDS.index(k)]]["media"]
-        if share == 0 and data[k]["media"] is not None and other is not None:
-            log(f"--interleave {args.interleave}: the {k}s are not used")
-            data[k]["media"] = None
-    if args.backbone == "lumina2" and data["video"]["media"] is not None:
-        raise DataError("--backbone lumina2 is an image model: train it with --interleave 1:0 (images only), "
-                        "or use --backbone wan for video")
-    vae_id = None
-    if args.vae:
-        vae, vae_id = load_vae(args.vae, d.device)
-        data = latent_media(vae, vae_id, data, args.size, args.frames, Path(args.cache_dir) / "features", d)
-        del vae
-    pretrained = args.init_transformer if start is None else None  # a checkpoint has its own weights
-    config = run_config(args, encoder, data, vae_id, start and start["config"])
-    run = DiffusionRun(config, data, bank, fusion, d, pretrained)
-    if start is not None:
-        check_same_run(start["config"], run.config, source)
-        run.load_state_dict(start, source)
-        log(f"continuing {source} at step {run.step}")
-    shape = dit_shape(run.config) if args.backbone == "dit" else run.config["backbone_kwargs"]
-    log(f"{args.backbone}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, {shape}")
-    return run
+def t2x_batch(data, bank, streams, step, args, d, rf):
+    """Step `step`'s kind and this rank's slice of its global batch: (kind, x, (feats, mask), t, noise).
+    Noise, t and caption dropout for the *global* batch come from a generator seeded by the step; each
+    rank takes its slice. So N processes see what 1 process sees, and a resumed run draws what the
+    uninterrupted one would have."""
+    kind = step_kind(step, args.interleave) if len(streams) == 2 else next(iter(streams))
+    idx = streams[kind].next()
+    x = data[kind]["media"][idx].to(d.device).float()
+    if data[kind]["media"].dtype == torch.uint8:  # pixels; VAE latents are stored as they train
+        x = x / 127.5 - 1
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    B, mine = streams[kind].batch * d.world_size, slice(d.rank, None, d.world_size)
+    t = rf.draw_t(B, g)[mine]
+    noise = torch.randn((B,) + tuple(x.shape[1:]), generator=g)[mine]
+    drop = (torch.rand(B, generator=g) < args.caption_dropout)[mine]
+    text_idx = [0 if dr else data[kind]["text_idx"][i] for i, dr in zip(idx, drop.tolist())]
+    return kind, x, bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
+
+
+def save_model(out, ema, fusion, config, step):
+    """OUT/model.safetensors: the EMA weights, the layer fusion and the run config (what 06 loads)."""
+    tensors = {f"dit.{k}": v for k, v in ema.model.state_dict().items()}
+    tensors.update({f"fusion.{k}": v for k, v in fusion.state_dict().items()})  # logits or weights
+    meta = {"kind": CKPT_KIND, "step": str(step), "config": json.dumps(config)}
+    plumbing.atomic_save_safetensors(tensors, Path(out) / "model.safetensors", metadata=meta)
 
 
 def own_checkpoint(out, stage):
@@ -1624,6 +1575,7 @@ def load_dit(path, device="cpu"):
     return model.to(device).eval(), config, fusion.to(device), step
 
 
+
 def claim_run_dir(out, args):
     """Clear a killed run's temp files from `out` and refuse a run already there unless --resume or
     --overwrite; returns the checkpoints that --overwrite replaces once the new run has one."""
@@ -1635,39 +1587,9 @@ def claim_run_dir(out, args):
     return old if args.overwrite and not args.resume else []
 
 
-class TrainLog:
-    """Rank 0's view of a training loop: the progress bar, the mean loss per kind between log lines, and
-    tensorboard scalars under OUT/tb."""
-
-    def __init__(self, out, d, total, initial, desc):
-        self.writer, self.sums, self.t_last, self.s_last = None, {}, None, None
-        self.tb = Path(out) / "tb" if d.is_main else None
-        self.bar = plumbing.progress(total=total, initial=initial, desc=desc)
-
-    def add(self, kind, loss):
-        if self.tb is not None and self.writer is None:  # after the first step: a run that fails at once writes nothing
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.tb))
-        s = self.sums.setdefault(kind, [0.0, 0])
-        s[0], s[1] = s[0] + loss, s[1] + 1
-        self.bar.update()
-
-    def flush(self, run):
-        now = time.time()
-        sps = (run.step - self.s_last) / max(now - self.t_last, 1e-9) if self.t_last else 0.0
-        self.t_last, self.s_last = now, run.step
-        total = sum(s for s, _ in self.sums.values()) / max(1, sum(n for _, n in self.sums.values()))
-        if self.writer is not None:
-            self.writer.add_scalar("loss/all", total, run.step)
-            for k, (s, n) in self.sums.items():
-                self.writer.add_scalar(f"loss/{k}", s / n, run.step)
-            self.writer.add_scalar("lr", run.opt.param_groups[0]["lr"], run.step)
-            self.writer.add_scalar("grad_norm", run.grad_norm, run.step)
-            self.writer.add_scalar("steps_per_s", sps, run.step)
-        self.bar.set_postfix(loss=f"{total:.4f}", sps=f"{sps:.2f}")
-        self.sums = {}
-
-    def close(self):
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+def tensorboard(out, d):
+    """Rank 0's tensorboard writer under OUT/tb (others: None), opened once a first step is done."""
+    if not d.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(Path(out) / "tb"))

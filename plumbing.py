@@ -6,6 +6,7 @@ the experiments do).
 The method itself (adapter, layer fusion, DiT, data loaders) lives in `common.py`.
 """
 import argparse
+import fnmatch
 import hashlib
 import json
 import math
@@ -88,11 +89,6 @@ def even_frames(text):
     if n % 2:
         raise argparse.ArgumentTypeError(f"{text} is odd: Qwen3-VL groups video frames in pairs")
     return n
-
-
-def parse_flags(parser, argv=None):
-    """(args, the dests of the flags the user typed): a continued run fills in the rest from its checkpoint."""
-    return parser.parse_args(argv), given_flags(parser, argv)
 
 
 def given_flags(parser, argv=None):
@@ -300,6 +296,19 @@ def atomic_dir(final, build):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_ours(folder, flag, ours, who):
+    """The names in an output folder, refused if any is not one `who` writes (fnmatch patterns `ours`):
+    such a folder is someone else's, and is left as it is."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{flag} {folder}: exists and is not a folder")
+    held = sorted(p.name for p in folder.iterdir() if not p.name.endswith(".tmp")) if folder.is_dir() else []
+    foreign = [n for n in held if not any(fnmatch.fnmatch(n, o) for o in ours)]
+    if foreign:
+        raise DataError(f"{flag} {folder}: holds {foreign[:3]}, which {who} does not write; give it a new or empty folder")
+    return held
 
 
 def remove_stale_temps(folder, older_than_s=3600):

@@ -1,7 +1,7 @@
 """Benchmark the default DiT: training throughput and 50-step sampling time (not a test).
 
-Training is timed on 05's own step (its train_step on a common.DiffusionRun of synthetic media and text
-features: batch gathering, the loss, backward, gradient clipping, AdamW and the EMA update) and
+Training is timed on 05's step over synthetic media and text features (common.t2x_batch's batch
+gathering, the loss, backward, gradient clipping, AdamW and the EMA update, as 05's loop does them) and
 reported as samples/s per kind and for the 7:3 mix, and as achieved FLOP/s (FLOPs counted by torch's
 FlopCounterMode over one step) over the FLOP/s of a 1024x1024 fp32 matmul measured in the same run,
 the machine's practical peak for this kind of work: always compare fractions from one run, the peak
@@ -12,10 +12,10 @@ itself moves from day to day.
     python bench/bench_diffusion.py --device cuda --dtype bf16
     python bench/bench_diffusion.py --hidden 192 --depth 3 --heads 6 --image-batch 8 --video-batch 2   # 05's earlier
 """
-import importlib
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,8 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plumbing  # noqa: E402
 import common  # noqa: E402
-
-t2x_step = importlib.import_module("05_train_diffusion").train_step
 
 
 def timeit(fn, iters, warmup=2, sync=lambda: None):
@@ -68,12 +66,7 @@ def main(argv=None):
     a, b = torch.randn(1024, 1024, device=d), torch.randn(1024, 1024, device=d)
     peak = 2 * 1024 ** 3 / timeit(lambda: a @ b, 20, sync=sync)
 
-    # ---- training: 05's own step (data path, loss, clip, AdamW, EMA) ----
-    config = {"hidden": t2x.hidden, "depth": t2x.depth, "heads": t2x.heads, "patch": t2x.patch, "tpatch": t2x.tpatch,
-              "text_dim": args.text_dim, "image_batch": t2x.image_batch, "video_batch": t2x.video_batch,
-              "interleave": "1:0", "lr": 1e-4, "weights_lr": None, "warmup": 0, "decay": "constant", "steps": 10 ** 6,
-              "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.999, "caption_dropout": 0.1, "seed": 0,
-              "dtype": args.dtype, "channels": 3, "text_norm": "none", "backbone": "dit"}
+    # ---- training: 05's step (data path, loss, clip, AdamW, EMA) ----
     n = 64  # synthetic records per kind, every caption args.text_len tokens
     bank = common.FeatureBank(torch.randn(n * args.text_len, args.text_dim),
                               torch.arange(0, (n + 1) * args.text_len, args.text_len))
@@ -84,19 +77,34 @@ def main(argv=None):
     dist = plumbing.Dist(device=d)
     for kind, T in (("image", 1), ("video", t2x.frames)):
         data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
-        run = common.DiffusionRun(config, data, bank, common.LayerFusion("norm-avg", 1), dist)
-        B = config[f"{kind}_batch"]
+        run = SimpleNamespace(seed=0, caption_dropout=0.1, image_batch=t2x.image_batch, video_batch=t2x.video_batch)
+        torch.manual_seed(0)
+        model = common.DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
+                           patch=t2x.patch, tpatch=t2x.tpatch).to(d)
+        ema, rf, batches = common.EMA(model), common.RectifiedFlow(), common.streams(data, run, dist)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=d.type in ("cpu", "cuda"))
+        steps = iter(range(10 ** 6))
+
+        def t2x_step():  # 05's loop body
+            _, x, cond, t, noise = common.t2x_batch(data, bank, batches, next(steps), run, dist, rf)
+            with plumbing.autocast(d, dtype):
+                loss = rf.loss(model, x, cond, t, noise).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            ema.update(model)
+        B = getattr(t2x, f"{kind}_batch")
         # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
         # would count attention as free. Same arithmetic either way; only the count needs the math path.
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            t2x_step(run)
+            t2x_step()
         flops = fc.get_total_flops()
-        sec = timeit(lambda: t2x_step(run), args.iters, sync=sync)
+        sec = timeit(t2x_step, args.iters, sync=sync)
         tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
         result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
                                  "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
                                  "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
-    model, rf = run.model, run.rf
     result.update(params=sum(q.numel() for q in model.parameters()), config=model.config)
     r = result["train"]
     mix = 0.7 * r["image"]["s_per_step"] + 0.3 * r["video"]["s_per_step"]

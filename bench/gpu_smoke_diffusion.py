@@ -66,7 +66,7 @@ def run(backbone, kind, args, d):
     n_params = sum(p.numel() for p in model.parameters())
     blocks = model.net.blocks if backbone == "wan" else model.net.layers
     n_layer = sum(p.numel() for p in blocks[0].parameters())
-    # DDP under torchrun, as 05's DiffusionRun (even one process: its gradient hooks cost time too)
+    # DDP under torchrun, as 05 does (even one process: its gradient hooks cost time too)
     wrapped = DDP(model, device_ids=[d.local_rank] if cuda else None) if dist.is_initialized() else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     rf = common.RectifiedFlow()

@@ -88,3 +88,37 @@ def one_thread_and_one_encoder_load(monkeypatch):
     monkeypatch.setattr(encoders, "load_encoder", load)
     yield
     torch.set_num_threads(threads)
+
+
+def built(argv, fusion="norm-avg"):
+    """What 05 builds before its loop from `argv` (data, features, run config, the initial model), for a
+    test to look at; `.trained(path)` is the same model with a checkpoint's weights."""
+    import importlib
+    from types import SimpleNamespace
+    import common
+    import plumbing
+    args = importlib.import_module("05_train_diffusion").get_parser().parse_args(argv)
+    d = plumbing.Dist()
+    data, encoder, fus, bank, vae_id = common.t2x_data(args, d, lambda enc: common.LayerFusion(fusion, enc.num_layers))
+    config = common.run_config(args, encoder, data, vae_id)
+    model = common.new_model(config, bank, fus, args.init_transformer, d.device)
+
+    def trained(path):
+        import copy
+        other = copy.deepcopy(model)
+        other.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        return other
+    return SimpleNamespace(args=args, data=data, bank=bank, fusion=fus, config=config, model=model,
+                           rf=common.RectifiedFlow(), trained=trained)
+
+
+def fixed_loss(run, model, kind, n=4):
+    """The rectified-flow loss of `model` on one fixed batch of `run`'s data (fixed media, t, noise, captions)."""
+    g = torch.Generator().manual_seed(123)
+    x = run.data[kind]["media"][:n].float()
+    x = x / 127.5 - 1 if run.data[kind]["media"].dtype == torch.uint8 else x
+    cond = run.bank.batch(run.data[kind]["text_idx"][:n], "cpu")
+    t = run.rf.draw_t(len(x), g)
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        return float(run.rf.loss(model, x, cond, t, noise).mean())

@@ -64,6 +64,7 @@ FLAGS = {  # id: (05 flags, what the one line must say)
                      "ffn_dim must be an integer in [1, 65536]"),
     "size and patch": (["--size", "10"], "the 10-pixel side is not divisible by the patch 4"),
     "heads do not divide": (["--hidden", "30", "--heads", "4"], "hidden 30 is not divisible by heads 4"),
+    "size and VAE factor": (["--vae", "tiny-wan-vae", "--size", "6"], "--size 6 is not divisible by the VAE's spatial factor 4"),
 }
 
 
@@ -175,12 +176,16 @@ def test_a_stage_resumes_only_its_own_runs(tmp_path, world, capsys, first, then)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
-def test_a_run_that_fails_before_its_first_step_leaves_no_tensorboard_file(tmp_path):
-    import plumbing
-    meter = common.TrainLog(tmp_path, plumbing.Dist(), 10, 0, "train")
-    meter.close()  # what an --overwrite run that fails at step 1 gets to
-    assert not (tmp_path / "tb").exists()
-    meter = common.TrainLog(tmp_path, plumbing.Dist(), 10, 0, "train")
-    meter.add("image", 1.0)
-    meter.close()
-    assert any((tmp_path / "tb").iterdir())
+def test_06_writes_only_into_a_folder_of_its_own(tmp_path, world, capsys):
+    """06 --out pointed at a 05 run folder is refused (the folder holds files 06 does not write) and left
+    byte-identical; a folder 06 wrote before is written again."""
+    run = tmp_path / "run"
+    t2x.main(["--data", str(world), "--out", str(run), "--cache-dir", str(tmp_path.parent / "cache"), *TINY,
+              "--steps", "1", "--ckpt-every", "1"])
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    argv = ["--ckpt", str(run), "--prompts", "a red square", "--sample-seeds", "0", "--sample-steps", "1"]
+    assert_one_line(*cli_error(sample.main, argv + ["--out", str(run)], capsys), f"--out {run}: holds ['args.json'")
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    for _ in range(2):
+        sample.main(argv + ["--out", str(tmp_path / "s")])
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["image_prompts.txt", "images.png"]

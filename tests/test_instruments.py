@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import common
-import plumbing
+from tests import diffusion_stubs as stubs
 from tests.diffusion_stubs import TINY, make_world
 from world import checker, scenes
 
@@ -23,8 +23,7 @@ def world(tmp_path_factory):
 
 def test_standardisation_is_fitted_on_the_training_captions_and_travels_with_the_model(tmp_path, world):
     argv = ["--data", str(world), "--cache-dir", str(tmp_path / "cache"), *TINY, "--steps", "2", "--ckpt-every", "2"]
-    args = t2x.get_parser().parse_args(argv + ["--out", str(tmp_path / "a")])
-    run = common.build_run(args, plumbing.Dist(), lambda enc: common.LayerFusion("norm-avg", enc.num_layers))
+    run = stubs.built(argv + ["--out", str(tmp_path / "a")])
     tokens = torch.cat(list(run.bank.fused_chunks(run.fusion, "cpu")))
     z = run.model.text_standardiser(tokens)
     assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-3

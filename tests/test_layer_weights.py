@@ -59,9 +59,11 @@ def test_learned_fusion_at_init_is_norm_avg():
 def test_weights_learn_then_stay_put_after_the_freeze(tmp_path, world):
     """Freeze at step 4 of 10 and train on (--run-to-end): the DiT moves on, the layer weights and their
     optimiser state do not."""
-    lw.main(flags(tmp_path, world, "--steps", "10", "--ckpt-every", "4", "--freeze-fraction", "0.4",
-                  "--keep", "10", "--run-to-end"))
-    at4, at8, at10 = (ckpt(tmp_path / f"out/checkpoints/step_{s:08d}.pt") for s in (4, 8, 10))
+    argv = flags(tmp_path, world, "--steps", "10", "--ckpt-every", "4", "--freeze-fraction", "0.4", "--run-to-end")
+    lw.main(argv + ["--stop-at", "4"])
+    at4 = ckpt(tmp_path / "out/checkpoints/step_00000004.pt")
+    lw.main(argv + ["--resume"])
+    at8, at10 = (ckpt(tmp_path / f"out/checkpoints/step_{s:08d}.pt") for s in (8, 10))
     assert at10["frozen_at"] == 4 and at10["step"] == 10
     assert not torch.equal(at4["fusion"]["logits"], torch.zeros(4)), "weights learned before the freeze"
     assert torch.equal(at4["fusion"]["logits"], at10["fusion"]["logits"]), "frozen weights moved"
