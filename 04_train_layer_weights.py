@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import models
 import plumbing
 from plumbing import DataError, log
 
@@ -141,7 +142,7 @@ def main(argv=None):
 
     # Model, EMA, optimiser: the DiT, and the layer-weight logits (w = 0: Norm-Avg) in a group of their own.
     model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
-    ema = common.EMA(model)
+    ema = models.EMA(model)
     fusion.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0},
                              {"params": [fusion.logits], "lr": args.weights_lr, "weight_decay": 0.0}],
@@ -150,7 +151,7 @@ def main(argv=None):
     batches = common.streams(data, args, d)
     # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
-    rf = common.RectifiedFlow()
+    rf = models.RectifiedFlow()
     step, frozen_at = 0, None
     watch = WeightWatch(args, state.get("extra") if state else None)
     if state is not None:  # everything a resume needs, so the curve continues exactly
@@ -211,12 +212,12 @@ def main(argv=None):
             losses, t0 = {}, time.time()
         if d.is_main and (step % args.ckpt_every == 0 or done or freeze):
             plumbing.save_checkpoint(out, step, {
-                "kind": common.CKPT_KIND, "stage": "04", "config": config, "step": step, "frozen_at": frozen_at,
+                "kind": models.CKPT_KIND, "stage": "04", "config": config, "step": step, "frozen_at": frozen_at,
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "fusion_mode": fusion.mode, "fusion": fusion.state_dict(),
                 "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(),
                 "extra": watch.state_dict()}, replaces=replaces)
-            common.save_model(out, ema, fusion, config, step)
+            models.save_model(out, ema, fusion, config, step)
             plumbing.atomic_write_json(out / "args.json", vars(args))
             write_results(config, fusion, frozen_at, step, watch, out)
             replaces = ()

@@ -2,7 +2,7 @@
 
 The paper trains Lumina-Image-2.0 (T2I) and Wan2.1 (T2V; image:video steps 7:3, batch 512:128) on the
 encoder's fused layer features, the layer weights learned jointly at first and then frozen (04). Here one
-DiT (common.DiT) learns both kinds from the built-in world on the same schedule scaled down.
+DiT (models.DiT) learns both kinds from the built-in world on the same schedule scaled down.
 
     python 05_train_diffusion.py                                # built-in world, MiniLM, Norm-Avg, CPU
     python 05_train_diffusion.py --init-from runs/layer_weights # stage 2: continue 04's run, weights frozen
@@ -25,6 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import models
 import plumbing
 from plumbing import DataError, log
 
@@ -48,8 +49,8 @@ def starting_point(parser, argv):
         log(f"--resume: no checkpoint under {args.out}/checkpoints, starting fresh")
     if state is None and args.init_from:
         src = Path(args.init_from)
-        path, state = (src, plumbing.load_checkpoint(src, common.CKPT_KIND)) if src.is_file() else \
-            plumbing.load_latest_checkpoint(src, common.CKPT_KIND)
+        path, state = (src, plumbing.load_checkpoint(src, models.CKPT_KIND)) if src.is_file() else \
+            plumbing.load_latest_checkpoint(src, models.CKPT_KIND)
         if state is None:
             raise DataError(f"--init-from {src}: no checkpoints/step_*.pt (run 04_train_layer_weights.py first)")
     if state is None:
@@ -93,7 +94,7 @@ def main(argv=None):
 
     # Model, EMA, optimiser. Continuing 04, its layer-weight logits keep their optimiser group, frozen.
     model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
-    ema = common.EMA(model)
+    ema = models.EMA(model)
     groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
     learned = fusion.mode == "learned"
     fusion.requires_grad_(False)
@@ -104,7 +105,7 @@ def main(argv=None):
     sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
     batches = common.streams(data, args, d)
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
-    rf = common.RectifiedFlow()
+    rf = models.RectifiedFlow()
     step, frozen_at = 0, None
     if state is not None:  # everything a resume needs, so the curve continues exactly
         common.check_same_run(state["config"], config, source)
@@ -152,12 +153,12 @@ def main(argv=None):
             losses, t0 = {}, time.time()
         if d.is_main and (step % args.ckpt_every == 0 or step == stop):
             plumbing.save_checkpoint(out, step, {
-                "kind": common.CKPT_KIND, "stage": "05", "config": config, "step": step, "frozen_at": frozen_at,
+                "kind": models.CKPT_KIND, "stage": "05", "config": config, "step": step, "frozen_at": frozen_at,
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "fusion_mode": fusion.mode, "fusion": fusion.state_dict(),
                 "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state()},
                 replaces=replaces)
-            common.save_model(out, ema, fusion, config, step)
+            models.save_model(out, ema, fusion, config, step)
             plumbing.atomic_write_json(out / "args.json", vars(args))
             replaces = ()
     if writer is not None:

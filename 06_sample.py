@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import common
+import models
 import plumbing
 from plumbing import DataError, log
 from world import checker, scenes
@@ -63,7 +64,7 @@ def latent_shape(config, kind):
     if kind in shapes:
         return shapes[kind]
     C, _, h, w = next(iter(shapes.values()))
-    f = common.vae_temporal_factor(config["_vae"])
+    f = models.vae_temporal_factor(config["_vae"])
     T = 1 if kind == "image" else 1 + -(-(config["frames"] - 1) // f)
     return [C, T, h, w]
 
@@ -74,7 +75,7 @@ def load_model(ckpt, device):
     model, config, fusion, step = common.load_dit(ckpt, device)
     config["step"] = step
     if config.get("vae"):
-        vae, vae_id = common.load_vae(config["vae"], device)
+        vae, vae_id = models.load_vae(config["vae"], device)
         if vae_id != config.get("vae_id"):
             raise DataError(f"VAE {config['vae']!r} has changed since this model was trained on its latents "
                             f"({config.get('vae_id')} then, {vae_id} now)")
@@ -101,7 +102,7 @@ def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc
     jobs = [(i, j, s) for i in range(len(texts)) for j, s in enumerate(per_text[i])]
     feats, mask = cond_fn(texts)
     null_cond = cond_fn([""]) if cfg is not None else None
-    rf, out = common.RectifiedFlow(), np.zeros((len(texts), len(per_text[0]), T, size, size, 3), np.uint8)
+    rf, out = models.RectifiedFlow(), np.zeros((len(texts), len(per_text[0]), T, size, size, 3), np.uint8)
     device = next(model.parameters()).device
     dtype = plumbing.pick_dtype(device, config["dtype"])
     for s in plumbing.progress(range(0, len(jobs), batch), desc=desc):
@@ -112,7 +113,7 @@ def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc
             x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0,
                           renorm=renorm, trunc=trunc)
         if vae is not None:
-            x = common.vae_decode(vae, x.float(), T)
+            x = models.vae_decode(vae, x.float(), T)
         for (i, j, _), px in zip(chunk, to_uint8(x)):
             out[i, j] = px
     return out
@@ -258,7 +259,7 @@ def classify(model, cond_fn, config, records, n_times, batch, n_noises=2, negati
     `negatives` captions of one-aspect edits of it (checker.hard_negatives), ranked by the DiT's conditional
     denoising loss on the scene's render (its latents, for a latent-space run) at n_times fixed timesteps x n_noises fixed noises shared by all
     options; the lowest loss wins. Tied options share the credit, so a caption-blind model scores chance."""
-    rf, device = common.RectifiedFlow(), next(model.parameters()).device
+    rf, device = models.RectifiedFlow(), next(model.parameters()).device
     dtype = plumbing.pick_dtype(device, config["dtype"])
     t_grid = (torch.arange(n_times) + 0.5) / n_times
     out = {}
@@ -271,7 +272,7 @@ def classify(model, cond_fn, config, records, n_times, batch, n_noises=2, negati
             if x.shape[-1] != config["size"]:
                 x = torch.nn.functional.interpolate(x, size=(config["size"],) * 2, mode="area")
             if config.get("_vae") is not None:  # a latent-space run is asked about the render's latents
-                x = common.vae_encode(config["_vae"], x[None].to(device))[0].float().cpu()
+                x = models.vae_encode(config["_vae"], x[None].to(device))[0].float().cpu()
             questions = {a: checker.hard_negatives(r["scene"], a, negatives, seed=i, style=i % 2) for a in checker.ASPECTS}
             texts = sorted({t for true, negs in questions.values() if negs for t in [true] + negs})
             feats, mask = cond_fn(texts)

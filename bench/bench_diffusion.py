@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plumbing  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 def timeit(fn, iters, warmup=2, sync=lambda: None):
@@ -79,9 +80,9 @@ def main(argv=None):
         data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
         run = SimpleNamespace(seed=0, caption_dropout=0.1, image_batch=t2x.image_batch, video_batch=t2x.video_batch)
         torch.manual_seed(0)
-        model = common.DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
+        model = models.DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
                            patch=t2x.patch, tpatch=t2x.tpatch).to(d)
-        ema, rf, batches = common.EMA(model), common.RectifiedFlow(), common.streams(data, run, dist)
+        ema, rf, batches = models.EMA(model), models.RectifiedFlow(), common.streams(data, run, dist)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=d.type in ("cpu", "cuda"))
         steps = iter(range(10 ** 6))
 

@@ -1,7 +1,7 @@
 """GPU smoke test for the paper's diffusion backbones in 04/05 (`--backbone wan|lumina2`) at full size.
 
 Wan2.1-T2V-1.3B (`--backbone-config paper`, 30 layers) and Lumina-Image-2.0 2B (26 layers), built by
-common.DiffusersBackbone from random weights, train a few AdamW steps on random latents shaped like a
+models.DiffusersBackbone from random weights, train a few AdamW steps on random latents shaped like a
 256x256 image and a 256x256 video through each model's VAE (Wan2.1's AutoencoderKLWan: 16 channels, /8,
 1+T/4 frames; Lumina's FLUX AutoencoderKL: 16 channels, /8, images only) and random text features of
 Qwen3-VL-8B's width, with 05's rectified-flow loss, bf16 autocast over fp32 weights and AdamW. Wan runs an
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: shared modules
-import common  # noqa: E402
+import models  # noqa: E402
 import plumbing  # noqa: E402
 from plumbing import autocast, init_distributed, log  # noqa: E402
 
@@ -43,13 +43,13 @@ def latent_shape(kind, side, frames):
 
 
 def build(backbone, args, device):
-    """common.DiffusersBackbone at the paper's (or tiny) config, optionally cut to --layers, on `device`."""
-    cfg = common.backbone_config(backbone, "tiny" if args.tiny else "paper", LATENT_CHANNELS, args.text_dim)
+    """models.DiffusersBackbone at the paper's (or tiny) config, optionally cut to --layers, on `device`."""
+    cfg = models.backbone_config(backbone, "tiny" if args.tiny else "paper", LATENT_CHANNELS, args.text_dim)
     full_layers = cfg["num_layers"]
     if args.layers:
         cfg["num_layers"] = min(args.layers, full_layers)
     with torch.device(device):
-        model = common.DiffusersBackbone(backbone, cfg)
+        model = models.DiffusersBackbone(backbone, cfg)
     if args.grad_ckpt:
         model.net.enable_gradient_checkpointing()
     return model, full_layers
@@ -69,7 +69,7 @@ def run(backbone, kind, args, d):
     # DDP under torchrun, as 05 does (even one process: its gradient hooks cost time too)
     wrapped = DDP(model, device_ids=[d.local_rank] if cuda else None) if dist.is_initialized() else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    rf = common.RectifiedFlow()
+    rf = models.RectifiedFlow()
     batch = args.image_batch if kind == "image" else args.video_batch
     shape = latent_shape(kind, args.side, args.frames)
     g = torch.Generator().manual_seed(d.rank)

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import models  # noqa: E402
 import plumbing  # noqa: E402
 from plumbing import DataError, newest_step, run_stage  # noqa: E402
 
@@ -162,7 +162,7 @@ def dit_done(steps, dit):
 def frozen_at(joint):
     """The step at which 04 froze the weights, read from the newest checkpoint of two-step's first half; None
     while they still learn (summary.json can lag its checkpoint by a kill)."""
-    _, state = plumbing.load_latest_checkpoint(joint, common.CKPT_KIND)
+    _, state = plumbing.load_latest_checkpoint(joint, models.CKPT_KIND)
     return None if state is None else state.get("frozen_at")
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import models  # noqa: E402
 import encoders  # noqa: E402
 from world import scenes  # noqa: E402
 
@@ -59,7 +60,7 @@ def main():
     y = torch.tensor([[c in cs for c in scenes.COLOURS] for _, cs in data], dtype=torch.float32)
     standardiser = None
     if args.standardise:  # the DiT's own: statistics of the training captions' tokens
-        standardiser = common.FeatureStandardiser(enc.width)
+        standardiser = models.FeatureStandardiser(enc.width)
         standardiser.fit([feats[:int(offsets[n])]])
     torch.manual_seed(args.seed)
     model = Readout(enc.width, standardiser=standardiser)

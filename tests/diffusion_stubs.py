@@ -96,6 +96,7 @@ def built(argv, fusion="norm-avg"):
     import importlib
     from types import SimpleNamespace
     import common
+    import models
     import plumbing
     args = importlib.import_module("05_train_diffusion").get_parser().parse_args(argv)
     d = plumbing.Dist()
@@ -109,7 +110,7 @@ def built(argv, fusion="norm-avg"):
         other.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
         return other
     return SimpleNamespace(args=args, data=data, bank=bank, fusion=fus, config=config, model=model,
-                           rf=common.RectifiedFlow(), trained=trained)
+                           rf=models.RectifiedFlow(), trained=trained)
 
 
 def fixed_loss(run, model, kind, n=4):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import models
 from tests import diffusion_stubs as stubs
 import plumbing
 from plumbing import DataError
@@ -22,7 +23,7 @@ from tests.diffusion_stubs import TINY, make_world
 ROOT = Path(__file__).resolve().parents[1]
 t2x = importlib.import_module("05_train_diffusion")
 sample = importlib.import_module("06_sample")
-LATENT = ["--vae", common.TINY_VAE, "--size", "16"]  # the tiny VAE is 4x smaller: 16 px -> 4x4 latents
+LATENT = ["--vae", models.TINY_VAE, "--size", "16"]  # the tiny VAE is 4x smaller: 16 px -> 4x4 latents
 SETUPS = {  # backbone -> its flags; lumina2 is an image model, so it trains on images only
     "dit": ["--backbone", "dit"],
     "lumina2": ["--backbone", "lumina2", "--interleave", "1:0"],
@@ -55,7 +56,7 @@ def ckpt(path):
 def test_each_backbone_learns_on_pixels_and_latents(tmp_path, world, backbone, latent):
     argv = flags(tmp_path, world, backbone, latent, "--lr", "3e-3", "--steps", "30", "--ckpt-every", "30")
     run = stubs.built(argv)
-    assert isinstance(run.model, common.DiT if backbone == "dit" else common.DiffusersBackbone)
+    assert isinstance(run.model, models.DiT if backbone == "dit" else models.DiffusersBackbone)
     kinds = ["image"] if backbone == "lumina2" else ["image", "video"]
     assert run.data["image"]["media"].dtype == (torch.float32 if latent else torch.uint8)
     t2x.main(argv)
@@ -70,7 +71,7 @@ def test_each_backbone_learns_on_pixels_and_latents(tmp_path, world, backbone, l
 def test_lumina2_refuses_video_steps_in_one_line(tmp_path, world, capsys):
     argv = flags(tmp_path, world, "lumina2", False, "--steps", "2", "--interleave", "7:3")
     assert_one_line(*cli_error(t2x.main, argv, capsys), "lumina2 is an image model")
-    model = common.DiffusersBackbone("lumina2", common.backbone_config("lumina2", "tiny", 3, 8))
+    model = models.DiffusersBackbone("lumina2", models.backbone_config("lumina2", "tiny", 3, 8))
     with pytest.raises(DataError, match="--interleave 1:0"):
         model(torch.zeros(1, 3, 4, 8, 8), torch.ones(1), torch.zeros(1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
 
@@ -80,7 +81,7 @@ def test_library_conventions_t1_is_noise_and_velocity_is_noise_minus_x():
     t=0 is noise) and its output negated, as their pipelines do."""
     seen = {}
     for backbone in ("wan", "lumina2"):
-        model = common.DiffusersBackbone(backbone, common.backbone_config(backbone, "tiny", 3, 8))
+        model = models.DiffusersBackbone(backbone, models.backbone_config(backbone, "tiny", 3, 8))
 
         def fake(x, timestep, text, *rest, return_dict=True, _b=backbone):
             seen[_b] = timestep.clone()
@@ -100,7 +101,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, world, backbone, lat
     t2x.main(flags(tmp_path, world, backbone, latent, "--steps", "6", "--ckpt-every", "3", "--stop-at", "3", out="b"))
     t2x.main(["--out", str(tmp_path / "b"), "--resume", "--cache-dir", str(tmp_path.parent / "cache")])  # no flags
     sa, sb = ckpt(tmp_path / "a/checkpoints/step_00000006.pt"), ckpt(tmp_path / "b/checkpoints/step_00000006.pt")
-    assert sa["config"]["backbone"] == backbone and sa["config"]["vae"] == (common.TINY_VAE if latent else None)
+    assert sa["config"]["backbone"] == backbone and sa["config"]["vae"] == (models.TINY_VAE if latent else None)
     assert sa["streams"] == sb["streams"]
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
@@ -114,7 +115,7 @@ def save_tiny_pretrained(path, backbone, text_dim=24, channels=3):
     """A tiny random diffusers transformer written by save_pretrained (a stand-in for a hub model),
     with a text width other than the encoder's."""
     torch.manual_seed(7)
-    net = common.diffusers_class(backbone)(**common.backbone_config(backbone, "tiny", channels, text_dim))
+    net = models.diffusers_class(backbone)(**models.backbone_config(backbone, "tiny", channels, text_dim))
     net.save_pretrained(path)
     return net.state_dict()
 
@@ -124,13 +125,13 @@ def test_init_transformer_keeps_all_but_the_text_embedder(tmp_path, world, backb
     saved = save_tiny_pretrained(tmp_path / "pretrained", backbone)
     setup = flags(tmp_path, world, backbone, False, "--steps", "2", "--init-transformer", str(tmp_path / "pretrained"))
     run = stubs.built(setup)
-    text = common.TEXT_EMBEDDER[backbone]
+    text = models.TEXT_EMBEDDER[backbone]
     now = run.model.net.state_dict()
     assert set(now) == set(saved)
     reinit = [k for k in now if k.startswith(text)]
     assert reinit and all(k.startswith(text) for k in reinit)
     torch.manual_seed(run.config["seed"])
-    fresh = common.make_model(run.config).net.state_dict()  # what a run without --init-transformer starts from
+    fresh = models.make_model(run.config).net.state_dict()  # what a run without --init-transformer starts from
     for k, v in now.items():
         assert torch.equal(v, fresh[k] if k.startswith(text) else saved[k]), k
     width = run.config["text_dim"]
@@ -149,18 +150,18 @@ def test_init_transformer_keeps_all_but_the_text_embedder(tmp_path, world, backb
 def test_latent_cache_is_rebuilt_when_the_vae_changes(tmp_path, world, monkeypatch):
     d = plumbing.Dist()
     calls = []
-    real = common.vae_encode
-    monkeypatch.setattr(common, "vae_encode", lambda vae, x: calls.append(len(x)) or real(vae, x))
+    real = models.vae_encode
+    monkeypatch.setattr(models, "vae_encode", lambda vae, x: calls.append(len(x)) or real(vae, x))
 
     def latents(vae_name):
-        vae, vid = common.load_vae(vae_name)
+        vae, vid = models.load_vae(vae_name)
         data = common.load_t2x(world, 16, 4)
         return common.latent_media(vae, vid, data, 16, 4, tmp_path, d), vid
-    a, id_a = latents(common.TINY_VAE)
+    a, id_a = latents(models.TINY_VAE)
     assert sum(calls) == 12 and a["video"]["media"].shape == (4, 4, 3, 4, 4)  # 4 frames -> 5 -> 3 latent frames
-    b, _ = latents(common.TINY_VAE)
+    b, _ = latents(models.TINY_VAE)
     assert sum(calls) == 12 and torch.equal(a["image"]["media"], b["image"]["media"])  # served from the cache
-    vae, _ = common.load_vae(common.TINY_VAE)
+    vae, _ = models.load_vae(models.TINY_VAE)
     with torch.no_grad():
         next(vae.parameters()).add_(0.01)  # the same architecture, other weights
     vae.save_pretrained(tmp_path / "vae")
@@ -170,12 +171,12 @@ def test_latent_cache_is_rebuilt_when_the_vae_changes(tmp_path, world, monkeypat
 
 
 def test_vae_round_trip_shapes():
-    vae, _ = common.load_vae(common.TINY_VAE)
+    vae, _ = models.load_vae(models.TINY_VAE)
     x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
-    z = common.vae_encode(vae, x)
+    z = models.vae_encode(vae, x)
     assert z.shape == (2, 4, 5, 4, 4)  # 8 frames, padded to 9 = 1 + 2*4 for this VAE's factor 2
-    assert common.vae_decode(vae, z, 8).shape == x.shape
-    assert common.vae_decode(vae, common.vae_encode(vae, x[:, :, :1]), 1).shape == (2, 3, 1, 16, 16)
+    assert models.vae_decode(vae, z, 8).shape == x.shape
+    assert models.vae_decode(vae, models.vae_encode(vae, x[:, :, :1]), 1).shape == (2, 3, 1, 16, 16)
 
 
 @pytest.mark.parametrize("backbone", list(SETUPS))
@@ -212,11 +213,11 @@ def test_two_processes_match_one_for_wan_on_latents(tmp_path, world):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
                     "--out", str(tmp_path / "two"), *args], check=True, env=env, cwd=ROOT, timeout=300)
     one, two = ckpt(tmp_path / "one/checkpoints/step_00000004.pt"), ckpt(tmp_path / "two/checkpoints/step_00000004.pt")
-    assert one["config"]["vae"] == common.TINY_VAE and one["streams"] == two["streams"]
+    assert one["config"]["vae"] == models.TINY_VAE and one["streams"] == two["streams"]
     for k, v in one["model"].items():
         torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=2e-5, msg=k)
     torch.manual_seed(0)
-    init = common.make_model(one["config"]).state_dict()
+    init = models.make_model(one["config"]).state_dict()
     assert sum(float((one["model"][k] - v).abs().sum()) for k, v in init.items()) > 0, "it trained"
 
 
@@ -226,13 +227,13 @@ def test_04_learns_layer_weights_with_wan_on_latents_and_05_continues_it(tmp_pat
                   out="lw"))
     state = ckpt(tmp_path / "lw/checkpoints/step_00000003.pt")
     assert state["frozen_at"] == 3 and state["config"]["backbone"] == "wan"
-    assert state["config"]["vae"] == common.TINY_VAE
+    assert state["config"]["vae"] == models.TINY_VAE
     assert not torch.equal(state["fusion"]["logits"], torch.zeros_like(state["fusion"]["logits"]))  # they moved
     t2x.main(["--init-from", str(tmp_path / "lw"), "--out", str(tmp_path / "s2"),
               "--cache-dir", str(tmp_path.parent / "cache")])
     end = ckpt(tmp_path / "s2/checkpoints/step_00000006.pt")
     assert torch.equal(end["fusion"]["logits"], state["fusion"]["logits"])  # frozen where 04 froze them
-    assert isinstance(common.load_dit(tmp_path / "s2")[0], common.DiffusersBackbone)
+    assert isinstance(common.load_dit(tmp_path / "s2")[0], models.DiffusersBackbone)
 
 
 BAD = [(["--backbone", "wan", "--backbone-config", "{oops"], "--backbone-config '{oops': expected tiny, paper"),
@@ -249,7 +250,7 @@ def test_bad_backbone_or_vae_flags_are_one_line(tmp_path, world, extra, message,
 
 
 def test_lumina2_takes_the_default_caption_length_and_refuses_too_long_ones():
-    model = common.DiffusersBackbone("lumina2", common.backbone_config("lumina2", "tiny", 3, 8))
+    model = models.DiffusersBackbone("lumina2", models.backbone_config("lumina2", "tiny", 3, 8))
     x, t = torch.zeros(1, 3, 1, 8, 8), torch.ones(1)
     for L in (160, 299):  # 05's default --max-length, and the longest its rotary table has room for
         assert model(x, t, torch.randn(1, L, 8), torch.ones(1, L, dtype=torch.bool)).shape == x.shape
@@ -265,13 +266,13 @@ def test_an_image_vae_from_a_pipeline_folder_encodes_frame_by_frame(tmp_path, wo
     diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             scaling_factor=0.5, shift_factor=0.1).save_pretrained(tmp_path / "pipe/vae")
-    vae, vid = common.load_vae(str(tmp_path / "pipe"))
+    vae, vid = models.load_vae(str(tmp_path / "pipe"))
     assert isinstance(vae, diffusers.AutoencoderKL) and vid.startswith("AutoencoderKL:")
     x = torch.rand(2, 3, 3, 8, 8) * 2 - 1
-    z = common.vae_encode(vae, x)
+    z = models.vae_encode(vae, x)
     raw = vae.encode(x[:, :, 1]).latent_dist.mean
     torch.testing.assert_close(z[:, :, 1], (raw - 0.1) * 0.5)  # frame 1, as an image
-    assert z.shape == (2, 4, 3, 4, 4) and common.vae_decode(vae, z, 3).shape == x.shape
+    assert z.shape == (2, 4, 3, 4, 4) and models.vae_decode(vae, z, 3).shape == x.shape
     argv = flags(tmp_path, world, "dit", False, "--vae", str(tmp_path / "pipe"), "--patch", "2", "--tpatch", "2",
                  "--steps", "2")
     assert stubs.built(argv).config["latent_shape"] == {"image": [4, 1, 4, 4], "video": [4, 4, 4, 4]}
@@ -285,5 +286,5 @@ def test_paper_configs_are_the_papers_model_sizes(backbone, text_dim, low, high)
     """`--backbone-config paper` with the original text encoders' widths (umT5-XXL 4096, Gemma-2-2B 2304):
     Wan2.1-T2V-1.3B has 1.42B parameters, Lumina-Image-2.0 2.6B. Built on the meta device (no memory)."""
     with torch.device("meta"):
-        net = common.diffusers_class(backbone)(**common.backbone_config(backbone, "paper", 16, text_dim))
+        net = models.diffusers_class(backbone)(**models.backbone_config(backbone, "paper", 16, text_dim))
     assert low < sum(p.numel() for p in net.parameters()) < high

@@ -1,4 +1,4 @@
-"""One validation of a model configuration (common.check_model_config), from 05's flags and from a
+"""One validation of a model configuration (models.check_model_config), from 05's flags and from a
 model file handed to 06, one guarded load of an encoder folder (encoders._load_dir), and 06's prompts
 checked before any model loads: each bad case is one stderr line naming the flag or file, exit 2, no traceback,
 and nothing written."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-import common
+import models
 from tests.cli import assert_one_line, cli_error
 from tests.diffusion_stubs import TINY, make_world
 
@@ -43,7 +43,7 @@ def test_a_bad_model_file_is_one_line(tmp_path, capsys, case):
                                             "config": json.dumps({k: v for k, v in {**GOOD, **change}.items()
                                                                   if v is not None or k in GOOD and GOOD[k] is None})}
     path = tmp_path / "model.safetensors"
-    weights = {f"dit.{k}": v for k, v in common.make_model(GOOD).state_dict().items()} if case == "no fusion" else {}
+    weights = {f"dit.{k}": v for k, v in models.make_model(GOOD).state_dict().items()} if case == "no fusion" else {}
     save_file(weights, str(path), metadata=meta)
     code, err = cli_error(sample.main, ["--ckpt", str(path), "--out", str(tmp_path / "s")], capsys)
     assert_one_line(code, err, message)

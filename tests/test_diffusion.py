@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import models
 import plumbing
 from plumbing import DataError
 from tests.cli import assert_one_line, cli_error, script_error
@@ -136,7 +137,7 @@ def test_two_processes_match_one(tmp_path, world):
     for k, v in one["model"].items():
         torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=2e-5, msg=k)
     torch.manual_seed(0)
-    init = common.DiT(**common.dit_shape(one["config"])).state_dict()
+    init = models.DiT(**models.dit_shape(one["config"])).state_dict()
     assert sum(float((one["model"][k] - v).abs().sum()) for k, v in init.items()) > 0, "it trained"
 
 
@@ -178,7 +179,7 @@ def test_a_pickle_payload_as_checkpoint_never_runs(tmp_path, world, capsys):
             return (os.system, (f"touch {tmp_path / 'PWNED'}",))
     path = tmp_path / "out/checkpoints/step_00000001.pt"
     path.parent.mkdir(parents=True)
-    path.write_bytes(pickle.dumps({"kind": common.CKPT_KIND, "x": Payload()}))
+    path.write_bytes(pickle.dumps({"kind": models.CKPT_KIND, "x": Payload()}))
     with pytest.raises(DataError, match="not a readable checkpoint"):
         t2x.main(flags(tmp_path, world, "--steps", "2", "--resume"))
     with pytest.raises(DataError, match="not a readable checkpoint"):

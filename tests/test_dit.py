@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common import DiT, EMA, RectifiedFlow
+from models import DiT, EMA, RectifiedFlow
 
 
 def tiny(text_dim=16, **kw):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import common
+import models
 from tests import diffusion_stubs as stubs
 from tests.diffusion_stubs import TINY, make_world
 from world import checker, scenes
@@ -38,8 +39,8 @@ def test_standardisation_is_fitted_on_the_training_captions_and_travels_with_the
     plain, config, _, _ = common.load_dit(tmp_path / "b")
     assert config["text_norm"] == "none" and not any("standardiser" in k for k in plain.state_dict())
     # every backbone carries it
-    wan = common.make_model({"backbone": "wan", "text_norm": "standardise", "text_dim": 8, "channels": 3,
-                             "backbone_kwargs": common.backbone_config("wan", "tiny", 3, 8)})
+    wan = models.make_model({"backbone": "wan", "text_norm": "standardise", "text_dim": 8, "channels": 3,
+                             "backbone_kwargs": models.backbone_config("wan", "tiny", 3, 8)})
     assert {"text_standardiser.mean", "text_standardiser.std"} <= set(wan.state_dict())
 
 

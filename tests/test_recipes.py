@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import models
 from tests import diffusion_stubs as stubs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,8 @@ def stand_ins(tmp):
     diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             scaling_factor=0.5, shift_factor=0.1).save_pretrained(tmp / "lumina/vae")
-    common.load_vae(common.TINY_VAE)[0].save_pretrained(tmp / "wan/vae")
-    net = common.diffusers_class("wan")(**common.backbone_config("wan", "tiny", 4, 24))  # 4 latent channels
+    models.load_vae(models.TINY_VAE)[0].save_pretrained(tmp / "wan/vae")
+    net = models.diffusers_class("wan")(**models.backbone_config("wan", "tiny", 4, 24))  # 4 latent channels
     net.save_pretrained(tmp / "wan/transformer")
     return {"lumina2": tmp / "lumina", "wan": tmp / "wan"}
 
