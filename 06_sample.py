@@ -37,36 +37,22 @@ OUTPUTS = ("images.png", "videos.gif", "*_prompts.txt", "eval.json", "eval.md", 
 #                           Model and text conditions                           #
 #################################################################################
 
-class Conditioner:
+def conditioner(config, fusion, device):
     """Text -> (feats, mask) exactly as in training: same encoder weights, max length, fusion, dtype round trip."""
-
-    def __init__(self, config, fusion, device):
-        import encoders
-        self.encoder = encoders.load_encoder(config["encoder"], device=device, cache_dir=config["encoder_cache"],
-                                             dtype=plumbing.pick_dtype(device, config["encoder_dtype"]))
-        if config.get("encoder_id") != getattr(self.encoder, "fingerprint", None):
-            raise DataError(f"encoder {config['encoder']!r} has changed since this DiT was trained on it "
-                            f"(weights fingerprint {config.get('encoder_id')} then, {self.encoder.fingerprint} now)")
-        self.fusion, self.config, self.device = fusion, config, device
+    import encoders
+    encoder = encoders.load_encoder(config["encoder"], device=device, cache_dir=config["encoder_cache"],
+                                    dtype=plumbing.pick_dtype(device, config["encoder_dtype"]))
+    if config.get("encoder_id") != getattr(encoder, "fingerprint", None):
+        raise DataError(f"encoder {config['encoder']!r} has changed since this DiT was trained on it "
+                        f"(weights fingerprint {config.get('encoder_id')} then, {encoder.fingerprint} now)")
 
     @torch.no_grad()
-    def __call__(self, texts):
-        store = plumbing.DTYPES[self.config["cache_dtype"]]
-        feats, offsets = common.encode_texts(self.encoder, self.fusion, list(texts), self.config["max_length"], store)
-        f, m = common.FeatureBank(feats, offsets).batch(list(range(len(texts))), self.device)
-        return (self.fusion(f) if self.fusion.mode == "learned" else f), m
-
-
-def latent_shape(config, kind):
-    """A latent sample's [C, T, h, w] for `kind`, from the training data's latents (or, for a kind the
-    run never saw, the other kind's channels and size with the VAE's frame count worked out)."""
-    shapes = config["latent_shape"]
-    if kind in shapes:
-        return shapes[kind]
-    C, _, h, w = next(iter(shapes.values()))
-    f = models.vae_temporal_factor(config["_vae"])
-    T = 1 if kind == "image" else 1 + -(-(config["frames"] - 1) // f)
-    return [C, T, h, w]
+    def condition(texts):
+        store = plumbing.DTYPES[config["cache_dtype"]]
+        feats, offsets = common.encode_texts(encoder, fusion, list(texts), config["max_length"], store)
+        f, m = common.FeatureBank(feats, offsets).batch(list(range(len(texts))), device)
+        return (fusion(f) if fusion.mode == "learned" else f), m
+    return condition
 
 
 def load_model(ckpt, device):
@@ -83,20 +69,17 @@ def load_model(ckpt, device):
     return model, config, fusion, step
 
 
-def to_uint8(x):
-    """[B, C, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, C]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
 @torch.no_grad()
-def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc="sample", renorm=0.0, trunc=1.0):
+def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc="sample"):
     """uint8 [len(texts), n_seeds, T, H, W, 3]: sample (text i, seed s) starts from the noise of
     seed s alone, so a seed means the same noise for every prompt. `seeds` is one list for all
     texts, or one list per text (the eval gives every prompt its own seeds, shared with its floor).
     `cfg=None` samples the condition alone (no guidance pass)."""
     T, size = (1 if kind == "image" else config["frames"]), config["size"]
     vae = config.get("_vae")  # set by load_model for a latent-space run: noise and samples are latents
-    shape = tuple(latent_shape(config, kind)) if vae is not None else (3, T, size, size)
+    if vae is not None and kind not in config["latent_shape"]:
+        raise DataError(f"this latent-space run was trained on {' and '.join(config['latent_shape'])} only, not {kind}s")
+    shape = tuple(config["latent_shape"][kind]) if vae is not None else (3, T, size, size)
     per_text = [list(s) for s in seeds] if seeds and isinstance(seeds[0], (list, tuple)) else [list(seeds)] * len(texts)
     noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for ss in per_text for s in ss}
     jobs = [(i, j, s) for i in range(len(texts)) for j, s in enumerate(per_text[i])]
@@ -110,11 +93,11 @@ def generate(model, cond_fn, texts, seeds, kind, config, steps, cfg, batch, desc
         ti = torch.tensor([i for i, _, _ in chunk], device=feats.device)
         z = torch.stack([noise[sd] for _, _, sd in chunk]).to(device)
         with plumbing.autocast(device, dtype):
-            x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0,
-                          renorm=renorm, trunc=trunc)
+            x = rf.sample(model, z, (feats[ti], mask[ti]), null_cond, steps=steps, cfg=cfg or 1.0)
         if vae is not None:
             x = models.vae_decode(vae, x.float(), T)
-        for (i, j, _), px in zip(chunk, to_uint8(x)):
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+        for (i, j, _), px in zip(chunk, x):
             out[i, j] = px
     return out
 
@@ -152,9 +135,8 @@ def score(pixels, wanted):
 
 
 def summary(scores):
-    """Mean and count per aspect."""
-    vals = {a: [s[a] for s in scores if s[a] is not None] for a in ASPECTS}
-    return {a: {"mean": float(np.mean(v)) if v else None, "n": len(v)} for a, v in vals.items()}
+    """Mean, s.e. and count per aspect."""
+    return {a: mean_se([s[a] for s in scores if s[a] is not None]) for a in ASPECTS}
 
 
 def mean_se(values):
@@ -177,7 +159,7 @@ def paired_gain(model, base):
 def evaluate(args, model, config, cond_fn, out, source):
     """Held-out world prompts: the checker's scores of the renders, the DiT's samples and the
     empty-caption floor, per kind and aspect, with the paired gain over the floor."""
-    recs = plumbing.read_jsonl(args.eval_data, required=(args.eval_text, "scene", "kind"))
+    recs = plumbing.read_jsonl(args.eval_data, required=("caption", "scene", "kind"))
     n = args.eval_seeds
     size = scenes.IMAGE_SIZE
     results = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {},
@@ -192,7 +174,7 @@ def evaluate(args, model, config, cond_fn, out, source):
             continue
         if kind == "video" and config["frames"] != scenes.FRAMES:
             raise DataError(f"the checker needs {scenes.FRAMES} frames, the model makes {config['frames']}")
-        wanted, texts = [r["scene"] for r in rs], [r[args.eval_text] for r in rs]
+        wanted, texts = [r["scene"] for r in rs], [r["caption"] for r in rs]
         render = scenes.render_image if kind == "image" else scenes.render_video
         ceiling = np.stack([np.asarray(render(s)).reshape(-1, size, size, 3) for s in wanted])[:, None]
         cfg = args.cfg_image if kind == "image" else args.cfg_video
@@ -201,7 +183,7 @@ def evaluate(args, model, config, cond_fn, out, source):
         # and the floor is as many distinct samples as the model's (4 shared seeds made it 4 images).
         seeds = [[i * n + s for s in range(n)] for i in range(len(rs))]
         gen = generate(model, cond_fn, texts, seeds, kind, config, args.sample_steps, cfg, args.batch_size,
-                       desc=f"eval {kind}", renorm=args.cfg_renorm, trunc=args.cfg_trunc)
+                       desc=f"eval {kind}")
         t_gen = time.time() - t0
         floor = generate(model, cond_fn, [""] * len(rs), seeds, kind, config, args.sample_steps, None, args.batch_size,
                          desc=f"floor {kind}")
@@ -220,12 +202,13 @@ def evaluate(args, model, config, cond_fn, out, source):
         samples[kind] = [{"prompt": i, "seed": sd, "matched": m, "floor": f, "mismatched": w}
                          for (i, sd), m, f, w in zip([(i, sd) for i in range(len(rs)) for sd in seeds[i]],
                                                      got, base, wrong)]
-        settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "cfg_renorm": args.cfg_renorm,
-                          "cfg_trunc": args.cfg_trunc, "steps": args.sample_steps,
+        settings[kind] = {"prompts": len(rs), "seeds": n, "cfg": cfg, "steps": args.sample_steps,
                           "seconds_per_sample": t_gen / (len(rs) * n)}
-        write_eval_grid(out, kind, ceiling, gen, texts)
+        write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}",  # first prompts: render, samples
+                   grid(np.concatenate([ceiling[:8], gen[:8]], axis=1), scenes.VIEW_SCALE))
+        plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:8]))
     report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"],
-              "fusion": config["fusion"], "ema": True, "text": args.eval_text,
+              "fusion": config["fusion"], "ema": True,
               "settings": settings, "results": results, "gain over floor": gain,
               "gain over mismatched": gain_mismatched, "samples": samples}
     if args.classify_times:
@@ -243,13 +226,6 @@ def checker_size(samples, size):
     x = torch.from_numpy(samples).flatten(0, 2).permute(0, 3, 1, 2).float()
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest").round().byte()
     return np.asarray(x.permute(0, 2, 3, 1).reshape(*samples.shape[:3], size, size, 3))
-
-
-def write_eval_grid(out, kind, ceiling, gen, texts, shown=8):
-    """The first prompts' render beside their samples, and the prompts."""
-    frames = grid(np.concatenate([ceiling[:shown], gen[:shown]], axis=1), scenes.VIEW_SCALE)
-    write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}", frames)
-    plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:shown]))
 
 
 @torch.no_grad()
@@ -304,26 +280,19 @@ def classify(model, cond_fn, config, records, n_times, batch, n_noises=2, negati
 
 def markdown(report):
     cols = list(report["results"])
+    fmt = lambda g: f"{g['mean']:+.3f} ± {g['se']:.3f}" if g.get("se") is not None else "-"  # noqa: E731
     lines = [f"Prompt fidelity (world checker, mean in [0,1]); {report['checkpoint']} (step {report['step']}), "
-             f"encoder {report['encoder']}, fusion {report['fusion']}.", "",
-             "| kind | aspect | " + " | ".join(cols) + " | prompt - floor (± s.e., paired) |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
-    for kind in ("image", "video"):
-        for a in ASPECTS:
-            cells = [report["results"][c].get(kind, {}).get(a, {}) for c in cols]
-            if not any(c.get("mean") is not None for c in cells):
-                continue
-            g = report.get("gain over floor", {}).get(kind, {}).get(a, {})
-            gain = (f"{g['mean']:+.3f} ± {g['se']:.3f}" if g.get("se") is not None
-                    else f"{g['mean']:+.3f}" if g.get("mean") is not None else "-")
-            lines.append(f"| {kind} | {a} | " + " | ".join(
-                f"{c['mean']:.3f}" if c.get("mean") is not None else "-" for c in cells) + f" | {gain} |")
-    fmt = lambda g: f"{g['mean']:+.3f} ± {g['se']:.3f}" if g.get("se") is not None else "-"
-    lines += ["", "Paired gains (± s.e.); all: each sample's mean over its aspects.", "",
-              "| kind | aspect | prompt - floor | prompt - mismatched prompt |", "|---|---|---|---|"]
+             f"encoder {report['encoder']}, fusion {report['fusion']}. Gains paired by prompt and seed (± s.e.); "
+             "all: each sample's mean over its aspects.", "",
+             "| kind | aspect | " + " | ".join(cols) + " | prompt - floor | prompt - mismatched prompt |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
     for kind, gains in report["gain over mismatched"].items():
-        lines += [f"| {kind} | {a} | {fmt(report['gain over floor'][kind][a])} | {fmt(g)} |"
-                  for a, g in gains.items() if g.get("mean") is not None]
+        for a, g in gains.items():
+            cells = [report["results"][c].get(kind, {}).get(a, {}) for c in cols]
+            if g.get("mean") is not None:
+                lines.append(f"| {kind} | {a} | " + " | ".join(f"{c['mean']:.3f}" if c.get("mean") is not None else "-"
+                                                                for c in cells)
+                             + f" | {fmt(report['gain over floor'][kind][a])} | {fmt(g)} |")
     if report.get("classifier"):
         c = report["classifier"]
         lines += ["", f"Diffusion classifier: the caption against {c['negatives']} one-aspect edits, lowest denoising "
@@ -334,9 +303,7 @@ def markdown(report):
                       for a, r in res.items() if a != "questions" and r.get("se") is not None]
     for kind, s in report["settings"].items():
         lines.append(f"\n{kind}: {s['prompts']} held-out prompts x {s['seeds']} seeds, {s['steps']} Euler steps, "
-                     f"CFG {s['cfg']}" + (f" (renorm {s['cfg_renorm']})" if s.get("cfg_renorm") else "")
-                     + (f" (guided over the first {s['cfg_trunc']:.0%} of the path)" if s.get("cfg_trunc", 1) < 1 else "")
-                     + f", {s['seconds_per_sample']:.2f} s/sample; the floor: the same seeds, empty caption")
+                     f"CFG {s['cfg']}, {s['seconds_per_sample']:.2f} s/sample; the floor: the same seeds, empty caption")
     return "\n".join(lines) + "\n"
 
 
@@ -384,14 +351,9 @@ def get_parser():
     p.add_argument("--sample-steps", type=pos, default=50, help="Euler steps")
     p.add_argument("--cfg-image", type=plumbing.nonneg_float, default=4.0)
     p.add_argument("--cfg-video", type=plumbing.nonneg_float, default=5.0)
-    p.add_argument("--cfg-renorm", type=plumbing.nonneg_float, default=0.0,
-                   help="Lumina-Image-2.0's CFG-Renorm: cap |v| at this times |v_cond| (0: off, plain CFG)")
-    p.add_argument("--cfg-trunc", type=plumbing.fraction, default=1.0,
-                   help="Lumina-Image-2.0's CFG-Trunc: guide only this fraction of the path from noise (1: all)")
     p.add_argument("--batch-size", type=pos, default=16, help="samples per forward pass")
     p.add_argument("--eval", action="store_true", help="score held-out world prompts with the checker")
     p.add_argument("--eval-data", default="runs/world/eval.jsonl")
-    p.add_argument("--eval-text", default="caption", choices=["prompt", "caption"], help="field of eval.jsonl to condition on")
     p.add_argument("--eval-images", type=plumbing.nonneg_int, default=48, help="held-out image prompts scored")
     p.add_argument("--eval-videos", type=plumbing.nonneg_int, default=24, help="held-out video prompts scored")
     p.add_argument("--eval-seeds", type=pos, default=4)
@@ -416,7 +378,7 @@ def main(argv=None):
             raise DataError(f"{args.ckpt}: a lumina2 run makes images only; give image prompts (--kind image)")
         prompts = [(t, k) for t, k in prompts if k == "image"]
     plumbing.check_ours(out, "--out", OUTPUTS, "06")  # replace only what 06 wrote, never a run's own files
-    cond_fn = Conditioner(config, fusion, device)
+    cond_fn = conditioner(config, fusion, device)
     if args.eval:
         evaluate(args, model, config, cond_fn, out, str(args.ckpt))
         return
@@ -425,8 +387,7 @@ def main(argv=None):
         if not texts:
             continue
         cfg = args.cfg_image if kind == "image" else args.cfg_video
-        px = generate(model, cond_fn, texts, args.sample_seeds, kind, config, args.sample_steps, cfg, args.batch_size, desc=kind,
-                      renorm=args.cfg_renorm, trunc=args.cfg_trunc)
+        px = generate(model, cond_fn, texts, args.sample_seeds, kind, config, args.sample_steps, cfg, args.batch_size, desc=kind)
         path = out / ("images.png" if kind == "image" else "videos.gif")
         write_grid(path, grid(px, scenes.VIEW_SCALE))
         plumbing.atomic_write_text(out / f"{kind}_prompts.txt", "".join(f"{t}\n" for t in texts))

@@ -282,14 +282,10 @@ class RectifiedFlow:
         return ((noise - x - vtheta.float()) ** 2).mean(dim=list(range(1, x.dim())))
 
     @torch.no_grad()
-    def sample(self, model, noise, cond, null_cond=None, steps=50, cfg=4.0, renorm=0.0, trunc=1.0):
+    def sample(self, model, noise, cond, null_cond=None, steps=50, cfg=4.0):
         """Euler from t=1 (noise) to t=0. With `null_cond`, classifier-free guidance:
-        v = v_null + cfg * (v_cond - v_null), both halves in one batch. Lumina-Image-2.0's two
-        guidance options: `renorm` > 0 caps each sample's |v| at renorm * |v_cond| (CFG-Renorm),
-        and guidance runs only over the first `trunc` of the path from noise (CFG-Trunc; the
-        conditional alone after that). renorm=0, trunc=1 is plain CFG."""
+        v = v_null + cfg * (v_cond - v_null), both halves in one batch."""
         z, b = noise, noise.size(0)
-        cond_only = cond
         if null_cond is not None:
             nf, nm = null_cond
             null_cond = (nf.expand(b, -1, -1), nm.expand(b, -1))
@@ -297,15 +293,11 @@ class RectifiedFlow:
         dt = 1.0 / steps
         for i in range(steps, 0, -1):
             t = torch.full((b,), i / steps, device=z.device)
-            if null_cond is None or (steps - i) >= trunc * steps:
-                v = model(z, t, *cond_only).float()
+            if null_cond is None:
+                v = model(z, t, *cond).float()
             else:
                 vc, vu = model(torch.cat([z, z]), torch.cat([t, t]), *cond).float().chunk(2)
                 v = vu + cfg * (vc - vu)
-                if renorm > 0:
-                    dims = tuple(range(1, v.dim()))
-                    cap = renorm * torch.linalg.vector_norm(vc, dim=dims, keepdim=True)
-                    v = v * (cap / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
             z = z - dt * v
         return z
 

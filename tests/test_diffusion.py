@@ -273,7 +273,7 @@ def test_sample_grids_are_seeded_and_written(tmp_path, trained):
     from PIL import Image
     model, config, fusion, step = common.load_dit(trained)
     config["step"] = step
-    cond = sample.Conditioner(config, fusion, "cpu")
+    cond = sample.conditioner(config, fusion, "cpu")
     texts = ["a red square", "a blue square moving left"]
     px = sample.generate(model, cond, texts, [0, 1], "image", config, steps=3, cfg=4.0, batch=3)
     assert px.shape == (2, 2, 1, 8, 8, 3) and px.dtype.name == "uint8"
@@ -287,7 +287,7 @@ def test_sample_grids_are_seeded_and_written(tmp_path, trained):
         assert im.n_frames == config["frames"]
     config["encoder_id"] = "trained on other weights"
     with pytest.raises(DataError, match="has changed since this DiT was trained"):
-        sample.Conditioner(config, fusion, "cpu")
+        sample.conditioner(config, fusion, "cpu")
 
 
 def test_06_reads_the_shape_from_the_file_and_refuses_other_files(tmp_path, trained):
@@ -315,7 +315,7 @@ def test_eval_scores_renders_model_and_floor(tmp_path, trained):
                  "--eval-seeds", "2", "--out", str(tmp_path / "samples")])
     report = json.loads((tmp_path / "samples/eval.json").read_text())
     res = report["results"]
-    assert res["renders (ceiling)"]["image"]["colour"] == {"mean": 1.0, "n": 2}  # one render per prompt
+    assert res["renders (ceiling)"]["image"]["colour"] == {"mean": 1.0, "se": 0.0, "n": 2}  # one render per prompt
     assert res["DiT + prompt"]["image"]["colour"]["n"] == 4  # 2 prompts x 2 seeds
     assert res["renders (ceiling)"]["video"]["motion"]["mean"] == 1.0
     assert set(res["DiT + empty caption (floor)"]) == {"image", "video"}
@@ -339,7 +339,7 @@ def test_eval_scores_renders_model_and_floor(tmp_path, trained):
 
 
 BAD_06 = [(["--sample-steps", "0"], "--sample-steps"), (["--batch-size", "0"], "--batch-size"),
-          (["--cfg-trunc", "2"], "--cfg-trunc"), (["--ckpt", "nowhere"], "nowhere: no such file")]
+          (["--ckpt", "nowhere"], "nowhere: no such file")]
 
 
 @pytest.mark.parametrize("extra,message", BAD_06, ids=[m for _, m in BAD_06])
