@@ -152,22 +152,14 @@ def main(argv=None):
     # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
     rf = models.RectifiedFlow()
+    parts = {"model": model, "ema": ema, "opt": opt, "sched": sched, "fusion": fusion}
     step, frozen_at = 0, None
     watch = WeightWatch(args, state.get("extra") if state else None)
     if state is not None:  # everything a resume needs, so the curve continues exactly
         common.check_same_run(state["config"], config, str(path))
-        plumbing.load_state_dict(model, state["model"], f"{path} (DiT)")
-        ema.load_state_dict(state["ema"])
-        fusion.load_state_dict(state["fusion"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        for k, s in state["streams"].items():
-            batches[k].load_state_dict(s)
-        step, frozen_at = state["step"], state["frozen_at"]
+        step, frozen_at = common.restore(state, str(path), parts, batches)
         if frozen_at is not None:
             fusion.logits.requires_grad_(False)
-        plumbing.set_rng_state(state["rng"])
-        log(f"continuing {path} at step {step}")
     if frozen_at is not None and not args.run_to_end or step >= args.steps:
         log(f"{path}: this stage is done (step {step}, weights frozen at {frozen_at})")
 
@@ -201,22 +193,11 @@ def main(argv=None):
                 f"{[round(v, 4) for v in fusion.layer_weights().tolist()]}")
         done = step == stop or (freeze and not args.run_to_end)
         if step % args.log_every == 0 or done:
-            mean, n = {k: sum(v) / len(v) for k, v in losses.items()}, sum(map(len, losses.values()))
-            log(f"step {step}/{args.steps}: loss " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items())
-                + f", grad norm {grad_norm:.3f}, {n / (time.time() - t0):.2f} steps/s")
-            if writer is not None:
-                for k, v in mean.items():
-                    writer.add_scalar(f"loss/{k}", v, step)
-                writer.add_scalar("lr", opt.param_groups[0]["lr"], step)
-                writer.add_scalar("grad_norm", grad_norm, step)
+            common.log_losses(writer, step, args.steps, losses, grad_norm, opt.param_groups[0]["lr"], time.time() - t0)
             losses, t0 = {}, time.time()
         if d.is_main and (step % args.ckpt_every == 0 or done or freeze):
-            plumbing.save_checkpoint(out, step, {
-                "kind": models.CKPT_KIND, "stage": "04", "config": config, "step": step, "frozen_at": frozen_at,
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "fusion_mode": fusion.mode, "fusion": fusion.state_dict(),
-                "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(),
-                "extra": watch.state_dict()}, replaces=replaces)
+            state = common.run_state("04", config, step, frozen_at, parts, batches, extra=watch.state_dict())
+            plumbing.save_checkpoint(out, step, state, replaces=replaces)
             models.save_model(out, ema, fusion, config, step)
             plumbing.atomic_write_json(out / "args.json", vars(args))
             write_results(config, fusion, frozen_at, step, watch, out)

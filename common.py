@@ -924,6 +924,38 @@ def t2x_batch(data, bank, streams, step, args, d, rf):
     return kind, x, bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
 
 
+def run_state(stage, config, step, frozen_at, parts, batches, **extra):
+    """A checkpoint: everything a resume needs to continue the same curve (`parts`: model, ema, opt, sched,
+    fusion), tagged with the stage that wrote it."""
+    return {"kind": models.CKPT_KIND, "stage": stage, "config": config, "step": step, "frozen_at": frozen_at,
+            **{k: p.state_dict() for k, p in parts.items()}, "fusion_mode": parts["fusion"].mode,
+            "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(), **extra}
+
+
+def restore(state, source, parts, batches):
+    """Load a checkpoint back into a run's parts and streams; (step, frozen_at)."""
+    plumbing.load_state_dict(parts["model"], state["model"], f"{source} (DiT)")
+    for k in ("ema", "fusion", "opt", "sched"):
+        parts[k].load_state_dict(state[k])
+    for k, s in state["streams"].items():
+        batches[k].load_state_dict(s)
+    plumbing.set_rng_state(state["rng"])
+    log(f"continuing {source} at step {state['step']}")
+    return state["step"], state["frozen_at"]
+
+
+def log_losses(writer, step, steps, losses, grad_norm, lr, seconds):
+    """A log line and tensorboard scalars: the mean loss per kind over the steps since the last line."""
+    mean = {k: sum(v) / len(v) for k, v in losses.items()}
+    log(f"step {step}/{steps}: loss " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items())
+        + f", grad norm {grad_norm:.3f}, {sum(map(len, losses.values())) / seconds:.2f} steps/s")
+    if writer is not None:
+        for k, v in mean.items():
+            writer.add_scalar(f"loss/{k}", v, step)
+        writer.add_scalar("lr", lr, step)
+        writer.add_scalar("grad_norm", grad_norm, step)
+
+
 def own_checkpoint(out, stage):
     """(path, state) of the newest checkpoint under `out`, or (None, None); one that another stage wrote
     (04 and 05 write the same kind) is refused before anything is touched."""

@@ -5,12 +5,15 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import common
@@ -19,7 +22,7 @@ import plumbing
 from plumbing import DataError
 from tests.cli import assert_one_line, cli_error, script_error
 from tests import diffusion_stubs as stubs
-from tests.diffusion_stubs import TINY, StubEncoder, make_world
+from tests.diffusion_stubs import COLOURS, TINY, StubEncoder, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 t2x = importlib.import_module("05_train_diffusion")
@@ -350,3 +353,23 @@ def test_06_bad_input_is_one_line(tmp_path, extra, message, capsys):
 def test_06_bad_input_from_the_real_command_line(tmp_path):
     assert_one_line(*script_error("06_sample.py", ["--out", str(tmp_path / "s"), "--ckpt", "nowhere"]),
                     "nowhere: no such file")
+
+
+def test_05_copied_out_with_its_shared_modules_trains_on_a_users_jsonl(tmp_path):
+    """05 and the modules it imports, alone in an empty folder (no world/, no tests/), train a DiT on a jsonl
+    of the user's own images with MiniLM."""
+    for name in ("05_train_diffusion.py", "common.py", "models.py", "plumbing.py", "encoders.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "media").mkdir()
+    recs = []
+    for i, (colour, rgb) in enumerate(list(COLOURS.items()) * 2):
+        px = np.zeros((16, 16, 3), np.uint8)
+        px[4:12, 4:12] = rgb
+        Image.fromarray(px).save(tmp_path / "media" / f"{i}.png")
+        recs.append({"media": f"media/{i}.png", "caption": f"a {colour} square", "kind": "image"})
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "05_train_diffusion.py", "--data", "mine.jsonl", "--encoder", "minilm", "--size", "16",
+                    "--steps", "2", "--image-batch", "4", "--hidden", "32", "--depth", "1", "--heads", "2"],
+                   check=True, cwd=tmp_path, env=env, timeout=300)
+    assert ckpt(tmp_path / "runs/diffusion/checkpoints/step_00000002.pt")["config"]["encoder"] == "minilm"
