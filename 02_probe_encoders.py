@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import plumbing
-from common import (ContextAggregator, LayerFusion, caption_text, info_nce, length_batches, load_layer_weights,
-                    load_pairs, read_ted)
+from common import caption_text, length_batches, load_pairs, read_ted
+from models import ContextAggregator, LayerFusion, info_nce, load_layer_weights
 from encoders import BUILTIN, load_encoder
 from plumbing import DataError, log
 from world import claims

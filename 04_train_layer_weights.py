@@ -54,7 +54,7 @@ class WeightWatch:
     """The freeze decision (criterion or planned step), snapshots for the plot, tensorboard scalars."""
 
     def __init__(self, args, extra=None):
-        self.criterion = common.FreezeCriterion(args.freeze_window, args.freeze_tol)
+        self.criterion = models.FreezeCriterion(args.freeze_window, args.freeze_tol)
         self.freeze_step = None if args.continuous else max(1, math.ceil(args.freeze_fraction * args.steps))
         self.plot_every = max(1, args.steps // 8)
         self.snapshots, self.reason = {}, None
@@ -110,7 +110,7 @@ def plot_weights(snapshots, path, title):
 def write_results(config, fusion, frozen_at, step, watch, out):
     """The layer weights, their plot and a summary, written after the checkpoint they belong to."""
     name = config["encoder"]
-    common.save_layer_weights(out / "layer_weights.pt", fusion, name, config["num_layers"])
+    models.save_layer_weights(out / "layer_weights.pt", fusion, name, config["num_layers"])
     arm = f"frozen at step {frozen_at} ({watch.reason})" if frozen_at else f"continuous, step {step}"
     plot_weights(watch.snapshots, out / "weights.png", f"{name}: softmax layer weights, {arm}")
     plumbing.atomic_write_json(out / "summary.json", {
@@ -137,7 +137,7 @@ def main(argv=None):
 
     # Data: media in memory (or their VAE latents); every layer of each caption, normalised, cached once.
     data, encoder, fusion, bank, vae_id = common.t2x_data(
-        args, d, lambda enc: common.LayerFusion("learned", enc.num_layers))
+        args, d, lambda enc: models.LayerFusion("learned", enc.num_layers))
     config = common.run_config(args, encoder, data, vae_id, state and state["config"])
 
     # Model, EMA, optimiser: the DiT, and the layer-weight logits (w = 0: Norm-Avg) in a group of their own.

@@ -64,7 +64,7 @@ def make_fusion(args, state):
     """The text condition: a fixed fusion, 04's frozen weights, or (continuing 04) its learned fusion."""
     def build(encoder):
         if state is not None:
-            return common.LayerFusion(state["fusion_mode"], encoder.num_layers,
+            return models.LayerFusion(state["fusion_mode"], encoder.num_layers,
                                       weights=state["fusion"].get("weights"))
         if args.fusion == "learned":
             raise DataError("--fusion learned: the layer weights are learned with the DiT by 04_train_layer_weights.py")
@@ -72,8 +72,8 @@ def make_fusion(args, state):
         if args.fusion == "frozen":
             if not args.layer_weights:
                 raise DataError("--fusion frozen needs --layer-weights FILE (written by 04_train_layer_weights.py)")
-            weights = common.load_layer_weights(args.layer_weights, encoder.name, encoder.num_layers)
-        return common.LayerFusion(args.fusion, encoder.num_layers, weights=weights)
+            weights = models.load_layer_weights(args.layer_weights, encoder.name, encoder.num_layers)
+        return models.LayerFusion(args.fusion, encoder.num_layers, weights=weights)
     return build
 
 

@@ -58,7 +58,7 @@ def conditioner(config, fusion, device):
 def load_model(ckpt, device):
     """(denoiser, config, fusion, step) of a 04/05 run; a latent-space run's config carries its VAE
     under '_vae' (checked against the weights it was trained with)."""
-    model, config, fusion, step = common.load_dit(ckpt, device)
+    model, config, fusion, step = models.load_dit(ckpt, device)
     config["step"] = step
     if config.get("vae"):
         vae, vae_id = models.load_vae(config["vae"], device)

@@ -3,7 +3,7 @@ LLMs incl. GGUF files, Qwen3-VL), the tiny offline models (world tokenizer, tiny
 every stage run on a CPU with no downloads, and the Qwen3-VL helpers that stage 1 fine-tunes with.
 
     from encoders import load_encoder
-    from common import LayerFusion, ContextAggregator
+    from models import LayerFusion, ContextAggregator
     enc = load_encoder("minilm")                       # or smollm2, gemma3, tiny-qwen3vl, a hub id, a dir
     hidden, mask = enc.encode(["a red circle"])        # [n_layers, B, L, D], [B, L]
     feats = LayerFusion("norm-avg", enc.num_layers)(hidden)

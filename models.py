@@ -1,11 +1,14 @@
-"""The denoisers and what they are trained and sampled with: the DiT (after facebookresearch/DiT) with its
-text adapter and feature standardisation, rectified flow (after minRF), EMA, the diffusers backbones of the
-paper (Lumina-Image-2.0, Wan2.1) behind the DiT's call signature, VAE latents, one validation of a model
-config, and the model file 04/05 write and 06 reads.
+"""The networks of GRAN-TED and what trains them: the probe's context aggregator and InfoNCE loss, layer
+fusion (last / penultimate / Norm-Avg / softmax-weighted layers, the freeze rule, layer-weight files), the
+DiT (after facebookresearch/DiT) with its text adapter and feature standardisation, rectified flow (after
+minRF), EMA, the paper's diffusers backbones (Lumina-Image-2.0, Wan2.1) behind the DiT's call signature,
+VAE latents, one validation of a model config, and the model file 04/05 write and 06 reads.
 
-    from models import DiT, RectifiedFlow
+    from models import LayerFusion, ContextAggregator, DiT, RectifiedFlow
+    feats = LayerFusion("norm-avg", enc.num_layers)(hidden)          # [n_layers, B, L, D] -> [B, L, D]
+    z = ContextAggregator(enc.width, 256, 256)(feats, mask)          # [B, 256], L2-normalised
     model = DiT(text_dim=enc.width, hidden=128, depth=6, heads=4)
-    loss = RectifiedFlow().loss(model, x, (feats, mask), t, noise)      # x: [B, 3, T, H, W] in [-1, 1]
+    loss = RectifiedFlow().loss(model, x, (feats, mask), t, noise)   # x: [B, 3, T, H, W] in [-1, 1]
 """
 import copy
 import functools
@@ -17,13 +20,215 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import plumbing
-from plumbing import DataError, first_line
+from plumbing import DataError, atomic_torch_save, first_line
 
 CKPT_KIND = "gran-ted/dit"
+
+
+#################################################################################
+#                              Context aggregator                               #
+#################################################################################
+
+def _rope(x, pos):
+    """Rotary position embedding on the last dim of x [B, H, L, d] at integer positions pos [L]."""
+    d = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
+    ang = pos.float()[:, None] * freqs[None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, bidirectional attention with padded keys masked out."""
+
+    def __init__(self, width, heads, mlp_ratio=4, rope=True):
+        super().__init__()
+        self.heads, self.rope = heads, rope
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def attn(self, x, keep):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rope:  # text tokens at positions 0..L-2; the context token (index 0) is not rotated
+            pos = torch.arange(L - 1, device=x.device)
+            q = torch.cat([q[:, :, :1], _rope(q[:, :, 1:], pos)], 2)
+            k = torch.cat([k[:, :, :1], _rope(k[:, :, 1:], pos)], 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+    def forward(self, x, keep):
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class ContextAggregator(nn.Module):
+    """Learnable context token + pre-LN blocks over the text features -> one L2-normalised vector."""
+
+    def __init__(self, in_width, width=None, out_dim=1024, heads=8, depth=2, mlp_ratio=4, rope=True):
+        super().__init__()
+        width = width or in_width
+        if width % heads or (width // heads) % 2:
+            raise DataError(f"aggregator width {width} must split into {heads} heads of even size")
+        # The paper runs the blocks at the encoder's width; a projection lets CPU runs use a narrower one.
+        self.inp = nn.Identity() if width == in_width else nn.Linear(in_width, width)
+        self.context = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rope) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, out_dim)
+
+    def forward(self, feats, mask):
+        B = feats.shape[0]
+        x = torch.cat([self.context.expand(B, -1, -1).to(feats.dtype), self.inp(feats)], 1)
+        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], 1)
+        for block in self.blocks:
+            x = block(x, keep)
+        return F.normalize(self.out(self.norm(x[:, 0])).float(), dim=-1)
+
+
+#################################################################################
+#                                   InfoNCE                                     #
+#################################################################################
+
+def gather_with_grad(z):
+    """All ranks' rows in rank order; gradients flow only into this rank's own rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    parts[dist.get_rank()] = z
+    return torch.cat(parts)
+
+
+def info_nce(za, zb, temperature=0.07):
+    """Symmetric InfoNCE over the global batch: row i of za matches row i of zb, all others are negatives.
+
+    Under DDP each rank computes the same global loss but its gradient reaches only its own rows, and
+    DDP averages over ranks: multiply the loss by the world size before backward to get the exact
+    single-process gradient (02 does).
+    """
+    za, zb = gather_with_grad(za.float()), gather_with_grad(zb.float())
+    logits = za @ zb.T / temperature
+    labels = torch.arange(len(za), device=za.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+#################################################################################
+#                                 Layer fusion                                  #
+#################################################################################
+
+def norm_layers(hidden):
+    """Parameter-free LayerNorm of every layer, in fp32."""
+    h = hidden.float()
+    return F.layer_norm(h, h.shape[-1:])
+
+
+class LayerFusion(nn.Module):
+    """Turn [n_layers, B, L, D] hidden states into one [B, L, D] feature sequence."""
+
+    MODES = ("last", "penultimate", "avg", "norm-avg", "learned", "frozen")
+
+    def __init__(self, mode, num_layers, weights=None):
+        super().__init__()
+        self.mode, self.num_layers, self.index = mode, num_layers, None
+        if mode.startswith("layer:"):
+            try:
+                k = int(mode.split(":", 1)[1])
+            except ValueError:
+                raise DataError(f"fusion {mode!r}: layer:K needs an integer K") from None
+            if not -num_layers <= k < num_layers:
+                raise DataError(f"fusion {mode!r}: K must be in [{-num_layers}, {num_layers - 1}]")
+            self.index = k
+        elif mode == "last":
+            self.index = -1
+        elif mode == "penultimate":
+            if num_layers < 2:
+                raise DataError("fusion penultimate needs at least 2 layers")
+            self.index = -2
+        elif mode not in self.MODES:
+            raise DataError(f"unknown fusion {mode!r}: one of {', '.join(self.MODES)}, layer:K")
+        if mode == "learned":
+            # zeros -> softmax = 1/N: starts exactly at norm-avg
+            self.logits = nn.Parameter(torch.zeros(num_layers))
+        if mode == "frozen":
+            if weights is None:
+                raise DataError("fusion frozen needs layer weights (load_layer_weights)")
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.shape != (num_layers,):
+                raise DataError(f"fusion frozen: {tuple(weights.shape)} weights for {num_layers} layers")
+            self.register_buffer("weights", weights)
+
+    def layer_weights(self):
+        """Softmax layer weights (learned / frozen), else None."""
+        if self.mode == "learned":
+            return torch.softmax(self.logits, 0)
+        if self.mode == "frozen":
+            return self.weights
+        return None
+
+    def forward(self, hidden):
+        if hidden.shape[0] != self.num_layers:
+            raise DataError(f"fusion {self.mode}: got {hidden.shape[0]} layers, built for {self.num_layers}")
+        if self.index is not None:
+            return hidden[self.index].float()
+        if self.mode == "avg":
+            return hidden.float().mean(0)
+        normed = norm_layers(hidden)
+        if self.mode == "norm-avg":
+            return normed.mean(0)
+        return torch.einsum("n,nbld->bld", self.layer_weights().to(normed.dtype), normed)
+
+
+def save_layer_weights(path, fusion, encoder_name, num_layers):
+    """Write the softmax layer weights with the encoder they belong to (atomic)."""
+    w = fusion.layer_weights()
+    if w is None:
+        raise DataError(f"fusion {fusion.mode} has no layer weights to save")
+    atomic_torch_save({"encoder": encoder_name, "num_layers": int(num_layers), "weights": w.detach().float().cpu(),
+                       "logits": fusion.logits.detach().cpu() if fusion.mode == "learned" else None}, path)
+
+
+def load_layer_weights(path, encoder_name, num_layers):
+    """Softmax layer weights from `save_layer_weights`; refuses another encoder or layer count."""
+    blob = plumbing.load_torch(path, "layer-weights file")
+    if not {"encoder", "num_layers", "weights"} <= set(blob):
+        raise DataError(f"{path}: not a layer-weights file (needs encoder, num_layers, weights)")
+    if blob["encoder"] != encoder_name or blob["num_layers"] != num_layers:
+        raise DataError(f"{path}: layer weights are for encoder {blob['encoder']!r} with {blob['num_layers']} "
+                        f"layers, not {encoder_name!r} with {num_layers}")
+    w = blob["weights"].float()
+    if w.shape != (num_layers,) or not torch.isfinite(w).all():
+        raise DataError(f"{path}: weights of shape {tuple(w.shape)} or not finite")
+    return w
+
+
+class FreezeCriterion:
+    """Converged when no softmax weight moved more than `tol` over the last `window` steps."""
+
+    def __init__(self, window, tol):
+        self.window, self.tol = window, tol
+        self.history = []  # softmax weights, one entry per step, the last window+1 kept
+
+    def update(self, weights):
+        """Record this step's weights; True once the window shows convergence."""
+        self.history = (self.history + [weights.detach().float().cpu()])[-(self.window + 1):]
+        if len(self.history) <= self.window:
+            return False
+        # Every step of the window, not just its two ends: an oscillation can return to where it was.
+        return (torch.stack(self.history) - self.history[-1]).abs().max().item() < self.tol
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, sd):
+        self.history = list(sd["history"])
 
 
 def modulate(x, shift, scale):
@@ -623,4 +828,36 @@ def save_model(out, ema, fusion, config, step):
     plumbing.atomic_save_safetensors(tensors, Path(out) / "model.safetensors", metadata=meta)
 
 
-
+def load_dit(path, device="cpu"):
+    """(DiT with the EMA weights in eval mode, run config, LayerFusion as trained, step) from a
+    model.safetensors written by DiffusionRun.save, or a run folder holding one."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (train with 05_train_diffusion.py first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise DataError(f"{path}: not a safetensors file ({type(e).__name__})") from None
+    if meta.get("kind") != CKPT_KIND:
+        raise DataError(f"{path}: not a DiT written by 04/05 (no {CKPT_KIND!r} tag)")
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: its metadata holds no run config (a JSON object under 'config')")
+    model = make_model(config, str(path))
+    plumbing.load_state_dict(model, {k[4:]: v for k, v in tensors.items() if k.startswith("dit.")}, str(path))
+    fusion_state = {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}
+    try:
+        fusion = LayerFusion(config["fusion"], config["num_layers"], weights=fusion_state.get("weights"))
+        step = int(meta["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: its run config has no usable layer fusion or step ({first_line(e)})") from None
+    plumbing.load_state_dict(fusion, fusion_state, f"{path} (layer fusion)")
+    return model.to(device).eval(), config, fusion.to(device), step

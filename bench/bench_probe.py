@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: s
 import torch  # noqa: E402
 
 import plumbing  # noqa: E402
-from common import LayerFusion, caption_text, length_batches, read_ted  # noqa: E402
+from common import caption_text, length_batches, read_ted  # noqa: E402
+from models import LayerFusion  # noqa: E402
 from encoders import load_encoder  # noqa: E402
 from plumbing import log  # noqa: E402
 

@@ -55,7 +55,7 @@ def main():
         scene = scenes.sample_scene(rng, "image")
         data.append((scenes.write_captions(scene, rng)[0], {o["colour"] for o in scene["objects"]}))
     enc = encoders.load_encoder(args.encoder, cache_dir=args.cache_dir)
-    feats, offsets = common.encode_texts(enc, common.LayerFusion(args.fusion, enc.num_layers), [c for c, _ in data], 160)
+    feats, offsets = common.encode_texts(enc, models.LayerFusion(args.fusion, enc.num_layers), [c for c, _ in data], 160)
     bank = common.FeatureBank(feats, offsets)
     y = torch.tensor([[c in cs for c in scenes.COLOURS] for _, cs in data], dtype=torch.float32)
     standardiser = None

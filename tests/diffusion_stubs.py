@@ -100,7 +100,7 @@ def built(argv, fusion="norm-avg"):
     import plumbing
     args = importlib.import_module("05_train_diffusion").get_parser().parse_args(argv)
     d = plumbing.Dist()
-    data, encoder, fus, bank, vae_id = common.t2x_data(args, d, lambda enc: common.LayerFusion(fusion, enc.num_layers))
+    data, encoder, fus, bank, vae_id = common.t2x_data(args, d, lambda enc: models.LayerFusion(fusion, enc.num_layers))
     config = common.run_config(args, encoder, data, vae_id)
     model = common.new_model(config, bank, fus, args.init_transformer, d.device)
 

@@ -233,7 +233,7 @@ def test_04_learns_layer_weights_with_wan_on_latents_and_05_continues_it(tmp_pat
               "--cache-dir", str(tmp_path.parent / "cache")])
     end = ckpt(tmp_path / "s2/checkpoints/step_00000006.pt")
     assert torch.equal(end["fusion"]["logits"], state["fusion"]["logits"])  # frozen where 04 froze them
-    assert isinstance(common.load_dit(tmp_path / "s2")[0], models.DiffusersBackbone)
+    assert isinstance(models.load_dit(tmp_path / "s2")[0], models.DiffusersBackbone)
 
 
 BAD = [(["--backbone", "wan", "--backbone-config", "{oops"], "--backbone-config '{oops': expected tiny, paper"),

@@ -145,7 +145,7 @@ def test_two_processes_match_one(tmp_path, world):
 
 
 def test_cache_rebuilt_when_encoder_or_layers_change(tmp_path):
-    LayerFusion, d = common.LayerFusion, plumbing.Dist()
+    LayerFusion, d = models.LayerFusion, plumbing.Dist()
     texts = ["", "a red square", "a blue square moving left"]
     enc = StubEncoder("stub-a")
     bank, p1 = common.feature_bank(enc, LayerFusion("norm-avg", 3), texts, 8, tmp_path, d)
@@ -274,7 +274,7 @@ def trained(tmp_path_factory, world):
 
 def test_sample_grids_are_seeded_and_written(tmp_path, trained):
     from PIL import Image
-    model, config, fusion, step = common.load_dit(trained)
+    model, config, fusion, step = models.load_dit(trained)
     config["step"] = step
     cond = sample.conditioner(config, fusion, "cpu")
     texts = ["a red square", "a blue square moving left"]

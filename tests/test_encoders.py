@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import encoders
 from plumbing import DataError, read_json
-import common
-from common import ContextAggregator, LayerFusion, info_nce
+import models
+from models import ContextAggregator, LayerFusion, info_nce
 
 
 @pytest.fixture(scope="module")
@@ -220,17 +220,17 @@ def test_layer_weights_roundtrip_and_mismatch(tmp_path):
     fusion = LayerFusion("learned", 4)
     with torch.no_grad():
         fusion.logits.copy_(torch.tensor([0.0, 1.0, 2.0, -1.0]))
-    common.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
-    w = common.load_layer_weights(tmp_path / "w.pt", "tiny-qwen3", 4)
+    models.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
+    w = models.load_layer_weights(tmp_path / "w.pt", "tiny-qwen3", 4)
     torch.testing.assert_close(w, torch.softmax(fusion.logits.detach(), 0))
     h = torch.randn(4, 1, 2, 8)
     torch.testing.assert_close(LayerFusion("frozen", 4, weights=w)(h), fusion(h).detach())
     with pytest.raises(DataError, match="not 'minilm' with 6"):
-        common.load_layer_weights(tmp_path / "w.pt", "minilm", 6)
+        models.load_layer_weights(tmp_path / "w.pt", "minilm", 6)
     with pytest.raises(DataError, match="with 5"):
-        common.load_layer_weights(tmp_path / "w.pt", "tiny-qwen3", 5)
+        models.load_layer_weights(tmp_path / "w.pt", "tiny-qwen3", 5)
     with pytest.raises(DataError, match="no layer weights"):
-        common.save_layer_weights(tmp_path / "x.pt", LayerFusion("last", 4), "e", 4)
+        models.save_layer_weights(tmp_path / "x.pt", LayerFusion("last", 4), "e", 4)
 
 
 # ----------------------------------------------------------------------------- aggregator / loss

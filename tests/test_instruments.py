@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import common
 import models
 from tests import diffusion_stubs as stubs
 from tests.diffusion_stubs import TINY, make_world
@@ -30,13 +29,13 @@ def test_standardisation_is_fitted_on_the_training_captions_and_travels_with_the
     assert z.mean(0).abs().max() < 1e-4 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-3
     # what 05 writes is what 06 reads: the same statistics in model.safetensors, the same output
     t2x.main(argv + ["--out", str(tmp_path / "a")])
-    model, config, _, _ = common.load_dit(tmp_path / "a")
+    model, config, _, _ = models.load_dit(tmp_path / "a")
     assert config["text_norm"] == "standardise"
     assert torch.equal(model.text_standardiser.mean, run.model.text_standardiser.mean)
     assert torch.equal(model.text_standardiser.std, run.model.text_standardiser.std)
     # off: no statistics, the features go in as they are
     t2x.main(argv + ["--out", str(tmp_path / "b"), "--text-norm", "none"])
-    plain, config, _, _ = common.load_dit(tmp_path / "b")
+    plain, config, _, _ = models.load_dit(tmp_path / "b")
     assert config["text_norm"] == "none" and not any("standardiser" in k for k in plain.state_dict())
     # every backbone carries it
     wan = models.make_model({"backbone": "wan", "text_norm": "standardise", "text_dim": 8, "channels": 3,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import models
 from plumbing import DataError
 from tests.cli import assert_one_line, cli_error, script_error
 from tests.diffusion_stubs import TINY, make_world
@@ -32,7 +32,7 @@ def ckpt(path):
 
 def first_freeze(seq, window=5, tol=1e-3, steps=200):
     """The first step at which the criterion fires on `seq(t)`, or None."""
-    crit = common.FreezeCriterion(window, tol)
+    crit = models.FreezeCriterion(window, tol)
     for t in range(steps):
         if crit.update(seq(t)):
             return t
@@ -51,9 +51,9 @@ def test_freeze_criterion_triggers_on_converging_sequence_only():
 
 def test_learned_fusion_at_init_is_norm_avg():
     h = torch.randn(5, 2, 7, 16) * torch.arange(1, 6)[:, None, None, None]
-    learned = common.LayerFusion("learned", 5)
+    learned = models.LayerFusion("learned", 5)
     assert torch.equal(learned.logits.detach(), torch.zeros(5))
-    torch.testing.assert_close(learned(h), common.LayerFusion("norm-avg", 5)(h), rtol=0, atol=1e-6)
+    torch.testing.assert_close(learned(h), models.LayerFusion("norm-avg", 5)(h), rtol=0, atol=1e-6)
 
 
 def test_weights_learn_then_stay_put_after_the_freeze(tmp_path, world):
@@ -86,11 +86,11 @@ def test_04_then_05_is_one_joint_then_frozen_run(tmp_path, world):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005.pt"], "04 stops at the freeze"
     for name in ("layer_weights.pt", "model.safetensors", "weights.png", "summary.json", "args.json"):
         assert (out / name).is_file(), name
-    w = common.load_layer_weights(out / "layer_weights.pt", "tiny-qwen3", 4)
+    w = models.load_layer_weights(out / "layer_weights.pt", "tiny-qwen3", 4)
     frozen = ckpt(out / "checkpoints/step_00000005.pt")
     torch.testing.assert_close(w, torch.softmax(frozen["fusion"]["logits"], 0))
     with pytest.raises(DataError, match="layer weights are for encoder 'tiny-qwen3' with 4 layers"):
-        common.load_layer_weights(out / "layer_weights.pt", "another-encoder", 4)
+        models.load_layer_weights(out / "layer_weights.pt", "another-encoder", 4)
 
     t2x.main(["--init-from", str(out), "--out", str(tmp_path / "stage2b"), "--cache-dir", str(tmp_path.parent / "cache")])
     lw.main(flags(tmp_path, world, "--steps", "9", "--freeze-fraction", "0.5", *shape, "--run-to-end", out="whole"))

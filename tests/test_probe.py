@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import models
 import encoders
 import plumbing
 from common import DataError
@@ -385,7 +386,7 @@ def test_existing_results_need_overwrite(tmp_path):
 def test_failure_at_the_second_encoder_keeps_previous_results(tmp_path, capsys):
     """A run that fails part-way (here: layer weights that fit the first encoder, not the second) writes
     nothing: results.json, results.md and aggregators/ land together, once every encoder is done."""
-    common.save_layer_weights(tmp_path / "w.pt", common.LayerFusion("learned", 4), "tiny-qwen3", 4)
+    models.save_layer_weights(tmp_path / "w.pt", models.LayerFusion("learned", 4), "tiny-qwen3", 4)
     stdout, stderr = _cli(tmp_path, capsys, "--encoders", "tiny-qwen3,tiny-t5", "--strategies",
                           f"frozen:{tmp_path / 'w.pt'}")
     assert "tiny-qwen3: frozen" in stdout  # the first encoder ran to the end
@@ -410,7 +411,7 @@ def test_length_batches_cover_once_within_budget():
     args.feature_dtype = torch.float32
     fusions = probe.make_fusions(["norm-avg"], enc)
     torch.manual_seed(0)
-    aggs = {"norm-avg": common.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
+    aggs = {"norm-avg": models.ContextAggregator(enc.width, 16, 8, heads=2).eval()}
     args.token_budget = 40
     a = probe.embed_texts(enc, fusions, [aggs], texts, args, "cpu")
     args.token_budget = 4000
@@ -454,7 +455,7 @@ def test_end_to_end_and_torchrun_matches_single_process(tmp_path):
                                        probe.AGGREGATOR_KIND)["state_dict"]
         sd2 = plumbing.load_checkpoint(tmp_path / "two" / "aggregators" / f"tiny-qwen3__{s}.pt",
                                        probe.AGGREGATOR_KIND)["state_dict"]
-        init = common.ContextAggregator(64, 32, 16, 4).state_dict()
+        init = models.ContextAggregator(64, 32, 16, 4).state_dict()
         assert any(not torch.allclose(sd1[k], init[k]) for k in sd1)  # it trained
         for k in sd1:
             torch.testing.assert_close(sd1[k], sd2[k], atol=1e-4, rtol=1e-4, msg=k)
@@ -556,8 +557,8 @@ def test_frozen_strategy_takes_the_layer_weights_flag(tmp_path):
 def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     """--steps 0 = one epoch, features streamed batch by batch; frozen:PATH reads 04's layer weights."""
     bench, pairs = write(tmp_path, n_bench=6, n_pairs=16)
-    fusion = common.LayerFusion("learned", 4)
-    common.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
+    fusion = models.LayerFusion("learned", 4)
+    models.save_layer_weights(tmp_path / "w.pt", fusion, "tiny-qwen3", 4)
     args = ["--encoders", "tiny-qwen3", "--strategies", f"norm-avg,frozen:{tmp_path / 'w.pt'}", "--steps", "0",
             "--seeds", "2",
             "--batch-size", "8", "--width", "32", "--out-dim", "16", "--heads", "4", "--encoder-dtype", "fp32",
@@ -571,7 +572,7 @@ def test_streaming_one_epoch_and_frozen_strategy(tmp_path):
     assert abs(r[frozen]["loss_last"] - r["norm-avg"]["loss_last"]) < 1e-4
     assert r["norm-avg"]["seeds"] == [0, 1] and r["norm-avg"]["values"]["loss_first"][0] \
         != r["norm-avg"]["values"]["loss_first"][1]  # each seed its own start and batches
-    common.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
+    models.save_layer_weights(tmp_path / "w.pt", fusion, "minilm", 6)
     with pytest.raises(DataError, match="layer weights are for encoder 'minilm'"):
         probe.main(args)
 
