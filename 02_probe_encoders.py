@@ -4,7 +4,7 @@ For every encoder and layer-feature strategy: freeze the encoder, train a contex
 features with a symmetric InfoNCE over pairs of differently worded captions of one image or video, then
 score TED-6K: caption and options are embedded separately, and an instance is right when the true
 statement has the strictly highest cosine with the caption (ties lose). Each aggregator is trained
---seeds times (mean +- sample std), beside bag of words and a zero-shot reference (the fused features
+once from each of --seeds (mean +- sample std), beside bag of words and a zero-shot reference (the fused features
 mean-pooled, no aggregator).
 
     python 02_probe_encoders.py                                   # the default zoo on 01's benchmark
@@ -223,18 +223,13 @@ def make_aggregators(args, encoder, fusions, ddp, seed):
     return aggs, opts
 
 
-def seeds_of(args):
-    """The seeds the aggregators are trained from: --seed, --seed+1, ... (--seeds of them)."""
-    return [args.seed + k for k in range(args.seeds)]
-
-
 def train_all_seeds(args, encoder, fusions, pairs, ddp, writer=None):
     """[({strategy: module}, loss curves)] per seed; each seed its own initial weights and batch order."""
     if args.batch_size % ddp.world_size:
         raise DataError(f"--batch-size {args.batch_size} must divide by the {ddp.world_size} processes")
     local = args.batch_size // ddp.world_size
     plans = []
-    for seed in seeds_of(args):
+    for seed in args.seeds:
         plan = schedule(len(pairs), args.steps, args.batch_size, seed)
         plans.append([b[ddp.rank * local:(ddp.rank + 1) * local] for b in plan])  # this rank's slice of each batch
     # When a schedule revisits pairs, encode every pair any seed reads once up front, shared by all seeds;
@@ -243,7 +238,7 @@ def train_all_seeds(args, encoder, fusions, pairs, ddp, writer=None):
     cache = pair_feature_cache(args, encoder, fusions, pairs, [b for plan in plans for b in plan]) \
         if len(plans[0]) * args.batch_size > len(pairs) else None
     return [train_aggregators(args, encoder, fusions, pairs, ddp, seed, mine, cache, writer)
-            for seed, mine in zip(seeds_of(args), plans)]
+            for seed, mine in zip(args.seeds, plans)]
 
 
 def train_aggregators(args, encoder, fusions, pairs, ddp, seed, mine, cache, writer=None):
@@ -385,10 +380,9 @@ def markdown(results):
     lines = ["# TED probe results", "",
              f"Benchmark `{results['config']['benchmark']}`: {results['benchmark']['questions']} questions "
              f"({results['benchmark']['instances']} captions); chance ~{results['benchmark']['chance']:.1f}%.", "",
-             (f"Each aggregator trained from {seeds} seeds ({results['config']['seed']}, "
-              f"{results['config']['seed'] + 1}, ...): trained cells are mean ± sample std over the seeds."
-              if seeds > 1 else f"Each aggregator trained from 1 seed ({results['config']['seed']}): no spread "
-                                f"(--seeds 2 or more gives mean ± std)."),
+             (f"Each aggregator trained from {len(seeds)} seeds {seeds}: trained cells are mean ± sample std over "
+              "the seeds." if len(seeds) > 1 else f"Each aggregator trained from 1 seed ({seeds[0]}): no spread "
+                                                  "(two --seeds or more give mean ± std)."),
              "Zero-shot: the same scoring on the fused features mean-pooled over each text's tokens, no "
              "aggregator.", "",
              "## Table 1: accuracy (%) by encoder and feature strategy", "",
@@ -456,13 +450,13 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
     weights = {}
     for s in fusions:
         per_seed = []
-        for k, (seed, (aggs, curves)) in enumerate(zip(seeds_of(args), runs)):
+        for k, (seed, (aggs, curves)) in enumerate(zip(args.seeds, runs)):
             per_seed.append(dict(score_questions(questions, lambda t: emb[s, k][row[t]]), loss_first=curves[s][0],
                                  loss_last=sum(curves[s][-10:]) / len(curves[s][-10:])))
             file = f"{safe_name(name)}__{safe_name(s)}" + (f"__seed{seed}" if k else "") + ".pt"
             weights[file] = {"kind": AGGREGATOR_KIND, "encoder": name, "strategy": s, "seed": seed, "args": vars(args),
                              "state_dict": {n: v.detach().cpu().clone() for n, v in aggs[s].state_dict().items()}}
-        r = result["strategies"][s] = seed_summary(per_seed, seeds_of(args))
+        r = result["strategies"][s] = seed_summary(per_seed, args.seeds)
         r["zero_shot"] = score_questions(questions, lambda t: emb[s, ZERO_SHOT][row[t]])
         r["vs_zero_shot"] = versus_zero_shot(r)
     t_total = time.time() - t0
@@ -531,9 +525,8 @@ def get_parser():
                         "on a GPU that has it, else fp32)")
     p.add_argument("--cache-dir", default="cache", help="tiny models, tokenizer, converted GGUF")
     p.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads per process (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=pos, default=3,
-                   help="train each aggregator from N seeds (--seed, --seed+1, ...); results give mean and std")
+    p.add_argument("--seeds", type=nonneg, nargs="+", default=[0, 1, 2],
+                   help="train each aggregator once from each of these seeds; results give mean and std")
     return p
 
 
@@ -576,6 +569,8 @@ def check_encoder_names(names):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_strategies(args)
+    if len(set(args.seeds)) < len(args.seeds):
+        raise DataError(f"--seeds {' '.join(map(str, args.seeds))}: a seed given twice would count one run twice")
     if args.encoders is None:
         args.encoders = [n for n in DEFAULT_ZOO if n in BUILTIN or Path(n).is_dir()]
         for name in sorted(set(DEFAULT_ZOO) - set(args.encoders)):
@@ -587,7 +582,7 @@ def main(argv=None):
                         f"or another --out")
     plumbing.set_threads(args.threads)
     ddp = plumbing.init_distributed(args.device)
-    plumbing.seed_everything(args.seed)  # same seed on every rank: the aggregators must start identical
+    plumbing.seed_everything(args.seeds[0])  # same seed on every rank: the aggregators must start identical
     if ddp.is_main:
         plumbing.remove_stale_temps(out_dir)
     bench, questions = read_ted(args.benchmark)

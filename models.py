@@ -718,7 +718,7 @@ def load_vae(name, device="cpu"):
         try:
             vae = cls.from_pretrained(name, **sub)
         except (OSError, ValueError, EnvironmentError) as e:
-            raise DataError(f"--vae {name}: cannot load a VAE ({first_line(e)})") from None
+            raise DataError(f"VAE {name}: cannot be loaded ({first_line(e)})") from None
     vae = vae.to(device).eval().requires_grad_(False)
     h = hashlib.sha256()
     for k, v in sorted(vae.state_dict().items()):

@@ -4,7 +4,7 @@
 #
 # The fast subset (about 30 minutes on 2 CPU cores) runs every stage at its default size except:
 #   02 probes MiniLM, then the tiny Qwen3-VL base and 03's fine-tune of it (norm-avg), on 150 of the
-#      benchmark's captions with 2 aggregator seeds (default: the whole benchmark, the seven-encoder
+#      benchmark's captions with aggregator seeds 0 and 1 (default: the whole benchmark, the seven-encoder
 #      zoo, 3 seeds);
 #   04 plans 600 DiT steps, so the weights freeze at step 400 and 05 trains 400 -> 600
 #      (default: 3,000 planned, frozen at 2,000);
@@ -35,10 +35,10 @@ fi
 # previous run's results (each only once its new one is written).
 set -x
 $PY 01_build_ted6k.py --overwrite
-$PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150 --seeds 2
+$PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150 --seeds 0 1
 $PY 03_finetune_qwen3vl.py --overwrite
 $PY 02_probe_encoders.py --overwrite --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg \
-    --max-captions 150 --seeds 2 --out runs/probe/stage1
+    --max-captions 150 --seeds 0 1 --out runs/probe/stage1
 $PY 04_train_layer_weights.py --overwrite --steps 600
 $PY 05_train_diffusion.py --overwrite --init-from runs/layer_weights
 $PY 06_sample.py

@@ -69,7 +69,7 @@ SMOKE_CONFIGS = (
 )
 
 # Sizes: (full, smoke). Full sizes are the stages' own defaults, so a sweep row is comparable to a stage run.
-DEFAULTS = {"steps": (3000, 6), "seeds": (3, 2), "eval_images": (48, 4), "eval_videos": (24, 4),
+DEFAULTS = {"steps": (3000, 6), "seeds": ([0, 1, 2], [0, 1]), "eval_images": (48, 4), "eval_videos": (24, 4),
             "eval_seeds": (4, 2), "sample_steps": (50, 4), "max_captions": (0, 0)}
 SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
                "--eval-scenes", "8", "--seed", "0"]
@@ -95,7 +95,7 @@ def get_parser():
     p.add_argument("--smoke", action="store_true",
                    help="tiny world, tiny encoders and sizes: the whole sweep in a few minutes (what the tests run)")
     p.add_argument("--steps", type=pos, default=None, help="DiT optimiser steps (default 3000; smoke 6)")
-    p.add_argument("--seeds", type=pos, default=None, help="probe aggregator seeds (default 3; smoke 2)")
+    p.add_argument("--seeds", type=nonneg, nargs="+", default=None, help="02's aggregator seeds (default 0 1 2; smoke 0 1)")
     p.add_argument("--max-captions", type=nonneg, default=None, help="02: benchmark captions scored (0 = all)")
     p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 48)")
     p.add_argument("--eval-videos", type=nonneg, default=None, help="06: held-out video prompts (default 24)")
@@ -174,7 +174,7 @@ def world_command(args):
 
 def probe_command(args, cfg, out):
     return script("02_probe_encoders.py") + [
-        "--encoders", cfg.encoder, "--strategies", cfg.strategy, "--seeds", str(args.seeds),
+        "--encoders", cfg.encoder, "--strategies", cfg.strategy, "--seeds", *map(str, args.seeds),
         "--max-captions", str(args.max_captions), "--benchmark", args.benchmark,
         "--caption-pairs", args.caption_pairs, "--out", str(out), "--threads", str(args.threads),
         *(SMOKE_PROBE if args.smoke else []), *args.probe_args]
@@ -417,7 +417,7 @@ def markdown(sweep, a):
     s = sweep["settings"]
     lines = ["# Does TED predict generation?", "",
              f"{len(rows)} configurations; DiT {s['steps']} steps each, the same recipe; TED: mean ± std over "
-             f"{s['seeds']} aggregator seeds; fidelity: 06's paired gain over the empty-caption floor, mean over "
+             f"{len(s['seeds'])} aggregator seeds; fidelity: 06's paired gain over the empty-caption floor, mean over "
              f"aspects (± s.e., aspects taken as independent), {s['eval_images']} image / {s['eval_videos']} video "
              f"prompts x {s['eval_seeds']} seeds." + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
              "| configuration | encoder | strategy | TED overall (%) | image gain | video gain | 02 s | 05+06 s |",

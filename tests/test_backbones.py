@@ -240,7 +240,7 @@ BAD = [(["--backbone", "wan", "--backbone-config", "{oops"], "--backbone-config 
        (["--backbone", "wan", "--backbone-config", '{"nope": 1}'], "wan has no option 'nope'"),
        (["--backbone-config", "paper"], "are for --backbone lumina2 or wan"),
        (["--backbone", "wan", "--init-transformer", "/no/such/model"], "--init-transformer /no/such/model"),
-       (["--vae", "/no/such/vae"], "--vae /no/such/vae: cannot load a VAE")]
+       (["--vae", "/no/such/vae"], "VAE /no/such/vae: cannot be loaded")]
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[m[:28] for _, m in BAD])

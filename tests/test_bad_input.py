@@ -1,4 +1,4 @@
-"""One validation of a model configuration (models.check_model_config), from 05's flags and from a
+"""Bad input through the general mechanisms, one row per case: one validation of a model configuration (models.check_model_config), from 05's flags and from a
 model file handed to 06, one guarded load of an encoder folder (encoders._load_dir), and 06's prompts
 checked before any model loads: each bad case is one stderr line naming the flag or file, exit 2, no traceback,
 and nothing written."""
@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
+import common
 import models
 from tests.cli import assert_one_line, cli_error
 from tests.diffusion_stubs import TINY, make_world
+
+from tests.test_probe import make_benchmark
+from tests.test_sweep import make_table, sweep
 
 t2x = importlib.import_module("05_train_diffusion")
 sample = importlib.import_module("06_sample")
@@ -189,3 +193,47 @@ def test_06_writes_only_into_a_folder_of_its_own(tmp_path, world, capsys):
     for _ in range(2):
         sample.main(argv + ["--out", str(tmp_path / "s")])
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["image_prompts.txt", "images.png"]
+
+
+# The analyses' tables: read whole and checked (finite numbers, this script's shape) before anything is written.
+TABLES = {  # id: (edit of a valid sweep.json's text, what the one line must say)
+    "NaN": (lambda t: t.replace('"overall": 20.0', '"overall": NaN'), "NaN where a number belongs"),
+    "Infinity": (lambda t: t.replace('"mean": 0.4', '"mean": Infinity', 1), "Infinity where a number belongs"),
+    "a string": (lambda t: t.replace('"overall": 20.0', '"overall": "high"'), "not a sweep table this script wrote"),
+    "no settings": (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "settings"}),
+                    "not a sweep table this script wrote"),
+}
+
+
+@pytest.mark.parametrize("case", TABLES)
+def test_a_bad_table_is_one_line_and_replaces_no_analysis(tmp_path, capsys, case):
+    xs = [20.0, 25.0, 31.0, 34.0]
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(make_table(xs, [0.01 * x + 0.2 for x in xs])))
+    sweep.write_analysis(path, n_boot=50)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    edit, message = TABLES[case]
+    path.write_text(edit(path.read_text()))
+    code, err = cli_error(sweep.main, ["--analyse-only", str(path)], capsys)
+    assert_one_line(code, err, message)
+    assert str(path) in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "sweep.json"} == \
+        {k: v for k, v in before.items() if k != "sweep.json"}
+
+
+def test_a_negative_identical_to_its_positive_is_left_out_not_refused(tmp_path, capsys):
+    """The public TED-6K has a few such options: they are unusable (a tie is not a win), so they are left out and
+    counted, and a statement with no negative left goes; the file is not refused."""
+    bench = make_benchmark(1)
+    st = bench["image_0"]["statements"]
+    pos = st["Adjective"]["correct_statement"]["statement"]
+    st["Adjective"]["incorrect_statements"][0]["statement"] = pos + " "  # the option ties: unusable
+    st["Quantity"]["incorrect_statements"] = [{"statement": st["Quantity"]["correct_statement"]["statement"],
+                                                "status": "success"}]  # nothing usable left: the statement goes
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(bench))
+    normal, qs = common.read_ted(path)
+    assert "2 negative(s) identical to their positive and 1 statement(s)" in capsys.readouterr().out
+    negs = normal["image_0"]["statements"]["Adjective"]["incorrect_statements"]
+    assert len(negs) == len(st["Adjective"]["incorrect_statements"]) - 1 and all(n["statement"] != pos for n in negs)
+    assert "Quantity" not in normal["image_0"]["statements"]

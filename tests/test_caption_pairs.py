@@ -62,6 +62,7 @@ def test_folder_gives_one_pair_per_good_item_and_a_rerun_resumes(media, tiny, tm
     assert (stats["done"], stats["skipped"], stats["failed"]) == (3, 0, 1)
     assert [name for name, _ in stats["failures"]] == ["bad.png"] and "failed: bad.png: unreadable image" in log
     assert "3 done, 0 skipped (already there), 1 failed, of 4 items" in log
+    assert stats["cut"] <= 6 and f"{stats['cut']} of 6 captions stopped at --max-new-tokens 8" in log
     recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert {r["media"]: r["kind"] for r in recs} == {"a.png": "image", "b.png": "image", "sub/clip.gif": "video"}
     for r in recs:
@@ -177,3 +178,15 @@ def test_bad_input_is_one_line_exit_2_and_loads_no_model(case, media, tmp_path, 
                                        "--threads", "1", *extra], capsys)
     assert_one_line(code, err, message)
     assert (pairs.read_bytes() if pairs.exists() else None) == before
+
+
+def test_captions_cut_at_max_new_tokens_are_counted_for_written_records_only(media, tmp_path):
+    class Fake:  # both captions of every item hit the limit; a.png's first caption comes back empty
+        last_cut = 0
+
+        def __call__(self, name, kind, pixels, meta):
+            self.last_cut = 2
+            return ["", "b"] if name == "a.png" else ["a", "b"]
+    items = [("a.png", media / "a.png", "image"), ("b.png", media / "b.png", "image")]
+    stats = build.write_caption_pairs(items, Fake(), tmp_path / "p.jsonl", 4)
+    assert (stats["done"], stats["failed"], stats["cut"]) == (1, 1, 2)

@@ -134,7 +134,7 @@ class Captioner:
         pad = self.processor.tokenizer.pad_token_id
         self.pad = pad if pad is not None else min(self.eos)
         self.max_new_tokens, self.temperature, self.max_pixels = max_new_tokens, temperature, max_pixels
-        self.seed, self.cut = seed, 0  # cut: captions that hit max_new_tokens
+        self.seed, self.last_cut = seed, 0  # last_cut: this item's captions that hit max_new_tokens
 
     @torch.no_grad()
     def __call__(self, name, kind, pixels, meta):
@@ -152,7 +152,7 @@ class Captioner:
         out = self.model.generate(**batch, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
                                   max_new_tokens=self.max_new_tokens, pad_token_id=self.pad)
         new = out[:, batch["input_ids"].shape[1]:]
-        self.cut += sum(not self.eos & set(row) for row in new.tolist())
+        self.last_cut = sum(not self.eos & set(row) for row in new.tolist())
         return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -160,7 +160,7 @@ def write_caption_pairs(todo, caption, out, frames):
     """Caption each (name, path, kind) and append its record {a, b, kind, media} to `out`, one line
     written, flushed and synced per item (a kill loses at most the item in hand). Unreadable media,
     captioner errors and empty captions are logged and counted, never raised."""
-    stats, early = {"done": 0, "failed": 0, "failures": []}, 0
+    stats, early = {"done": 0, "failed": 0, "failures": [], "cut": 0}, 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for name, path, kind in plumbing.progress(todo, desc="caption pairs"):
@@ -187,6 +187,7 @@ def write_caption_pairs(todo, caption, out, frames):
             f.flush()
             os.fsync(f.fileno())
             stats["done"] += 1
+            stats["cut"] += getattr(caption, "last_cut", 0)  # counted for written records only
     return stats
 
 
@@ -198,14 +199,14 @@ def main(argv=None):
     items = media_items(args.media)
     done = resume_pairs(out)
     todo = [it for it in items if it[0] not in done]
-    stats = {"done": 0, "failed": 0, "failures": []}
+    stats = {"done": 0, "failed": 0, "failures": [], "cut": 0}
     if todo:  # a finished run's rerun loads no model
         plumbing.set_threads(args.threads)
         captioner = Captioner(args.captioner, args.device, args.captioner_dtype, args.max_new_tokens, args.temperature,
                               args.max_pixels, args.sample_seed)
         stats = write_caption_pairs(todo, captioner, out, args.max_frames)
         if stats["done"]:
-            log(f"{captioner.cut} of {2 * stats['done']} captions stopped at --max-new-tokens "
+            log(f"{stats['cut']} of {2 * stats['done']} captions stopped at --max-new-tokens "
                 f"{captioner.max_new_tokens}")
     stats["skipped"] = len(items) - len(todo)
     log(f"caption pairs in {out}: {stats['done']} done, {stats['skipped']} skipped (already there), "
