@@ -177,7 +177,7 @@ def main(argv=None):
                 dist.all_reduce(fusion.logits.grad)
                 fusion.logits.grad /= d.world_size
             params.append(fusion.logits)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, common.GRAD_CLIP, foreach=True))
         opt.step()
         sched.step()
         ema.update(model)

@@ -126,7 +126,7 @@ def main(argv=None):
             loss = rf.loss(ddp, x, cond, t, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip, foreach=True))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), common.GRAD_CLIP, foreach=True))
         opt.step()
         sched.step()
         ema.update(model)

@@ -544,7 +544,6 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--data", default="runs/world/t2x.jsonl", help="jsonl of {media, caption, kind}")
     p.add_argument("--out", default=out)
     p.add_argument("--encoder", default=encoder, help="built-in name, hub id or folder (e.g. runs/stage1/model)")
-    p.add_argument("--encoder-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-length", type=pos, default=160, help="caption tokens kept")
     p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
@@ -573,8 +572,6 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the paper's 1e-4 is for batch 512")
     p.add_argument("--warmup", type=nonneg, default=100)
     p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
-    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
-    p.add_argument("--caption-dropout", type=plumbing.fraction, default=0.1, help="for classifier-free guidance")
     p.add_argument("--ckpt-every", type=pos, default=500)
     p.add_argument("--log-every", type=pos, default=25)
     p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
@@ -628,7 +625,7 @@ def t2x_data(args, d, make_fusion):
     texts = caption_index(data)
     log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
     encoder = encoders.load_encoder(args.encoder, device=d.device, cache_dir=args.cache_dir,
-                                    dtype=plumbing.pick_dtype(d.device, args.encoder_dtype))
+                                    dtype=plumbing.pick_dtype(d.device, "auto"))
     log(f"text encoder: {encoder}")
     fusion = make_fusion(encoder).to(d.device)
     cache = Path(args.cache_dir) / "features"
@@ -695,6 +692,10 @@ def streams(data, args, d):
     return out
 
 
+CAPTION_DROPOUT = 0.1  # captions replaced by the empty one in training: what classifier-free guidance needs
+GRAD_CLIP = 1.0
+
+
 def t2x_batch(data, bank, streams, step, args, d, rf):
     """Step `step`'s kind and this rank's slice of its global batch: (kind, x, (feats, mask), t, noise).
     Noise, t and caption dropout for the *global* batch come from a generator seeded by the step; each
@@ -709,7 +710,7 @@ def t2x_batch(data, bank, streams, step, args, d, rf):
     B, mine = streams[kind].batch * d.world_size, slice(d.rank, None, d.world_size)
     t = rf.draw_t(B, g)[mine]
     noise = torch.randn((B,) + tuple(x.shape[1:]), generator=g)[mine]
-    drop = (torch.rand(B, generator=g) < args.caption_dropout)[mine]
+    drop = (torch.rand(B, generator=g) < CAPTION_DROPOUT)[mine]
     text_idx = [0 if dr else data[kind]["text_idx"][i] for i, dr in zip(idx, drop.tolist())]
     return kind, x, bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
 

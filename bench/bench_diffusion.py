@@ -78,7 +78,7 @@ def main(argv=None):
     dist = plumbing.Dist(device=d)
     for kind, T in (("image", 1), ("video", t2x.frames)):
         data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
-        run = SimpleNamespace(seed=0, caption_dropout=0.1, image_batch=t2x.image_batch, video_batch=t2x.video_batch)
+        run = SimpleNamespace(seed=0, image_batch=t2x.image_batch, video_batch=t2x.video_batch)
         torch.manual_seed(0)
         model = models.DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
                            patch=t2x.patch, tpatch=t2x.tpatch).to(d)

@@ -228,7 +228,6 @@ BAD_05 = [  # (extra flags, data-file edit, what the one line must say)
     (["--image-batch", "0"], None, "--image-batch"),
     (["--interleave", "0:0"], None, "--interleave: '0:0'"),
     (["--frames", "1"], None, "--frames"),
-    (["--caption-dropout", "1.5"], None, "--caption-dropout"),
     (["--fusion", "frozen"], None, "--fusion frozen needs --layer-weights"),
     (["--fusion", "layer:9"], None, "K must be in"),
     (["--encoder", "no-such-encoder"], None, "unknown encoder 'no-such-encoder'"),
