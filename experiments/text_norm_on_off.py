@@ -72,15 +72,25 @@ def arm_measures(report):
     return out
 
 
+def colour(report, kind):
+    """(classifier accuracy, prompt - mismatched) for colour alone, each (mean, s.e.)."""
+    c, g = report["classifier"]["results"][kind]["colour"], report["gain over mismatched"][kind]["colour"]
+    return (c["mean"], c["se"]), (g["mean"], g["se"])
+
+
 def analyse(out):
-    """Per configuration and kind: each arm's mean over seeds, and standardise - none per seed (paired)."""
-    rows = []
+    """Per configuration and kind: each arm's mean over seeds, and standardise - none per seed (paired);
+    then colour alone, run by run."""
+    rows, colours = [], []
     for cfg in sorted(p for p in Path(out).iterdir() if p.is_dir()):
         per_seed = {}
         for sd in sorted(cfg.glob("seed_*")):
             evals = {arm: sd / arm / "eval" / "eval.json" for arm in ARMS}
             if all(p.exists() for p in evals.values()):
-                per_seed[sd.name] = {arm: arm_measures(json.loads(p.read_text())) for arm, p in evals.items()}
+                reports = {arm: json.loads(p.read_text()) for arm, p in evals.items()}
+                per_seed[sd.name] = {arm: arm_measures(r) for arm, r in reports.items()}
+                colours += [{"config": cfg.name, "seed": sd.name, "arm": arm,
+                             **{kind: colour(r, kind) for kind in ("image", "video")}} for arm, r in reports.items()]
         if not per_seed:
             continue
         for kind in ("image", "video"):
@@ -93,7 +103,7 @@ def analyse(out):
                 diff = [b[0] - a[0] for a, b in zip(vals["none"], vals["standardise"])]
                 row[f"{m}:diff"] = diff
             rows.append(row)
-    table = {"rows": rows, "measures": dict(MEASURES)}
+    table = {"rows": rows, "measures": dict(MEASURES), "colour": colours}
     plumbing.atomic_write_json(Path(out) / "table.json", table)
     lines = ["| configuration | kind | measure | none | standardise | standardise - none, per seed |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -101,7 +111,13 @@ def analyse(out):
             lines.append(f"| {r['config']} | {r['kind']} | {label} | {r[f'{m}:none']:+.3f} ± {r[f'{m}:none:eval_se']:.3f} | "
                          f"{r[f'{m}:standardise']:+.3f} ± {r[f'{m}:standardise:eval_se']:.3f} | "
                          + ", ".join(f"{d:+.3f}" for d in r[f"{m}:diff"]) + " |")
-    text = "\n".join(lines) + "\n\nArm cells: mean over seeds ± one run's eval s.e. (mean over seeds).\n"
+    lines += ["", "Arm cells: mean over seeds ± one run's eval s.e. (mean over seeds).", "",
+              "Colour alone, each run (± that run's eval s.e.):", "",
+              "| configuration | seed | arm | image colour: classifier | image colour: prompt - mismatched | "
+              "video colour: classifier | video colour: prompt - mismatched |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['config']} | {c['seed']} | {c['arm']} | " + " | ".join(
+        f"{m:+.3f} ± {s:.3f}" for kind in ("image", "video") for m, s in c[kind]) + " |" for c in colours]
+    text = "\n".join(lines) + "\n"
     plumbing.atomic_write_text(Path(out) / "table.md", text)
     print(text)
 
