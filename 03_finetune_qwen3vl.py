@@ -592,8 +592,7 @@ def data_loader(records, processor, args, d, position, steps):
     sampler = StepBatches(len(records), args.batch_size, args.grad_accum, d.rank, d.world_size, args.seed,
                           position, steps)
     collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels, args.max_length)
-    return iter(torch.utils.data.DataLoader(records, batch_sampler=sampler, collate_fn=collate,
-                                            num_workers=0))
+    return iter(torch.utils.data.DataLoader(records, batch_sampler=sampler, collate_fn=collate))
 
 
 def write_summary(out, summary, losses):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import models
@@ -150,7 +149,7 @@ def main(argv=None):
     sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
     batches = common.streams(data, args, d)
     # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
-    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
+    ddp = plumbing.ddp(model, d)
     rf = models.RectifiedFlow()
     parts = {"model": model, "ema": ema, "opt": opt, "sched": sched, "fusion": fusion}
     step, frozen_at = 0, None
@@ -165,9 +164,10 @@ def main(argv=None):
 
     # The loop: 05's step with the logits in it until they freeze; after each step the freeze rule.
     stop, writer, losses, t0 = min(args.steps, args.stop_at or args.steps), None, {}, time.time()
+    dtype = plumbing.pick_dtype(d.device, args.dtype)
     while step < stop and (frozen_at is None or args.run_to_end):
         kind, x, (feats, mask), t, noise = common.t2x_batch(data, bank, batches, step, args, d, rf)
-        with plumbing.autocast(d.device, plumbing.pick_dtype(d.device, args.dtype)):
+        with plumbing.autocast(d.device, dtype):
             loss = rf.loss(ddp, x, (fusion(feats), mask), t, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,10 +196,7 @@ def main(argv=None):
             common.log_losses(writer, step, args.steps, losses, grad_norm, opt.param_groups[0]["lr"], time.time() - t0)
             losses, t0 = {}, time.time()
         if d.is_main and (step % args.ckpt_every == 0 or done or freeze):
-            state = common.run_state("04", config, step, frozen_at, parts, batches, extra=watch.state_dict())
-            plumbing.save_checkpoint(out, step, state, replaces=replaces)
-            models.save_model(out, ema, fusion, config, step)
-            plumbing.atomic_write_json(out / "args.json", vars(args))
+            common.save_run(out, "04", args, config, step, frozen_at, parts, batches, replaces, extra=watch.state_dict())
             write_results(config, fusion, frozen_at, step, watch, out)
             replaces = ()
     if writer is not None:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import models
@@ -104,7 +103,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
     sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
     batches = common.streams(data, args, d)
-    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
+    ddp = plumbing.ddp(model, d)
     rf = models.RectifiedFlow()
     parts = {"model": model, "ema": ema, "opt": opt, "sched": sched, "fusion": fusion}
     step, frozen_at = 0, None
@@ -119,9 +118,10 @@ def main(argv=None):
     # The loop: forward, backward, clip, AdamW, lr, EMA; a log line and tensorboard every --log-every
     # steps, a checkpoint (resume) and model.safetensors (06) every --ckpt-every and at the end.
     stop, writer, losses, t0 = min(args.steps, args.stop_at or args.steps), None, {}, time.time()
+    dtype = plumbing.pick_dtype(d.device, args.dtype)
     while step < stop:
         kind, x, (feats, mask), t, noise = common.t2x_batch(data, bank, batches, step, args, d, rf)
-        with plumbing.autocast(d.device, plumbing.pick_dtype(d.device, args.dtype)):
+        with plumbing.autocast(d.device, dtype):
             cond = (fusion(feats) if learned else feats, mask)  # continuing 04: its frozen weights
             loss = rf.loss(ddp, x, cond, t, noise).mean()
         opt.zero_grad(set_to_none=True)
@@ -137,10 +137,7 @@ def main(argv=None):
             common.log_losses(writer, step, args.steps, losses, grad_norm, opt.param_groups[0]["lr"], time.time() - t0)
             losses, t0 = {}, time.time()
         if d.is_main and (step % args.ckpt_every == 0 or step == stop):
-            state = common.run_state("05", config, step, frozen_at, parts, batches)
-            plumbing.save_checkpoint(out, step, state, replaces=replaces)
-            models.save_model(out, ema, fusion, config, step)
-            plumbing.atomic_write_json(out / "args.json", vars(args))
+            common.save_run(out, "05", args, config, step, frozen_at, parts, batches, replaces)
             replaces = ()
     if writer is not None:
         writer.close()

@@ -715,12 +715,16 @@ def t2x_batch(data, bank, streams, step, args, d, rf):
     return kind, x, bank.batch(text_idx, d.device), t.to(d.device), noise.to(d.device)
 
 
-def run_state(stage, config, step, frozen_at, parts, batches, **extra):
-    """A checkpoint: everything a resume needs to continue the same curve (`parts`: model, ema, opt, sched,
-    fusion), tagged with the stage that wrote it."""
-    return {"kind": models.CKPT_KIND, "stage": stage, "config": config, "step": step, "frozen_at": frozen_at,
-            **{k: p.state_dict() for k, p in parts.items()}, "fusion_mode": parts["fusion"].mode,
-            "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(), **extra}
+def save_run(out, stage, args, config, step, frozen_at, parts, batches, replaces=(), **extra):
+    """Rank 0 at a checkpoint step: checkpoints/step_N.pt with everything a resume needs to continue the same
+    curve (`parts`: model, ema, opt, sched, fusion; tagged with the stage that wrote it), then
+    model.safetensors (the EMA weights, for 06) and args.json beside it."""
+    state = {"kind": models.CKPT_KIND, "stage": stage, "config": config, "step": step, "frozen_at": frozen_at,
+             **{k: p.state_dict() for k, p in parts.items()}, "fusion_mode": parts["fusion"].mode,
+             "streams": {k: s.state_dict() for k, s in batches.items()}, "rng": plumbing.rng_state(), **extra}
+    plumbing.save_checkpoint(out, step, state, replaces=replaces)
+    models.save_model(out, parts["ema"], parts["fusion"], config, step)
+    plumbing.atomic_write_json(Path(out) / "args.json", vars(args))
 
 
 def restore(state, source, parts, batches):

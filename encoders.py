@@ -599,7 +599,4 @@ def wrap_model(model, d, dtype, fsdp=False):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    return model
+    return plumbing.ddp(model, d)

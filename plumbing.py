@@ -182,6 +182,14 @@ def setup(args):
     return d
 
 
+def ddp(model, d):
+    """The model under DDP when torchrun started several processes, else the model itself."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()
