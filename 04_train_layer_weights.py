@@ -3,12 +3,12 @@
 The text condition is sum_i softmax(w)_i * LayerNorm(h_i) over the encoder's decoder layers, w = 0 at the
 start (exactly Norm-Avg), trained with the DiT in an optimiser group of its own. Weights that keep moving
 make the condition non-stationary (Fig. 4, Table 5), so they freeze once no softmax weight moves more than
---freeze-tol over --freeze-window steps, or at --freeze-fraction of the planned --steps (the paper: 96k of
-144k), whichever is first. 04 stops there with a checkpoint; 05 --init-from continues the same run:
+2e-3 over 200 steps (models.FreezeCriterion), or at --freeze of the planned --steps (the paper: 96k of 144k),
+whichever is first. 04 stops there with a checkpoint; 05 --init-from continues the same run:
 
     python 04_train_layer_weights.py                                   # stage-1 encoder of 03
     python 05_train_diffusion.py --init-from runs/layer_weights        # the rest of --steps, frozen
-    python 04_train_layer_weights.py --continuous --out runs/ablation/continuous   # never freeze
+    python 04_train_layer_weights.py --freeze never --out runs/ablation/continuous   # learned throughout
     torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 --nproc_per_node=8 \
         04_train_layer_weights.py --encoder /ckpt/stage1 --data t2i.jsonl
 
@@ -31,18 +31,21 @@ from plumbing import DataError, log
 
 def get_parser():
     p = plumbing.ArgumentParser(__doc__)
-    pos = plumbing.positive_int
     common.add_run_args(p, out="runs/layer_weights", encoder="runs/stage1/model", steps=3000)
     p.add_argument("--weights-lr", type=plumbing.positive_float, default=1e-2, help="the layer weights' group")
-    p.add_argument("--freeze-window", type=pos, default=200, help="steps over which convergence is judged")
-    p.add_argument("--freeze-tol", type=plumbing.positive_float, default=2e-3,
-                   help="largest change of any softmax weight over the window that counts as converged")
-    p.add_argument("--freeze-fraction", type=plumbing.bounded(float, 1e-9, 1.0, what="a number in (0, 1]"),
-                   default=2 / 3, help="freeze here at the latest (paper: 96k of 144k)")
-    p.add_argument("--continuous", action="store_true", help="never freeze (Table 5's 'learned throughout')")
+    p.add_argument("--freeze", type=freeze_at, default=2 / 3,
+                   help="freeze at this fraction of --steps at the latest (paper: 96k of 144k), or never "
+                        "(Table 5's 'learned throughout')")
     p.add_argument("--run-to-end", action="store_true", help="after the freeze, train on to --steps here")
     p.set_defaults(fusion="learned")  # what the run config records; 04's fusion is always learned
     return p
+
+
+def freeze_at(text):
+    """--freeze: a fraction in (0, 1], or 'never' (None)."""
+    if text in ("never", None):
+        return None
+    return plumbing.bounded(float, 1e-9, 1.0, what="a number in (0, 1] or never")(text)
 
 
 #################################################################################
@@ -53,8 +56,8 @@ class WeightWatch:
     """The freeze decision (criterion or planned step), snapshots for the plot, tensorboard scalars."""
 
     def __init__(self, args, extra=None):
-        self.criterion = models.FreezeCriterion(args.freeze_window, args.freeze_tol)
-        self.freeze_step = None if args.continuous else max(1, math.ceil(args.freeze_fraction * args.steps))
+        self.criterion = models.FreezeCriterion()
+        self.freeze_step = None if args.freeze is None else max(1, math.ceil(args.freeze * args.steps))
         self.plot_every = max(1, args.steps // 8)
         self.snapshots, self.reason = {}, None
         if extra:
@@ -140,13 +143,13 @@ def main(argv=None):
     config = common.run_config(args, encoder, data, vae_id, state and state["config"])
 
     # Model, EMA, optimiser: the DiT, and the layer-weight logits (w = 0: Norm-Avg) in a group of their own.
-    model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
+    model = common.new_model(config, bank, fusion, d.device, fresh=state is None)
     ema = models.EMA(model)
     fusion.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0},
                              {"params": [fusion.logits], "lr": args.weights_lr, "weight_decay": 0.0}],
                             betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
-    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
+    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup)  # constant after the warm-up, as the paper
     batches = common.streams(data, args, d)
     # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
     ddp = plumbing.ddp(model, d)

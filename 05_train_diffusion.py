@@ -13,8 +13,8 @@ DiT (models.DiT) learns both kinds from the built-in world on the same schedule 
     python 05_train_diffusion.py --backbone wan --vae tiny-wan-vae --out runs/wan  # diffusers' Wan2.1, on latents
 
 --backbone lumina2|wan trains diffusers' Lumina2Transformer2DModel / WanTransformer3DModel (--backbone-config
-tiny, paper or a config.json; --init-transformer keeps pretrained weights but the text embedder); --vae trains
-on cached latents. A checkpoint carries its run's settings, so --resume and --init-from need no flag re-typed
+tiny, paper, a config.json, or a diffusers folder or hub id whose weights it starts from, all but the text
+embedder); --vae trains on cached latents. A checkpoint carries its run's settings, so --resume and --init-from need no flag re-typed
 and refuse one that contradicts it. Data: a jsonl of {"media", "caption", "kind"}, decoded into memory once.
 Writes OUT/checkpoints/step_N.pt (resume), OUT/model.safetensors (EMA weights + run config, for 06), OUT/tb.
 """
@@ -92,7 +92,7 @@ def main(argv=None):
     config = common.run_config(args, encoder, data, vae_id, state and state["config"])
 
     # Model, EMA, optimiser. Continuing 04, its layer-weight logits keep their optimiser group, frozen.
-    model = common.new_model(config, bank, fusion, None if state else args.init_transformer, d.device)
+    model = common.new_model(config, bank, fusion, d.device, fresh=state is None)
     ema = models.EMA(model)
     groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
     learned = fusion.mode == "learned"
@@ -101,7 +101,7 @@ def main(argv=None):
         groups.append({"params": [fusion.logits], "lr": args.lr, "weight_decay": 0.0})  # lr: from 04's state
     # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop was ~8% of a CPU step.
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
-    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup, args.decay)
+    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup)  # constant after the warm-up, as the paper
     batches = common.streams(data, args, d)
     ddp = plumbing.ddp(model, d)
     rf = models.RectifiedFlow()
@@ -110,7 +110,7 @@ def main(argv=None):
     if state is not None:  # everything a resume needs, so the curve continues exactly
         common.check_same_run(state["config"], config, source)
         step, frozen_at = common.restore(state, source, parts, batches)
-        if learned and frozen_at is None:  # 04 --continuous: its weights freeze here
+        if learned and frozen_at is None:  # 04 --freeze never: its weights freeze here
             frozen_at = step
     if step >= args.steps:
         log(f"{source} is at step {step} of --steps {args.steps}: nothing left to train")

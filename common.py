@@ -548,30 +548,28 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--cache-dir", default="cache", help="built models, tokenizers; features and latents under features/")
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
     p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
-    p.add_argument("--hidden", type=pos, default=128)
-    p.add_argument("--depth", type=pos, default=6)
-    p.add_argument("--heads", type=pos, default=4)
-    p.add_argument("--patch", type=pos, default=4)
-    p.add_argument("--tpatch", type=pos, default=2)
+    p.add_argument("--dit", type=int_pair("x", "WIDTHxDEPTH, e.g. 128x6"), default="128x6",
+                   help="our DiT's width x depth (heads of HEAD_DIM channels)")
+    p.add_argument("--patch", type=int_pair("x", "SIDExFRAMES, e.g. 4x2"), default="4x2",
+                   help="our DiT's patch: pixels (or latents) per side x frames")
     p.add_argument("--text-norm", default="standardise", choices=["standardise", "none"],
                    help="standardise each text-feature dimension at the denoiser's input (training captions' "
                         "statistics, stored with the model), or feed the features as they are")
     p.add_argument("--backbone", default="dit", choices=models.BACKBONES,
                    help="dit (ours, pixel or latent), lumina2 (Lumina-Image-2.0, images only) or wan (Wan2.1)")
     p.add_argument("--backbone-config", default="tiny",
-                   help="lumina2/wan size: tiny, paper (2B / 1.3B), a JSON file (e.g. a diffusers config.json) or string")
-    p.add_argument("--init-transformer", default=None,
-                   help="lumina2/wan: start from these diffusers weights (folder or hub id); text embedder re-initialised")
+                   help="lumina2/wan: tiny, paper (2B / 1.3B), a JSON file or string, or a diffusers folder or hub id "
+                        "whose weights it starts from (text embedder re-initialised)")
     p.add_argument("--vae", default=None,
                    help=f"train on latents of this VAE ({models.TINY_VAE}, or a diffusers AutoencoderKLWan/AutoencoderKL "
                         "folder or hub id); default: pixels")
     p.add_argument("--steps", type=pos, default=steps, help="planned total optimiser steps")
-    p.add_argument("--image-batch", type=pos, default=32, help="global; the paper's 512")
-    p.add_argument("--video-batch", type=pos, default=8, help="global; the paper's 128")
-    p.add_argument("--interleave", type=parse_ratio, default="7:3", help="image:video steps")
+    p.add_argument("--batch", type=int_pair(":", "IMAGES:VIDEOS, e.g. 32:8", low=0), default="32:8",
+                   help="global image:video batch (the paper's 512:128)")
+    p.add_argument("--interleave", type=int_pair(":", "IMAGE:VIDEO steps, e.g. 7:3", low=0), default="7:3",
+                   help="image:video steps")
     p.add_argument("--lr", type=plumbing.positive_float, default=5e-4, help="the paper's 1e-4 is for batch 512")
-    p.add_argument("--warmup", type=nonneg, default=100)
-    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="lr after the warm-up")
+    p.add_argument("--warmup", type=nonneg, default=100, help="linear warm-up steps, then a constant lr")
     p.add_argument("--ckpt-every", type=pos, default=500)
     p.add_argument("--log-every", type=pos, default=25)
     p.add_argument("--stop-at", type=pos, default=None, help="stop after this step, with a checkpoint; --resume later")
@@ -584,17 +582,19 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--threads", type=nonneg, default=1, help="torch CPU threads (0: torch's default)")
 
 
-def parse_ratio(text):
-    """'7:3' -> [7, 3], refusing anything but two non-negative integers with a positive sum."""
-    if isinstance(text, list):  # a checkpoint's own value
-        return text
-    try:
-        ratio = [int(v) for v in str(text).split(":")]
-    except ValueError:
-        ratio = []
-    if len(ratio) != 2 or min(ratio) < 0 or sum(ratio) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected IMAGE:VIDEO steps, e.g. 7:3")
-    return ratio
+def int_pair(sep, what, low=1):
+    """An argparse type: 'A<sep>B' -> [A, B], integers >= low with a positive sum (a checkpoint's list passes)."""
+    def parse(text):
+        if isinstance(text, list):
+            return text
+        try:
+            pair = [int(v) for v in str(text).split(sep)]
+        except ValueError:
+            pair = []
+        if len(pair) != 2 or min(pair) < low or sum(pair) == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+        return pair
+    return parse
 
 
 def checkpoint_args(parser, argv, saved, source):
@@ -655,26 +655,28 @@ def run_config(args, encoder, data, vae_id, saved=None):
     if args.vae:
         config["latent_shape"] = {k: list(data[k]["media"].shape[1:]) for k in KINDS if data[k]["media"] is not None}
         config["channels"] = next(iter(config["latent_shape"].values()))[0]
-    if args.backbone != "dit" and args.init_transformer and saved and saved.get("backbone_kwargs"):
+    pretrained = models.pretrained_transformer(args.backbone, args.backbone_config)
+    if pretrained and saved and saved.get("backbone_kwargs"):
         config["backbone_kwargs"] = saved["backbone_kwargs"]  # the weights are in the checkpoint now
     elif args.backbone != "dit":
         config["backbone_kwargs"] = models.backbone_config(args.backbone, args.backbone_config, config["channels"],
-                                                    encoder.width, args.init_transformer)
-    elif args.init_transformer or args.backbone_config != "tiny":
-        raise DataError("--init-transformer and --backbone-config are for --backbone lumina2 or wan")
+                                                           encoder.width)
+    elif args.backbone_config != "tiny":
+        raise DataError("--backbone-config is for --backbone lumina2 or wan")
     return config
 
 
-def new_model(config, bank, fusion, pretrained, device):
-    """The denoiser of a new run: seeded init, its text standardiser fitted on the training captions'
-    features, a diffusers backbone's pretrained weights kept (text embedder re-initialised)."""
+def new_model(config, bank, fusion, device, fresh=True):
+    """The denoiser of a run: seeded init, its text standardiser fitted on the training captions' features;
+    a fresh run keeps the pretrained weights --backbone-config names (text embedder re-initialised)."""
     torch.manual_seed(config["seed"])  # the init does not depend on what loading the encoder drew
     model = models.make_model(config)
     if config["text_norm"] == "standardise":
         model.text_standardiser.fit(bank.fused_chunks(fusion, device))
+    pretrained = fresh and models.pretrained_transformer(config["backbone"], config["backbone_config"])
     if pretrained:
         kept = models.load_pretrained_transformer(model, pretrained)
-        log(f"--init-transformer {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")
+        log(f"--backbone-config {pretrained}: {len(kept)} tensors kept, the text embedder re-initialised")
     shape = models.dit_shape(config) if config["backbone"] == "dit" else config["backbone_kwargs"]
     log(f"{config['backbone']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {shape}")
     return model.to(device)
@@ -683,12 +685,13 @@ def new_model(config, bank, fusion, pretrained, device):
 def streams(data, args, d):
     """One resumable batch stream per kind in use, this rank's share of the global batch."""
     out = {}
-    for i, k in enumerate(KINDS):
-        batch = getattr(args, f"{k}_batch")
-        if batch % d.world_size:
-            raise DataError(f"--{k}-batch {batch} is not divisible by {d.world_size} processes")
-        if data[k]["media"] is not None:
-            out[k] = Stream(len(data[k]["media"]), batch // d.world_size, d, args.seed + i)
+    for i, (k, batch) in enumerate(zip(KINDS, args.batch)):
+        if data[k]["media"] is None:
+            continue
+        if batch == 0 or batch % d.world_size:
+            raise DataError(f"--batch {args.batch[0]}:{args.batch[1]}: the {k} batch must be a positive multiple of "
+                            f"the {d.world_size} processes")
+        out[k] = Stream(len(data[k]["media"]), batch // d.world_size, d, args.seed + i)
     return out
 
 

@@ -212,7 +212,7 @@ def load_layer_weights(path, encoder_name, num_layers):
 class FreezeCriterion:
     """Converged when no softmax weight moved more than `tol` over the last `window` steps."""
 
-    def __init__(self, window, tol):
+    def __init__(self, window=200, tol=2e-3):
         self.window, self.tol = window, tol
         self.history = []  # softmax weights, one entry per step, the last window+1 kept
 
@@ -530,7 +530,7 @@ BACKBONE_CONFIGS = {
 # (The rotary tables stay at full length in the tiny configs: they bound the caption length and the
 # latent size, and cost next to nothing.)
 # The layers that read the text encoder's features: re-initialised for a new encoder (the paper does
-# this for Wan2.1-1.3B), everything else kept from --init-transformer.
+# this for Wan2.1-1.3B), everything else kept from the pretrained weights.
 TEXT_EMBEDDER = {"lumina2": "time_caption_embed.caption_embedder.", "wan": "condition_embedder.text_embedder."}
 
 
@@ -540,12 +540,20 @@ def diffusers_class(backbone):
 
 
 def _transformer_folder(path):
-    """from_pretrained kwargs for --init-transformer: a whole pipeline folder keeps it in transformer/."""
+    """from_pretrained kwargs for pretrained weights: a whole pipeline folder keeps it in transformer/."""
     return {"subfolder": "transformer"} if (Path(path) / "transformer" / "config.json").is_file() else {}
 
 
+def pretrained_transformer(backbone, spec):
+    """--backbone-config names pretrained weights (a diffusers folder or hub id) unless it is tiny, paper, a
+    JSON file or a JSON object; then that, else None."""
+    if backbone == "dit" or spec in BACKBONE_CONFIGS[backbone] or spec.lstrip().startswith("{") or Path(spec).is_file():
+        return None
+    return spec
+
+
 def read_backbone_config(backbone, spec):
-    """--backbone-config: 'tiny', 'paper', a JSON file or a JSON string -> constructor kwargs."""
+    """--backbone-config 'tiny', 'paper', a JSON file or a JSON string -> constructor kwargs."""
     if spec in BACKBONE_CONFIGS[backbone]:
         return dict(BACKBONE_CONFIGS[backbone][spec])
     try:
@@ -553,18 +561,20 @@ def read_backbone_config(backbone, spec):
     except (ValueError, OSError):
         cfg = None
     if not isinstance(cfg, dict):
-        raise DataError(f"--backbone-config {spec!r}: expected tiny, paper, a JSON file or a JSON object")
+        raise DataError(f"--backbone-config {spec!r}: expected tiny, paper, a JSON file or object, or a diffusers "
+                        f"folder or hub id")
     return {k: v for k, v in cfg.items() if not k.startswith("_")}  # a diffusers config.json works as is
 
 
-def backbone_config(backbone, spec, channels, text_dim, init_transformer=None):
-    """The diffusers constructor kwargs of a run: --backbone-config (or the pretrained model's own config)
-    with its channels set to the data's and its text width to the encoder's."""
-    if init_transformer:
+def backbone_config(backbone, spec, channels, text_dim):
+    """The diffusers constructor kwargs of a run: --backbone-config (a pretrained model's own config, when it
+    names one) with its channels set to the data's and its text width to the encoder's."""
+    pretrained = pretrained_transformer(backbone, spec)
+    if pretrained:
         try:
-            cfg = diffusers_class(backbone).load_config(init_transformer, **_transformer_folder(init_transformer))
+            cfg = diffusers_class(backbone).load_config(pretrained, **_transformer_folder(pretrained))
         except (OSError, ValueError) as e:
-            raise DataError(f"--init-transformer {init_transformer}: no {backbone} transformer config "
+            raise DataError(f"--backbone-config {pretrained}: no {backbone} transformer config "
                             f"({first_line(e)})") from None
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     else:
@@ -612,12 +622,12 @@ class DiffusersBackbone(nn.Module):
 
 
 def load_pretrained_transformer(model, path):
-    """Copy --init-transformer's weights into `model` (a DiffusersBackbone) except the text embedder,
+    """Copy the pretrained weights at `path` into `model` (a DiffusersBackbone) except the text embedder,
     which keeps its fresh init at the encoder's width. Returns the names of the parameters kept."""
     try:
         src = diffusers_class(model.backbone).from_pretrained(path, **_transformer_folder(path)).state_dict()
     except (OSError, ValueError, EnvironmentError) as e:
-        raise DataError(f"--init-transformer {path}: cannot load a {model.backbone} transformer "
+        raise DataError(f"--backbone-config {path}: cannot load a {model.backbone} transformer "
                         f"({first_line(e)})") from None
     skip = TEXT_EMBEDDER[model.backbone]
     own = model.net.state_dict()
@@ -625,7 +635,7 @@ def load_pretrained_transformer(model, path):
     bad = [k for k, v in kept.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if not k.startswith(skip) and k not in kept]
     if bad or missing:
-        raise DataError(f"--init-transformer {path}: does not fit the {model.backbone} being built "
+        raise DataError(f"--backbone-config {path}: does not fit the {model.backbone} being built "
                         f"({(bad + missing)[0]!r}; e.g. its in_channels differ from the data's)")
     with torch.no_grad():
         for k, v in kept.items():
@@ -650,12 +660,13 @@ def check_model_config(config, where):
     for key in ("text_dim", "channels"):
         need(key, count, "an integer in [1, 65536]")
     if backbone == "dit":
-        hidden, heads, patch, depth, _ = (need(k, count, "an integer in [1, 65536]")
-                                          for k in ("hidden", "heads", "patch", "depth", "tpatch"))
-        if hidden % heads:
-            raise DataError(f"{where}: hidden {hidden} is not divisible by heads {heads}")
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(map(count, v))  # noqa: E731
+        hidden, depth = need("dit", pair, "[width, depth], integers in [1, 65536]")
+        patch = need("patch", pair, "[side, frames], integers in [1, 65536]")[0]
+        if hidden % HEAD_DIM:
+            raise DataError(f"{where}: DiT width {hidden} is not a multiple of the head width {HEAD_DIM}")
         if 12 * depth * hidden ** 2 > MAX_PARAMS:  # the blocks' weights, before building any
-            raise DataError(f"{where}: depth {depth} x hidden {hidden} is over {MAX_PARAMS / 1e9:.0f}B parameters")
+            raise DataError(f"{where}: depth {depth} x width {hidden} is over {MAX_PARAMS / 1e9:.0f}B parameters")
     else:
         kwargs = need("backbone_kwargs", lambda v: isinstance(v, dict), "the backbone's constructor options")
         defaults = inspect.signature(diffusers_class(backbone).__init__).parameters
@@ -814,10 +825,14 @@ class EMA:
 #                            The model file (04/05 -> 06)                       #
 #################################################################################
 
+HEAD_DIM = 32  # our DiT's attention heads: width / HEAD_DIM of them
+
+
 def dit_shape(config):
-    """DiT constructor arguments from a run config."""
-    shape = {k: config[k] for k in ("text_dim", "hidden", "depth", "heads", "patch", "tpatch")}
-    return dict(shape, in_channels=config["channels"], standardise=config["text_norm"] == "standardise")
+    """DiT constructor arguments from a run config (--dit WIDTHxDEPTH, --patch SIDExFRAMES)."""
+    (hidden, depth), (patch, tpatch) = config["dit"], config["patch"]
+    return dict(text_dim=config["text_dim"], hidden=hidden, depth=depth, heads=hidden // HEAD_DIM, patch=patch,
+                tpatch=tpatch, in_channels=config["channels"], standardise=config["text_norm"] == "standardise")
 
 
 def save_model(out, ema, fusion, config, step):

@@ -10,7 +10,7 @@ itself moves from day to day.
     python bench/bench_diffusion.py                    # 05's default DiT and batches, CPU
     python bench/bench_diffusion.py --threads 1        # on a busy machine
     python bench/bench_diffusion.py --device cuda --dtype bf16
-    python bench/bench_diffusion.py --hidden 192 --depth 3 --heads 6 --image-batch 8 --video-batch 2   # 05's earlier
+    python bench/bench_diffusion.py --dit 192x3 --batch 8:2            # another DiT and batch
 """
 import sys
 import time
@@ -44,9 +44,11 @@ def timeit(fn, iters, warmup=2, sync=lambda: None):
 def main(argv=None):
     p = plumbing.ArgumentParser(__doc__)
     # 04's and 05's defaults
-    for flag, default in (("hidden", 128), ("depth", 6), ("heads", 4), ("patch", 4), ("tpatch", 2), ("size", 32),
-                          ("frames", 8), ("image-batch", 32), ("video-batch", 8)):
-        p.add_argument(f"--{flag}", type=plumbing.positive_int, default=default)
+    p.add_argument("--dit", type=common.int_pair("x", "WIDTHxDEPTH"), default="128x6")
+    p.add_argument("--patch", type=common.int_pair("x", "SIDExFRAMES"), default="4x2")
+    p.add_argument("--batch", type=common.int_pair(":", "IMAGES:VIDEOS"), default="32:8")
+    p.add_argument("--size", type=plumbing.positive_int, default=32)
+    p.add_argument("--frames", type=plumbing.positive_int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0)
@@ -78,10 +80,10 @@ def main(argv=None):
     dist = plumbing.Dist(device=d)
     for kind, T in (("image", 1), ("video", t2x.frames)):
         data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
-        run = SimpleNamespace(seed=0, image_batch=t2x.image_batch, video_batch=t2x.video_batch)
+        run = SimpleNamespace(seed=0, batch=t2x.batch)
         torch.manual_seed(0)
-        model = models.DiT(text_dim=args.text_dim, hidden=t2x.hidden, depth=t2x.depth, heads=t2x.heads,
-                           patch=t2x.patch, tpatch=t2x.tpatch).to(d)
+        model = models.DiT(**models.dit_shape(dict(text_dim=args.text_dim, dit=t2x.dit, patch=t2x.patch, channels=3,
+                                                   text_norm="none"))).to(d)
         ema, rf, batches = models.EMA(model), models.RectifiedFlow(), common.streams(data, run, dist)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=d.type in ("cpu", "cuda"))
         steps = iter(range(10 ** 6))
@@ -95,14 +97,14 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
             ema.update(model)
-        B = getattr(t2x, f"{kind}_batch")
+        B = t2x.batch[kind == "video"]
         # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
         # would count attention as free. Same arithmetic either way; only the count needs the math path.
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             t2x_step()
         flops = fc.get_total_flops()
         sec = timeit(t2x_step, args.iters, sync=sync)
-        tokens = max(1, T // t2x.tpatch) * (t2x.size // t2x.patch) ** 2
+        tokens = max(1, T // t2x.patch[1]) * (t2x.size // t2x.patch[0]) ** 2
         result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
                                  "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
                                  "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}

@@ -2,7 +2,7 @@
 over several DiT seeds, paired by seed.
 
 Three arms with the same DiT, batches, optimiser, steps and seed, differing only in the layer fusion:
-norm-avg (05 --fusion norm-avg), continuous (04 --continuous) and two-step (04, then 05 --init-from to the
+norm-avg (05 --fusion norm-avg), continuous (04 --freeze never) and two-step (04, then 05 --init-from to the
 same total steps). A seed fixes the DiT's init, data order and noise; 06 --eval scores each arm on the
 same prompts and noise. Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned throughout 75.94, two-step 77.01.
 
@@ -45,13 +45,11 @@ SAME = ["--ckpt-every", "200"]
 # the paper's setting.
 DEFAULTS = {"encoder": ("minilm", "tiny-qwen3"), "seeds": ([0, 1, 2], [0, 1]), "steps": (600, 6),
             "eval_images": (24, 4), "eval_videos": (12, 4), "eval_seeds": (2, 2), "sample_steps": (50, 4)}
-# The sweep's smoke world and DiT (experiments/sweep_ted_vs_generation.py); the smoke DiT flags go after SAME,
-# so lr, decay and warm-up stay one recipe for 04 and 05, whose own defaults differ.
+# The sweep's smoke world and DiT (experiments/sweep_ted_vs_generation.py), the same flags for 04 and 05.
 SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
                "--eval-scenes", "8", "--seed", "0"]
-SMOKE_TRAIN = ["--size", "8", "--hidden", "32", "--depth", "2", "--heads", "2", "--patch", "4", "--tpatch", "2",
-               "--image-batch", "4", "--video-batch", "2", "--warmup", "0", "--ckpt-every", "3", "--log-every", "3",
-               "--max-length", "32"]
+SMOKE_TRAIN = ["--size", "8", "--dit", "32x2", "--patch", "4x2", "--batch", "4:2", "--warmup", "0", "--ckpt-every", "3",
+               "--log-every", "3", "--max-length", "32"]
 RECIPE = ("smoke", "encoder", "steps", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "data",
           "eval_data", "train_args", "eval_args")
 
@@ -140,7 +138,7 @@ def train_commands(args, seed):
     out = {arm: ["--out", str(d / arm)] for arm in (*ARMS, JOINT)}
     return {
         "norm-avg": script("05_train_diffusion.py") + fresh + ["--fusion", "norm-avg"] + out["norm-avg"] + same,
-        "continuous": script("04_train_layer_weights.py") + fresh + ["--continuous"] + out["continuous"] + same,
+        "continuous": script("04_train_layer_weights.py") + fresh + ["--freeze", "never"] + out["continuous"] + same,
         JOINT: script("04_train_layer_weights.py") + fresh + out[JOINT] + same,
         # the encoder and fusion come from 04's checkpoint; the rest must equal it, and does
         "two-step": script("05_train_diffusion.py") + ["--init-from", str(d / JOINT)] + out["two-step"] + same,

@@ -33,6 +33,25 @@ def captions_and_qa(step, batch_size, seed):
     return items
 
 
+def paraphrases(step, batch_size, seed):
+    """Each scene's two captions (the world's two styles, other order and words) one after the other, so the
+    second can be predicted only from what the first said: colour now changes what comes later."""
+    rng = random.Random(f"pretrain:{seed}:{step}")
+    items = []
+    for i in range(batch_size):
+        scene = scenes.sample_scene(rng, ("image", "video")[i % 2])
+        items.append((scene, " ".join(scenes.write_captions(scene, rng))))
+    return items
+
+
+GENERIC = encoders.pretrain_items
+
+
+def repeats(step, batch_size, seed):
+    """Each caption written twice: the plainest material in which a word decides a later one."""
+    return [(scene, caption + " " + caption) for scene, caption in GENERIC(step, batch_size, seed)]
+
+
 def colour_report(path, n=150):
     """(mean pairwise cosine of the colour words' input embeddings, colour-question accuracy)."""
     model, processor = encoders.load_qwen3vl(path)
@@ -56,8 +75,9 @@ def colour_report(path, n=150):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--material", default="captions", choices=["captions", "captions+qa"])
+    p.add_argument("--material", default="captions", choices=["captions", "captions+qa", "paraphrases", "repeats"])
     p.add_argument("--steps", type=int, default=encoders.PRETRAIN["steps"], help="0: the random init")
+    p.add_argument("--lr", type=float, default=encoders.PRETRAIN["lr"])
     p.add_argument("--media", action="store_true", help="the MLLM base (half its captions answer a render)")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the input embeddings at their init")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input and output embeddings")
@@ -66,6 +86,8 @@ def main():
     torch.set_num_threads(1)
     if args.material == "captions+qa":
         encoders.pretrain_items = captions_and_qa
+    elif args.material != "captions":
+        encoders.pretrain_items = {"paraphrases": paraphrases, "repeats": repeats}[args.material]
     if args.tie_embeddings:
         make_config = encoders.tiny_qwen3vl_config
 
@@ -83,7 +105,7 @@ def main():
             return model, processor
         encoders.load_qwen3vl = frozen
     if args.steps:
-        encoders.pretrain_tiny_qwen3vl(args.out, args.media, cache_dir=args.cache_dir, recipe=dict(steps=args.steps))
+        encoders.pretrain_tiny_qwen3vl(args.out, args.media, cache_dir=args.cache_dir, recipe=dict(steps=args.steps, lr=args.lr))
     else:
         encoders.build_tiny_qwen3vl(args.out, cache_dir=args.cache_dir, **encoders.LADDER_SIZE)
     cos, acc = colour_report(args.out)

@@ -74,9 +74,8 @@ DEFAULTS = {"steps": (3000, 6), "seeds": ([0, 1, 2], [0, 1]), "eval_images": (48
 SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
                "--eval-scenes", "8", "--seed", "0"]
 SMOKE_PROBE = ["--steps", "4", "--batch-size", "8", "--width", "32", "--out-dim", "32", "--heads", "2"]
-SMOKE_TRAIN = ["--size", "8", "--hidden", "32", "--depth", "2", "--heads", "2", "--patch", "4", "--tpatch", "2",
-               "--image-batch", "4", "--video-batch", "2", "--warmup", "0", "--ckpt-every", "3", "--log-every", "3",
-               "--max-length", "32"]
+SMOKE_TRAIN = ["--size", "8", "--dit", "32x2", "--patch", "4x2", "--batch", "4:2", "--warmup", "0", "--ckpt-every", "3",
+               "--log-every", "3", "--max-length", "32"]
 RECIPE = ("smoke", "steps", "seeds", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "max_captions",
           "benchmark", "caption_pairs", "data", "eval_data", "probe_args", "train_args", "eval_args")
 

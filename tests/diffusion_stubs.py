@@ -64,8 +64,8 @@ def make_world(root, n_images=24, n_videos=12, size=8, frames=4, seed=0):
     return root / "t2x.jsonl"
 
 
-TINY = ["--encoder", "tiny-qwen3", "--size", "8", "--frames", "4", "--hidden", "32", "--depth", "2", "--heads", "2",
-        "--patch", "4", "--tpatch", "2", "--image-batch", "4", "--video-batch", "2", "--warmup", "0",
+TINY = ["--encoder", "tiny-qwen3", "--size", "8", "--frames", "4", "--dit", "32x2",
+        "--patch", "4x2", "--batch", "4:2", "--warmup", "0",
         "--log-every", "2", "--max-length", "8", "--device", "cpu"]
 
 
@@ -102,7 +102,7 @@ def built(argv, fusion="norm-avg"):
     d = plumbing.Dist()
     data, encoder, fus, bank, vae_id = common.t2x_data(args, d, lambda enc: models.LayerFusion(fusion, enc.num_layers))
     config = common.run_config(args, encoder, data, vae_id)
-    model = common.new_model(config, bank, fus, args.init_transformer, d.device)
+    model = common.new_model(config, bank, fus, d.device)
 
     def trained(path):
         import copy

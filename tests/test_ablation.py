@@ -83,11 +83,11 @@ def test_smoke_ablation_keeps_finished_runs_resumes_stopped_ones_and_the_table_i
             assert (d / arm / "logs").is_dir() and (d / arm / "seconds.json").is_file()
         # the same seed and recipe in every arm: the same DiT init, data order and noise
         base = json.loads((d / "norm-avg" / "args.json").read_text())
-        assert base["seed"] == seed and base["steps"] == 6 and base["lr"] == 5e-4 and base["decay"] == "constant"
+        assert base["seed"] == seed and base["steps"] == 6 and base["lr"] == 5e-4
         for arm in ("continuous", abl.JOINT, "two-step"):
             args = json.loads((d / arm / "args.json").read_text())
             keys = [k for k in base if k in args and k not in common.NOW_ONLY + ("fusion",)]
-            assert len(keys) > 20 and {k: args[k] for k in keys} == {k: base[k] for k in keys}, arm
+            assert len(keys) > 15 and {k: args[k] for k in keys} == {k: base[k] for k in keys}, arm
         assert json.loads((d / abl.JOINT / "summary.json").read_text())["frozen_at"] == 4  # 2/3 of 6
 
     # table.json is what the eval.json files give, recomputed here directly.

@@ -1,5 +1,5 @@
 """The diffusers backbones (lumina2, wan) and VAE latents in 04/05/06, on the tiny world at CPU size:
-each backbone learns on pixels and latents, resume is bit-identical, --init-transformer keeps exactly
+each backbone learns on pixels and latents, resume is bit-identical, pretrained weights keep exactly
 the pretrained weights outside the text embedder, the latent cache follows the VAE, 06 samples each."""
 import importlib
 import json
@@ -42,7 +42,7 @@ def world(tmp_path_factory):
 
 
 def flags(tmp, data, backbone, latent, *extra, out="out"):
-    space = LATENT + (["--patch", "2", "--tpatch", "1"] if backbone == "dit" else []) if latent else []
+    space = LATENT + (["--patch", "2x1"] if backbone == "dit" else []) if latent else []
     return ["--data", str(data), "--out", str(tmp / out), "--cache-dir", str(tmp.parent / "cache"), *TINY,
             *SETUPS[backbone], *space, *extra]
 
@@ -121,9 +121,9 @@ def save_tiny_pretrained(path, backbone, text_dim=24, channels=3):
 
 
 @pytest.mark.parametrize("backbone", ["wan", "lumina2"])
-def test_init_transformer_keeps_all_but_the_text_embedder(tmp_path, world, backbone):
+def test_pretrained_weights_keep_all_but_the_text_embedder(tmp_path, world, backbone):
     saved = save_tiny_pretrained(tmp_path / "pretrained", backbone)
-    setup = flags(tmp_path, world, backbone, False, "--steps", "2", "--init-transformer", str(tmp_path / "pretrained"))
+    setup = flags(tmp_path, world, backbone, False, "--steps", "2", "--backbone-config", str(tmp_path / "pretrained"))
     run = stubs.built(setup)
     text = models.TEXT_EMBEDDER[backbone]
     now = run.model.net.state_dict()
@@ -131,7 +131,7 @@ def test_init_transformer_keeps_all_but_the_text_embedder(tmp_path, world, backb
     reinit = [k for k in now if k.startswith(text)]
     assert reinit and all(k.startswith(text) for k in reinit)
     torch.manual_seed(run.config["seed"])
-    fresh = models.make_model(run.config).net.state_dict()  # what a run without --init-transformer starts from
+    fresh = models.make_model(run.config).net.state_dict()  # what a run without pretrained weights starts from
     for k, v in now.items():
         assert torch.equal(v, fresh[k] if k.startswith(text) else saved[k]), k
     width = run.config["text_dim"]
@@ -223,7 +223,7 @@ def test_two_processes_match_one_for_wan_on_latents(tmp_path, world):
 
 def test_04_learns_layer_weights_with_wan_on_latents_and_05_continues_it(tmp_path, world):
     lw = importlib.import_module("04_train_layer_weights")
-    lw.main(flags(tmp_path, world, "wan", True, "--steps", "6", "--freeze-fraction", "0.5", "--weights-lr", "0.05",
+    lw.main(flags(tmp_path, world, "wan", True, "--steps", "6", "--freeze", "0.5", "--weights-lr", "0.05",
                   out="lw"))
     state = ckpt(tmp_path / "lw/checkpoints/step_00000003.pt")
     assert state["frozen_at"] == 3 and state["config"]["backbone"] == "wan"
@@ -238,8 +238,8 @@ def test_04_learns_layer_weights_with_wan_on_latents_and_05_continues_it(tmp_pat
 
 BAD = [(["--backbone", "wan", "--backbone-config", "{oops"], "--backbone-config '{oops': expected tiny, paper"),
        (["--backbone", "wan", "--backbone-config", '{"nope": 1}'], "wan has no option 'nope'"),
-       (["--backbone-config", "paper"], "are for --backbone lumina2 or wan"),
-       (["--backbone", "wan", "--init-transformer", "/no/such/model"], "--init-transformer /no/such/model"),
+       (["--backbone-config", "paper"], "--backbone-config is for --backbone lumina2 or wan"),
+       (["--backbone", "wan", "--backbone-config", "/no/such/model"], "--backbone-config /no/such/model: no wan"),
        (["--vae", "/no/such/vae"], "VAE /no/such/vae: cannot be loaded")]
 
 
@@ -273,8 +273,7 @@ def test_an_image_vae_from_a_pipeline_folder_encodes_frame_by_frame(tmp_path, wo
     raw = vae.encode(x[:, :, 1]).latent_dist.mean
     torch.testing.assert_close(z[:, :, 1], (raw - 0.1) * 0.5)  # frame 1, as an image
     assert z.shape == (2, 4, 3, 4, 4) and models.vae_decode(vae, z, 3).shape == x.shape
-    argv = flags(tmp_path, world, "dit", False, "--vae", str(tmp_path / "pipe"), "--patch", "2", "--tpatch", "2",
-                 "--steps", "2")
+    argv = flags(tmp_path, world, "dit", False, "--vae", str(tmp_path / "pipe"), "--patch", "2x2", "--steps", "2")
     assert stubs.built(argv).config["latent_shape"] == {"image": [4, 1, 4, 4], "video": [4, 4, 4, 4]}
     t2x.main(argv)
     assert ckpt(tmp_path / "out/checkpoints/step_00000002.pt")["step"] == 2

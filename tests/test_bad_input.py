@@ -23,16 +23,17 @@ t2x = importlib.import_module("05_train_diffusion")
 sample = importlib.import_module("06_sample")
 
 # A run config as 05 writes it into model.safetensors, small enough to build.
-GOOD = {"backbone": "dit", "text_norm": "none", "text_dim": 8, "channels": 3, "hidden": 32, "depth": 2, "heads": 2,
-        "patch": 4, "tpatch": 2, "size": 16, "latent_shape": None, "backbone_kwargs": None, "fusion": "norm-avg",
+GOOD = {"backbone": "dit", "text_norm": "none", "text_dim": 8, "channels": 3, "dit": [32, 2], "patch": [4, 2], "size": 16,
+        "latent_shape": None, "backbone_kwargs": None, "fusion": "norm-avg",
         "num_layers": 2, "encoder": "tiny-qwen3"}
 
 MODEL_FILES = {  # id: (change to GOOD, or a raw metadata dict; what the one line must say)
     "no run config": ({"kind": "gran-ted/dit", "step": "1"}, "its metadata holds no run config"),
-    "huge depth": ({"depth": 1_000_000}, "depth must be an integer in [1, 65536]"),
-    "over 20B parameters": ({"depth": 60_000, "hidden": 8192, "heads": 8}, "is over 20B parameters"),
-    "hidden a string": ({"hidden": "wide"}, "hidden must be an integer in [1, 65536], got 'wide'"),
-    "heads do not divide": ({"hidden": 30, "heads": 4}, "hidden 30 is not divisible by heads 4"),
+    "huge depth": ({"dit": [32, 1_000_000]}, "dit must be [width, depth], integers in [1, 65536]"),
+    "over 20B parameters": ({"dit": [8192, 60_000]}, "is over 20B parameters"),
+    "width a string": ({"dit": ["wide", 2]}, "dit must be [width, depth], integers in [1, 65536], got ['wide', 2]"),
+    "width not in heads": ({"dit": [48, 2]}, "DiT width 48 is not a multiple of the head width 32"),
+    "patch one number": ({"patch": 4}, "patch must be [side, frames]"),
     "unknown backbone": ({"backbone": "unet"}, "backbone must be one of dit, lumina2, wan"),
     "missing backbone": ({"backbone": None}, "backbone must be one of"),
     "size and patch": ({"size": 18}, "the 18-pixel side is not divisible by the patch 4"),
@@ -67,7 +68,7 @@ FLAGS = {  # id: (05 flags, what the one line must say)
     "wan ffn huge": (["--backbone", "wan", "--backbone-config", '{"ffn_dim": 1000000000000}'],
                      "ffn_dim must be an integer in [1, 65536]"),
     "size and patch": (["--size", "10"], "the 10-pixel side is not divisible by the patch 4"),
-    "heads do not divide": (["--hidden", "30", "--heads", "4"], "hidden 30 is not divisible by heads 4"),
+    "width not in heads": (["--dit", "48x2"], "DiT width 48 is not a multiple of the head width 32"),
     "size and VAE factor": (["--vae", "tiny-wan-vae", "--size", "6"], "--size 6 is not divisible by the VAE's spatial factor 4"),
 }
 

@@ -78,19 +78,19 @@ def test_stopped_killed_and_resumed_run_is_bit_identical(tmp_path, world):
 
 
 def test_resume_needs_no_flags_and_refuses_what_differs(tmp_path, world):
-    t2x.main(flags(tmp_path, world, "--steps", "4", "--ckpt-every", "2", "--stop-at", "2", "--hidden", "48"))
+    t2x.main(flags(tmp_path, world, "--steps", "4", "--ckpt-every", "2", "--stop-at", "2", "--dit", "64x2"))
     out = str(tmp_path / "out")
-    # No shape flags: the checkpoint has them (hidden 48, not the default 192).
+    # No shape flags: the checkpoint has them (64 wide, not the default 128).
     t2x.main(["--out", out, "--resume", "--cache-dir", str(tmp_path.parent / "cache")])
     assert ckpt(tmp_path / "out/checkpoints/step_00000004.pt")["step"] == 4
-    t2x.main(flags(tmp_path, world, "--steps", "6", "--hidden", "48", "--resume"))  # a longer plan is fine
-    for extra, what in [(["--heads", "4"], "--heads 4 contradicts"), (["--seed", "1"], "--seed 1 contradicts"),
-                        (["--image-batch", "2"], "--image-batch 2 contradicts")]:
+    t2x.main(flags(tmp_path, world, "--steps", "6", "--dit", "64x2", "--resume"))  # a longer plan is fine
+    for extra, what in [(["--patch", "2x2"], r"--patch \[2, 2\] contradicts"), (["--seed", "1"], "--seed 1 contradicts"),
+                        (["--batch", "2:2"], r"--batch \[2, 2\] contradicts")]:
         with pytest.raises(DataError, match=what):
-            t2x.main(flags(tmp_path, world, "--steps", "8", "--resume", "--hidden", "48", *extra))
+            t2x.main(flags(tmp_path, world, "--steps", "8", "--resume", "--dit", "64x2", *extra))
     other = make_world(tmp_path / "other", seed=1)  # same path name, different content
     with pytest.raises(DataError, match="--data .* contradicts"):
-        t2x.main(flags(tmp_path, other, "--steps", "8", "--resume", "--hidden", "48"))
+        t2x.main(flags(tmp_path, other, "--steps", "8", "--resume", "--dit", "64x2"))
 
 
 def test_resume_refuses_changed_data_or_retrained_encoder(tmp_path, world, monkeypatch):
@@ -225,7 +225,9 @@ def first_record(**change):
 
 BAD_05 = [  # (extra flags, data-file edit, what the one line must say)
     (["--steps", "0"], None, "argument --steps: 0 is out of range: must be >= 1"),
-    (["--image-batch", "0"], None, "--image-batch"),
+    (["--batch", "0:2"], None, "--batch 0:2: the image batch must be a positive multiple"),
+    (["--batch", "4"], None, "--batch: '4': expected IMAGES:VIDEOS"),
+    (["--dit", "128"], None, "--dit: '128': expected WIDTHxDEPTH"),
     (["--interleave", "0:0"], None, "--interleave: '0:0'"),
     (["--frames", "1"], None, "--frames"),
     (["--fusion", "frozen"], None, "--fusion frozen needs --layer-weights"),
@@ -369,6 +371,6 @@ def test_05_copied_out_with_its_shared_modules_trains_on_a_users_jsonl(tmp_path)
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "05_train_diffusion.py", "--data", "mine.jsonl", "--encoder", "minilm", "--size", "16",
-                    "--steps", "2", "--image-batch", "4", "--hidden", "32", "--depth", "1", "--heads", "2"],
+                    "--steps", "2", "--batch", "4:2", "--dit", "32x1"],
                    check=True, cwd=tmp_path, env=env, timeout=300)
     assert ckpt(tmp_path / "runs/diffusion/checkpoints/step_00000002.pt")["config"]["encoder"] == "minilm"

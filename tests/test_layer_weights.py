@@ -59,7 +59,7 @@ def test_learned_fusion_at_init_is_norm_avg():
 def test_weights_learn_then_stay_put_after_the_freeze(tmp_path, world):
     """Freeze at step 4 of 10 and train on (--run-to-end): the DiT moves on, the layer weights and their
     optimiser state do not."""
-    argv = flags(tmp_path, world, "--steps", "10", "--ckpt-every", "4", "--freeze-fraction", "0.4", "--run-to-end")
+    argv = flags(tmp_path, world, "--steps", "10", "--ckpt-every", "4", "--freeze", "0.4", "--run-to-end")
     lw.main(argv + ["--stop-at", "4"])
     at4 = ckpt(tmp_path / "out/checkpoints/step_00000004.pt")
     lw.main(argv + ["--resume"])
@@ -80,8 +80,8 @@ def test_weights_learn_then_stay_put_after_the_freeze(tmp_path, world):
 def test_04_then_05_is_one_joint_then_frozen_run(tmp_path, world):
     """04 stops at its freeze; 05 --init-from (no shape, step or encoder flags, a DiT shape unlike 05's
     defaults) continues from the step 04 reached and ends bit for bit where one uninterrupted run ends."""
-    shape = ["--hidden", "48", "--depth", "3", "--heads", "3"]
-    lw.main(flags(tmp_path, world, "--steps", "9", "--freeze-fraction", "0.5", *shape, out="stage2"))
+    shape = ["--dit", "64x3"]
+    lw.main(flags(tmp_path, world, "--steps", "9", "--freeze", "0.5", *shape, out="stage2"))
     out = tmp_path / "stage2"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005.pt"], "04 stops at the freeze"
     for name in ("layer_weights.pt", "model.safetensors", "weights.png", "summary.json", "args.json"):
@@ -93,23 +93,23 @@ def test_04_then_05_is_one_joint_then_frozen_run(tmp_path, world):
         models.load_layer_weights(out / "layer_weights.pt", "another-encoder", 4)
 
     t2x.main(["--init-from", str(out), "--out", str(tmp_path / "stage2b"), "--cache-dir", str(tmp_path.parent / "cache")])
-    lw.main(flags(tmp_path, world, "--steps", "9", "--freeze-fraction", "0.5", *shape, "--run-to-end", out="whole"))
+    lw.main(flags(tmp_path, world, "--steps", "9", "--freeze", "0.5", *shape, "--run-to-end", out="whole"))
     two, one = ckpt(tmp_path / "stage2b/checkpoints/step_00000009.pt"), ckpt(tmp_path / "whole/checkpoints/step_00000009.pt")
-    assert two["config"]["hidden"] == 48 and two["frozen_at"] == one["frozen_at"] == 5
+    assert two["config"]["dit"] == [64, 3] and two["frozen_at"] == one["frozen_at"] == 5
     for part in ("model", "fusion"):
         for k in one[part]:
             assert torch.equal(one[part][k], two[part][k]), (part, k)
     for k in one["ema"]["model"]:
         assert torch.equal(one["ema"]["model"][k], two["ema"]["model"][k]), k
     assert one["streams"] == two["streams"] and one["sched"]["last_epoch"] == two["sched"]["last_epoch"] == 9
-    with pytest.raises(DataError, match="--hidden 64 contradicts"):
-        t2x.main(["--init-from", str(out), "--out", str(tmp_path / "c"), "--hidden", "64"])
+    with pytest.raises(DataError, match=r"--dit \[32, 3\] contradicts"):
+        t2x.main(["--init-from", str(out), "--out", str(tmp_path / "c"), "--dit", "32x3"])
 
 
 def test_04_resumes_mid_joint_training_on_the_same_curve(tmp_path, world):
-    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze-fraction", "0.75", out="a"))
-    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze-fraction", "0.75", "--stop-at", "3", out="b"))
-    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze-fraction", "0.75", "--resume", out="b"))
+    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze", "0.75", out="a"))
+    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze", "0.75", "--stop-at", "3", out="b"))
+    lw.main(flags(tmp_path, world, "--steps", "8", "--freeze", "0.75", "--resume", out="b"))
     a, b = ckpt(tmp_path / "a/checkpoints/step_00000006.pt"), ckpt(tmp_path / "b/checkpoints/step_00000006.pt")
     assert torch.equal(a["fusion"]["logits"], b["fusion"]["logits"])
     assert all(torch.equal(x, y) for x, y in zip(a["extra"]["history"], b["extra"]["history"]))
@@ -118,8 +118,8 @@ def test_04_resumes_mid_joint_training_on_the_same_curve(tmp_path, world):
 
 
 BAD_04 = [(["--steps", "0"], "argument --steps: 0 is out of range"),
-          (["--freeze-window", "0"], "argument --freeze-window"),
-          (["--freeze-fraction", "0"], "argument --freeze-fraction"),
+          (["--freeze", "0"], "argument --freeze: 0 is out of range"),
+          (["--freeze", "sometime"], "argument --freeze: 'sometime' is not a number in (0, 1] or never"),
           (["--encoder", "runs/stage1/model"], "runs/stage1/model does not exist")]
 
 

@@ -17,7 +17,7 @@ from tests import diffusion_stubs as stubs
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's numbers (shared/PAPER_FACTS.md, "Diffusion setup"): the README's recipes must say them.
-PAPER = {"t2i": dict(backbone="lumina2", steps=144000, freeze=96000, image_batch=512, video_batch=None),
+PAPER = {"t2i": dict(backbone="lumina2", steps=144000, freeze=96000, image_batch=512, video_batch=0),
          "t2v": dict(backbone="wan", steps=20000, freeze=12000, image_batch=512, video_batch=128)}
 
 
@@ -67,14 +67,16 @@ def stand_ins(tmp):
 def shrink(stem, args, tmp, models, data, prompts, steps):
     """The same command at CPU size: sizes and paths replaced, nothing else."""
     backbone = flag(args, "--backbone")
-    tiny = {"--backbone-config": "tiny", "--size": "16", "--frames": "4", "--image-batch": "4", "--video-batch": "2",
+    tiny = {"--size": "16", "--frames": "4", "--batch": "4:2",
             "--steps": str(steps), "--sample-steps": "2", "--vae": str(models.get(backbone)),
-            "--init-transformer": str(models.get(backbone)), "--encoder": "tiny-qwen3", "--data": str(data),
+            "--encoder": "tiny-qwen3", "--data": str(data),
             "--prompt-file": str(prompts)}
     out = []
     for i, tok in enumerate(args):
         prev = args[i - 1] if i else None
-        if prev in tiny:
+        if prev == "--backbone-config":  # the paper's size, or a pretrained model's folder
+            tok = "tiny" if tok == "paper" else str(models.get(backbone))
+        elif prev in tiny:
             tok = tiny[prev]
         elif tok.startswith("runs/"):
             tok = str(tmp / tok)
@@ -93,13 +95,11 @@ def test_readme_recipe_runs_at_tiny_size(tmp_path, name):
     assert [s for s, _ in cmds] == ["04_train_layer_weights", "05_train_diffusion", "06_sample"]
     (_, a04), (_, a05), (_, a06) = cmds
     # the recipe is the paper's run
-    fraction = float(flag(a04, "--freeze-fraction"))
+    fraction = float(flag(a04, "--freeze"))
     assert flag(a04, "--backbone") == paper["backbone"] and int(flag(a04, "--steps")) == paper["steps"]
     assert math.ceil(fraction * paper["steps"]) == paper["freeze"]  # 04's freeze step, as WeightWatch computes it
     assert flag(a04, "--size") == "256" and float(flag(a04, "--lr")) == 1e-4
-    assert int(flag(a04, "--image-batch")) == paper["image_batch"]
-    video_batch = flag(a04, "--video-batch")
-    assert (video_batch and int(video_batch)) == paper["video_batch"]  # T2I: images only
+    assert flag(a04, "--batch") == f"{paper['image_batch']}:{paper['video_batch']}"  # T2I: images only
     assert flag(a04, "--vae") and flag(a05, "--init-from") == flag(a04, "--out")
     assert flag(a06, "--ckpt") == flag(a05, "--out")
 
