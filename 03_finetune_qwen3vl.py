@@ -4,24 +4,22 @@ The paper fine-tunes Qwen3-VL-8B-Instruct on questions about attributes, spatial
 order, counts and text in images and videos, so the encoder it becomes carries the visual semantics a
 diffusion model needs. Here the real Qwen3VLProcessor and Qwen3VLForConditionalGeneration train with the
 loss on the assistant's tokens only; rank 0 writes a save_pretrained folder that 02, 04 and 05 load. With
-no --model it fine-tunes the tiny pretrained `tiny-qwen3vl-base` (copied to runs/stage1/base/ for 02) on
-01's targeted VQA, and scores held-out questions per perspective (runs/stage1/vqa_eval.md).
+no --model it fine-tunes the tiny pretrained `tiny-qwen3vl-base` on 01's targeted VQA and scores held-out
+questions per perspective (runs/stage1/vqa_eval.md).
 
     python 03_finetune_qwen3vl.py                                  # CPU, built-in data (--resume continues)
     torchrun --nproc_per_node=2 03_finetune_qwen3vl.py             # DDP: the same model as one process
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \
         03_finetune_qwen3vl.py --fsdp --grad-ckpt --model Qwen/Qwen3-VL-8B-Instruct --data my_vqa.jsonl \
         --steps 3000 --batch-size 128 --grad-accum 8 --lr 1e-5 --max-pixels 200704 --max-frames 16
-    python 02_probe_encoders.py --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg
+    python 02_probe_encoders.py --encoders tiny-qwen3vl-base,runs/stage1/model --strategies norm-avg
 
 Data: jsonl of {"media", "kind", "messages": [{"role": "user", ...}, {"role": "assistant", "content",
 "perspective"?}, ...]}, media relative to the jsonl; --captions adds {media, caption, kind} as describe
 turns. --batch-size is global (ranks x accumulation), so any process count trains the same model.
-Checkpoints hold everything a resume needs; --resume continues the same loss curve.
 """
 import argparse
 import re
-import shutil
 import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
@@ -34,14 +32,13 @@ import torch.nn.functional as F
 
 import encoders
 import plumbing
-from common import check_same_run, read_vqa_media, read_vqa_records, scan_vqa_media
+from common import GRAD_CLIP, check_same_run, read_vqa_media, read_vqa_records, scan_vqa_media, tensorboard
 from plumbing import DataError, autocast, log
 
 IGNORE = encoders.IGNORE
 KIND = "gran-ted/stage1"  # the checkpoint's kind tag
 # The settings that make the loss curve; a checkpoint carries them and --resume refuses one that differs.
-RUN_KEYS = ("model", "data", "captions", "seed", "lr", "batch_size", "steps", "warmup", "decay",
-            "grad_clip", "freeze_vision", "max_frames", "max_pixels", "min_pixels", "max_length", "eval_size")
+RUN_KEYS = ("model", "data", "captions", "seed", "lr", "batch_size", "steps", "warmup", "decay", "freeze_vision", "max_frames", "max_pixels", "min_pixels", "max_length", "eval_size")
 
 
 #################################################################################
@@ -109,38 +106,26 @@ def to_conversation(rec, upto=None):
     return msgs
 
 
-def pixel_size(default, max_pixels, min_pixels, frames=1):
-    """The processor's `size` with the pixel limits per image or per frame (a video scales by its frames)."""
-    size = dict(default or {})
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels * frames
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels * frames
-    return size
-
-
 def keep_pixel_limits(processor, frames, max_pixels, min_pixels):
-    """Write the limits into the processor, so that the saved model is later used as it was trained."""
-    if max_pixels is not None or min_pixels is not None:
-        processor.image_processor.size = pixel_size(processor.image_processor.size, max_pixels, min_pixels)
-        processor.video_processor.size = pixel_size(processor.video_processor.size, max_pixels, min_pixels, frames)
+    """Write the pixel limits into the processor (per image, per video frame), so that training, the eval
+    and the saved model all use them."""
+    for proc, scale in ((processor.image_processor, 1), (processor.video_processor, frames)):
+        size = dict(proc.size or {})
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels * scale  # a video may use --max-frames x the frame budget
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels * scale
+        proc.size = size
 
 
 class Collator:
     """Load media, render the chat template, run the processor, and build assistant-only labels."""
 
-    def __init__(self, processor, frames=8, max_pixels=None, min_pixels=None, max_length=None):
+    def __init__(self, processor, frames=8, max_length=None):
         self.processor, self.frames, self.max_length = processor, frames, max_length
-        self.max_pixels, self.min_pixels = max_pixels, min_pixels
         tok = processor.tokenizer
         self.header_ids = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self.end_id = tok.convert_tokens_to_ids("<|im_end|>")
-
-    def size_kwargs(self, default, frames=1):
-        """Processor `size` overrides (none when no limit is set)."""
-        if self.max_pixels is None and self.min_pixels is None:
-            return {}
-        return {"size": pixel_size(default, self.max_pixels, self.min_pixels, frames)}
 
     def encode(self, recs, texts, left_pad=False):
         """Processor call on already-rendered `texts` with each record's media."""
@@ -156,12 +141,8 @@ class Collator:
         kwargs = {}
         if images:
             kwargs["images"] = images
-            kwargs["images_kwargs"] = self.size_kwargs(self.processor.image_processor.size)
         if videos:
-            kwargs["videos"] = videos
-            # a video may use --max-frames x the per-frame budget (shorter clips get sharper frames)
-            vk = self.size_kwargs(self.processor.video_processor.size, self.frames)
-            kwargs["videos_kwargs"] = dict(vk, video_metadata=metas, do_sample_frames=False)
+            kwargs["videos"], kwargs["videos_kwargs"] = videos, dict(video_metadata=metas, do_sample_frames=False)
         tok = self.processor.tokenizer
         old_side, tok.padding_side = tok.padding_side, ("left" if left_pad else "right")
         try:
@@ -195,28 +176,13 @@ class Collator:
 #                                   Model                                       #
 #################################################################################
 
-def tiny_base(out_dir, seed, d):
-    """The pretrained tiny Qwen3-VL (`tiny-qwen3vl-base`) as `out_dir`, copied by rank 0 from encoders'
-    cache (keyed by its recipe and seed; built there in a few CPU-minutes the first time); a folder
-    built by another recipe or seed is replaced."""
+def tiny_base(d):
+    """The pretrained tiny Qwen3-VL (`tiny-qwen3vl-base`, as 02 names it): encoders' cached folder, built
+    there by rank 0 the first time (a few CPU-minutes)."""
     if d.is_main:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        source = encoders.ladder_dir("tiny-qwen3vl-base", seed=seed)
-        key = {"built_from": source.name, "seed": seed}
-        made = out_dir / "built_from.json"
-        try:
-            same = plumbing.read_json(made) == key
-        except DataError:  # no folder yet, or one from before the key was recorded
-            same = False
-        if not same:
-            def build(tmp):
-                shutil.copytree(source, tmp, dirs_exist_ok=True)
-                plumbing.atomic_write_json(tmp / made.name, key)
-            plumbing.atomic_dir(out_dir, build)
-            log(f"copied the pretrained tiny Qwen3-VL base to {out_dir}")
+        encoders.ladder_dir("tiny-qwen3vl-base")
     d.barrier()
-    return out_dir
+    return encoders.ladder_dir("tiny-qwen3vl-base")
 
 
 def prepare_model(model_path, args, d, dtype):
@@ -235,8 +201,9 @@ def prepare_model(model_path, args, d, dtype):
     return encoders.wrap_model(model, d, dtype, args.fsdp), processor, config
 
 
-def save_pretrained_dir(model, processor, config, folder, d, save_dtype, fsdp):
-    """Rank 0 writes the consolidated save_pretrained folder (model + processor) as OUT/model."""
+def save_pretrained_dir(model, processor, config, out, stale, d, save_dtype, fsdp):
+    """Rank 0 writes the consolidated save_pretrained folder (model + processor) as OUT/model, swapped in
+    whole; a run that wrote no checkpoint then drops the old run's (--overwrite)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import Qwen3VLForConditionalGeneration
     inner = model.module if hasattr(model, "module") and not fsdp else model
@@ -255,7 +222,10 @@ def save_pretrained_dir(model, processor, config, folder, d, save_dtype, fsdp):
         def build(tmp):
             fresh.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-        folder.save_model(build)
+        plumbing.atomic_dir(out / "model", build)
+        for old in stale:
+            old.unlink(missing_ok=True)
+        log(f"saved {out / 'model'}")
     d.barrier()
 
 
@@ -274,55 +244,14 @@ def run_signature(args):
     return run
 
 
-class RunFolder:
-    """--out: one run's checkpoints and model. A new run refuses a folder that holds another unless
-    --overwrite, and then removes the old run's checkpoints only once it has written its own."""
-
-    def __init__(self, out, args, run):
-        self.out, self.args, self.run = Path(out), args, run
-        self.stale = []  # the old run's checkpoints, while this run has written nothing
-
-    def start(self):
-        """Rank 0: the checkpoint state to continue from, or None for a fresh run."""
-        has_model = (self.out / "model" / "config.json").is_file()
-        if self.args.resume:
-            path, state = plumbing.load_latest_checkpoint(self.out, KIND)
-            if state is not None:
-                check_same_run(state.get("run", {}), self.run, f"--resume {path}")
-                log(f"resuming from {path} at step {state['step']}")
-                return state
-            if has_model and not self.args.overwrite:
-                raise DataError(f"--resume: {self.out} holds a finished model and no checkpoint to continue; "
-                                f"pass --overwrite to train a new one")
-            log(f"--resume: no checkpoint under {self.out / 'checkpoints'}, starting fresh")
-        held = plumbing.list_checkpoints(self.out)
-        if (held or has_model) and not self.args.overwrite:
-            what = "checkpoints" if held else "a finished model"
-            raise DataError(f"--out {self.out} already holds a run ({what}); pass --resume to continue it "
-                            f"or --overwrite to replace it")
-        self.stale = held
-        return None
-
-    def save_checkpoint(self, state):
-        """checkpoints/step_N.pt (rank 0), then the old run's checkpoints go."""
-        plumbing.save_checkpoint(self.out, state["step"], state, replaces=self.stale)
-        self.stale = []
-
-    def save_model(self, build):
-        """OUT/model, swapped in whole; a run that wrote no checkpoint then drops the old run's."""
-        plumbing.atomic_dir(self.out / "model", build)
-        for old in self.stale:
-            old.unlink(missing_ok=True)
-        self.stale = []
-
-
-def start_state(folder, d):
-    """`folder.start()` decided on rank 0 (the checkpoint's state there, {} on the other ranks when
-    resuming); a refusal is raised on every rank, so none waits for the others."""
-    state, error = None, None
+def start_state(args, run, d):
+    """(the checkpoint state to continue or None, the old run's checkpoints that --overwrite replaces once
+    this run has written), decided on rank 0 (the others get {} when resuming); a refusal is raised on every
+    rank, so none waits for the others."""
+    state, stale, error = None, [], None
     if d.is_main:
         try:
-            state = folder.start()
+            state, stale = claim_out(Path(args.out), args, run)
         except DataError as e:
             error = str(e)
     if d.enabled:
@@ -333,7 +262,28 @@ def start_state(folder, d):
     if error:
         plumbing.cleanup_distributed()  # every rank leaves the group together, none aborts mid-collective
         raise DataError(error)
-    return state
+    return state, stale
+
+
+def claim_out(out, args, run):
+    """--out holds one run: --resume continues its newest checkpoint (the same run only); a new run refuses a
+    folder that holds another unless --overwrite."""
+    has_model = (out / "model" / "config.json").is_file()
+    if args.resume:
+        path, state = plumbing.load_latest_checkpoint(out, KIND)
+        if state is not None:
+            check_same_run(state.get("run", {}), run, f"--resume {path}")
+            log(f"resuming from {path} at step {state['step']}")
+            return state, []
+        if has_model and not args.overwrite:
+            raise DataError(f"--resume: {out} holds a finished model and no checkpoint to continue; "
+                            f"pass --overwrite to train a new one")
+        log(f"--resume: no checkpoint under {out / 'checkpoints'}, starting fresh")
+    held = plumbing.list_checkpoints(out)
+    if (held or has_model) and not args.overwrite:
+        raise DataError(f"--out {out} already holds a run ({'checkpoints' if held else 'a finished model'}); "
+                        f"pass --resume to continue it or --overwrite to replace it")
+    return None, held
 
 
 def checkpoint_state(model, optimizer, scheduler, step, position, run, d):
@@ -380,9 +330,9 @@ def normalise(text):
     return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?")
 
 
-def eval_items(records):
-    """(record, turn index, reference, perspective) for every assistant turn; the perspective is the
-    reply's own, else the record's, else "other"."""
+def answers(records):
+    """(record, turn, reference, perspective) for every assistant turn; the perspective is the reply's own,
+    else the record's, else "other"."""
     return [(rec, t, m["content"], m.get("perspective") or rec.get("perspective") or "other")
             for rec in records for t, m in enumerate(rec["messages"])
             if m["role"] == "assistant" and m["content"].strip()]
@@ -390,15 +340,15 @@ def eval_items(records):
 
 @torch.no_grad()
 def evaluate_vqa(model, processor, heldout, train, args, device, dtype):
-    """Greedy answers to held-out questions: exact-match accuracy per perspective vs chance."""
+    """Greedy answers to held-out questions: exact-match accuracy per perspective, beside chance (uniform
+    over the answers seen in training) and always giving the training set's most common answer."""
     model.eval()
-    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels)
-    items = [it for it in eval_items(heldout) if it[3] != "describe"]  # free text: no exact match
-    answers_by_p = defaultdict(Counter)
-    for it in eval_items(train):
-        answers_by_p[it[3]][normalise(it[2])] += 1
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = processor.tokenizer.pad_token_id
+    collate = Collator(processor, args.max_frames)
+    items = [it for it in answers(heldout) if it[3] != "describe"]  # free text: no exact match
+    seen = defaultdict(Counter)
+    for _, _, ref, p in answers(train):
+        seen[p][normalise(ref)] += 1
+    eos, pad = processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id
     preds = []
     for s in plumbing.progress(range(0, len(items), 64), desc="eval"):
         chunk = items[s:s + 64]
@@ -406,33 +356,19 @@ def evaluate_vqa(model, processor, heldout, train, args, device, dtype):
                                                add_generation_prompt=True) for r, t, _, _ in chunk]
         batch = collate.encode([r for r, _, _, _ in chunk], texts, left_pad=True).to(device)
         with autocast(device, dtype):
-            out = model.generate(**batch, max_new_tokens=16, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=pad)
-        new = out[:, batch["input_ids"].shape[1]:]
-        preds += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    per = defaultdict(lambda: {"n": 0, "correct": 0})
-    examples = []
-    for (rec, t, ref, p), pred in zip(items, preds):
-        ok = normalise(pred) == normalise(ref)
-        per[p]["n"] += 1
-        per[p]["correct"] += int(ok)
-        if len(examples) < 20:
-            examples.append({"file": rec["_file"], "line": rec["_line"], "perspective": p,
-                             "question": rec["messages"][t - 1]["content"] if t else "",
-                             "reference": ref, "prediction": pred})
-    results = {}
-    for p in sorted(per):
-        seen = answers_by_p[p]
-        majority = seen.most_common(1)[0][0] if seen else None
-        n_major = sum(normalise(ref) == majority for _, _, ref, q in items if q == p)
-        results[p] = {"n": per[p]["n"], "accuracy": per[p]["correct"] / per[p]["n"],
-                      "chance_uniform": 1.0 / len(seen) if seen else 0.0,
-                      "majority_baseline": n_major / per[p]["n"], "distinct_train_answers": len(seen)}
-    n = sum(v["n"] for v in results.values())
-    overall = {"n": n, "accuracy": sum(v["accuracy"] * v["n"] for v in results.values()) / max(1, n),
-               "chance_uniform": sum(v["chance_uniform"] * v["n"] for v in results.values()) / max(1, n),
-               "majority_baseline": sum(v["majority_baseline"] * v["n"] for v in results.values()) / max(1, n)}
-    return {"overall": overall, "per_perspective": results, "examples": examples}
+            out = model.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        preds += processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    rows = defaultdict(list)  # perspective -> (right, the majority answer would be right)
+    for (_, _, ref, p), pred in zip(items, preds):
+        majority = seen[p].most_common(1)[0][0] if seen[p] else None
+        rows[p].append((normalise(pred) == normalise(ref), normalise(ref) == majority))
+    per = {p: {"n": len(r), "accuracy": sum(a for a, _ in r) / len(r), "majority_baseline": sum(b for _, b in r) / len(r),
+               "chance_uniform": 1.0 / len(seen[p]) if seen[p] else 0.0, "distinct_train_answers": len(seen[p])}
+           for p, r in sorted(rows.items())}
+    n = sum(v["n"] for v in per.values())
+    overall = {"n": n, **{k: sum(v[k] * v["n"] for v in per.values()) / max(1, n)
+                          for k in ("accuracy", "chance_uniform", "majority_baseline")}}
+    return {"overall": overall, "per_perspective": per}
 
 
 def eval_markdown(res, title):
@@ -461,7 +397,7 @@ def evaluate_saved(out, heldout, train_recs, args, d, dtype):
 #################################################################################
 
 def load_data(args, d):
-    """(train records, held-out records, records skipped for bad media)."""
+    """(train records, held-out records); records with unreadable media are skipped (up to a limit)."""
     records = read_vqa_records(args.data)
     if args.captions:
         records += read_vqa_records(args.captions, captions=True)
@@ -471,20 +407,19 @@ def load_data(args, d):
         raise DataError(f"{args.data}: no records left to train on")
     log(f"data: {len(records)} records ({n_bad} skipped), train {len(train_recs)}, held out {len(heldout)} "
         f"({len({r['_path'] for r in heldout})} media)")
-    return train_recs, heldout, n_bad
+    return train_recs, heldout
 
 
 def train_step(model, micro, params, optimizer, scheduler, args, d, dtype):
-    """One optimiser step over the accumulated micro-batches: (loss, grad norm, lr, tokens seen)."""
+    """One optimiser step over the accumulated micro-batches: (loss, grad norm, lr)."""
     # the loss is a mean over every assistant token of the global batch, whatever the split
     n_tok = torch.tensor(float(sum(int((b["labels"] != IGNORE).sum()) for b in micro)), device=d.device)
     if d.enabled:
         dist.all_reduce(n_tok)
-    total, tokens = torch.zeros((), device=d.device), 0
+    total = torch.zeros((), device=d.device)
     for a, batch in enumerate(micro):
         batch = batch.to(d.device)
         labels = batch.pop("labels")
-        tokens += int(batch["attention_mask"].sum())
         last = a == len(micro) - 1
         if args.fsdp:
             model.set_requires_gradient_sync(last)
@@ -496,7 +431,7 @@ def train_step(model, micro, params, optimizer, scheduler, args, d, dtype):
             # DDP/FSDP average gradients over ranks; scale so the result is the global token mean
             (ce * d.world_size / n_tok.clamp(min=1)).backward()
         total += ce.detach()
-    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -504,30 +439,11 @@ def train_step(model, micro, params, optimizer, scheduler, args, d, dtype):
     scheduler.step()
     if d.enabled:
         dist.all_reduce(total)
-    return (total / n_tok.clamp(min=1)).item(), float(gnorm), lr, tokens
-
-
-def tensorboard(out, d):
-    """A tensorboard writer under OUT/tb on rank 0 (None elsewhere)."""
-    if not d.is_main:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(out / "tb")
-
-
-def log_step(writer, step, loss, lr, gnorm, args):
-    """Tensorboard scalars every step; a log line every --log-every steps."""
-    if step % args.log_every == 0:
-        log(f"step {step}/{args.steps} loss {loss:.4f} lr {lr:.2e}")
-    if writer is not None:
-        writer.add_scalar("loss", loss, step)
-        writer.add_scalar("lr", lr, step)
-        writer.add_scalar("grad_norm", gnorm, step)
+    return (total / n_tok.clamp(min=1)).item(), float(gnorm), lr
 
 
 def train(args):
     """Fine-tune; returns the run's summary. Everything rank 0 writes goes under --out."""
-    t_start = time.time()
     d = plumbing.init_distributed(args.device)
     if d.device.type == "cpu":
         plumbing.set_threads(args.threads)  # small matmuls: more threads mostly add contention
@@ -535,10 +451,12 @@ def train(args):
     out, dtype = Path(args.out), plumbing.pick_dtype(d.device, args.dtype)
     if args.batch_size % (args.grad_accum * d.world_size):
         raise DataError(f"--batch-size {args.batch_size} must divide by --grad-accum x {d.world_size} processes")
-    folder = RunFolder(out, args, run_signature(args))
-    start = start_state(folder, d)
-    train_recs, heldout, n_bad = load_data(args, d)
-    model_path = args.model or tiny_base(out / "base", args.seed, d)
+    run = run_signature(args)
+    start, stale = start_state(args, run, d)
+
+    # Data, model (DDP or FSDP), AdamW; a resumed run takes the step, data position, optimiser and RNGs back.
+    train_recs, heldout = load_data(args, d)
+    model_path = args.model or tiny_base(d)
     model, processor, config = prepare_model(model_path, args, d, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -548,42 +466,40 @@ def train(args):
     batches = data_loader(train_recs, processor, args, d, position, max(0, stop - step))
     writer = tensorboard(out, d)
 
-    losses, tokens_seen, t_loop = [], 0, time.time()
-    bar = plumbing.progress(total=stop, initial=step, desc="stage1")
+    # The loop: one optimiser step over --grad-accum micro-batches; tensorboard every step, a log line every
+    # --log-every; a checkpoint every --ckpt-every steps and always when stopping before --steps (--resume).
+    losses, t_loop = [], time.time()
     model.train()
-    while step < stop:
+    for step in plumbing.progress(range(step + 1, stop + 1), total=stop, initial=step, desc="stage1"):
         micro = [next(batches) for _ in range(args.grad_accum)]
-        loss, gnorm, lr, tokens = train_step(model, micro, params, optimizer, scheduler, args, d, dtype)
-        step, position, tokens_seen = step + 1, position + args.batch_size, tokens_seen + tokens
+        loss, gnorm, lr = train_step(model, micro, params, optimizer, scheduler, args, d, dtype)
+        position += args.batch_size
         losses.append((step, loss))
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}")
-        log_step(writer, step, loss, lr, gnorm, args)
-        # a stop before --steps always leaves a checkpoint, so that --resume can continue
+        if step % args.log_every == 0:
+            log(f"step {step}/{args.steps} loss {loss:.4f} lr {lr:.2e}")
+        for name, value in (("loss", loss), ("lr", lr), ("grad_norm", gnorm)) if writer else ():
+            writer.add_scalar(name, value, step)
         if (args.ckpt_every and (step % args.ckpt_every == 0 or step == stop)) or step == stop < args.steps:
-            state = checkpoint_state(model, optimizer, scheduler, step, position, folder.run, d)
+            state = checkpoint_state(model, optimizer, scheduler, step, position, run, d)
             if d.is_main:
-                folder.save_checkpoint(state)
+                plumbing.save_checkpoint(out, step, state, replaces=stale)
+                stale = []  # the old run's checkpoints (--overwrite) go once this run has one
             d.barrier()
-    bar.close()
-    train_time = time.time() - t_loop
     if writer is not None:
         writer.close()
 
-    summary = {"steps": step, "losses": losses, "train_seconds": train_time,
-               "tokens_per_second_per_rank": tokens_seen / max(train_time, 1e-9), "skipped_records": n_bad,
-               "world_size": d.world_size, "model": str(model_path)}
-    finished = step >= args.steps
-    if finished:
-        save_pretrained_dir(model, processor, config, folder, d, dtype, args.fsdp)
-        log(f"saved {out / 'model'}")
+    summary = {"steps": step, "losses": losses, "train_seconds": time.time() - t_loop, "world_size": d.world_size,
+               "model": str(model_path)}
+    if step >= args.steps:
+        save_pretrained_dir(model, processor, config, out, stale, d, dtype, args.fsdp)
     del model, optimizer
     plumbing.cleanup_distributed()  # rank 0 evaluates alone, free of collective timeouts
-    if finished and d.is_main and heldout:
+    if step >= args.steps and d.is_main and heldout:
         summary.update(evaluate_saved(out, heldout, train_recs, args, d, dtype))
-    summary["wall_seconds"] = time.time() - t_start
     if d.is_main:
-        write_summary(out, summary, losses)
+        plumbing.atomic_write_json(out / "summary.json", summary, indent=None)
+        log(f"loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} over steps {losses[0][0]}-{step}, "
+            f"{summary['train_seconds']:.0f}s" if losses else f"nothing to train: step {step}")
     return summary
 
 
@@ -591,15 +507,8 @@ def data_loader(records, processor, args, d, position, steps):
     """This rank's micro-batches from the global batch order's `position` on, for `steps` optimiser steps."""
     sampler = StepBatches(len(records), args.batch_size, args.grad_accum, d.rank, d.world_size, args.seed,
                           position, steps)
-    collate = Collator(processor, args.max_frames, args.max_pixels, args.min_pixels, args.max_length)
+    collate = Collator(processor, args.max_frames, args.max_length)
     return iter(torch.utils.data.DataLoader(records, batch_sampler=sampler, collate_fn=collate))
-
-
-def write_summary(out, summary, losses):
-    plumbing.atomic_write_json(out / "summary.json", summary, indent=None)
-    if losses:
-        log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]}); "
-            f"{summary['wall_seconds']:.0f}s")
 
 
 #################################################################################
@@ -620,7 +529,6 @@ def get_parser():
     p.add_argument("--lr", type=plumbing.positive_float, default=2e-3)
     p.add_argument("--warmup", type=nonneg, default=30)
     p.add_argument("--decay", choices=["cosine", "constant"], default="cosine", help="to 0.1 x --lr at --steps")
-    p.add_argument("--grad-clip", type=plumbing.positive_float, default=1.0)
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
                    help="freeze the ViT (its mergers still train)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on every layer")

@@ -37,7 +37,7 @@ set -x
 $PY 01_build_ted6k.py --overwrite
 $PY 02_probe_encoders.py --overwrite --encoders minilm --max-captions 150 --seeds 0 1
 $PY 03_finetune_qwen3vl.py --overwrite
-$PY 02_probe_encoders.py --overwrite --encoders runs/stage1/base,runs/stage1/model --strategies norm-avg \
+$PY 02_probe_encoders.py --overwrite --encoders tiny-qwen3vl-base,runs/stage1/model --strategies norm-avg \
     --max-captions 150 --seeds 0 1 --out runs/probe/stage1
 $PY 04_train_layer_weights.py --overwrite --steps 600
 $PY 05_train_diffusion.py --overwrite --init-from runs/layer_weights

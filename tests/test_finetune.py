@@ -127,8 +127,44 @@ def test_frames_and_max_pixels(data, base):
     vid = common.read_vqa_records(data)[-1]
     b4 = ft.Collator(processor, frames=4)([vid])
     assert b4["video_grid_thw"].tolist()[0][0] == 2
-    big = ft.Collator(processor, max_pixels=64 * 64, min_pixels=64 * 64)([common.read_vqa_records(data)[0]])
+    ft.keep_pixel_limits(processor, 4, 64 * 64, 64 * 64)  # what 03 does to the processor it trains and saves
+    big = ft.Collator(processor, frames=4)([common.read_vqa_records(data)[0], vid])
     assert big["image_grid_thw"].tolist()[0] == [1, 8, 8]
+    assert big["video_grid_thw"].tolist()[0][1:] == [8, 8]  # each of the 4 frames gets the image's budget
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' whose greedy answer is whatever `answer(prompt)` says, as the tokenizer writes it."""
+
+    def __init__(self, processor, answer):
+        super().__init__()
+        self.processor, self.answer = processor, answer
+
+    def generate(self, input_ids, **kw):
+        tok = self.processor.tokenizer
+        replies = [tok.encode(self.answer(tok.decode(row, skip_special_tokens=True)) + "<|im_end|>",
+                              add_special_tokens=False) for row in input_ids.tolist()]
+        width = max(map(len, replies))
+        return torch.cat([input_ids, torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in replies])], 1)
+
+
+def test_vqa_eval_scores_a_known_case(data, base):
+    """Held out: 2 images (colour c0 / c1, then "one") and 2 videos (left, right); the model says "Left." to
+    everything, so 1 of 6 is right. From the 18 training records: the colour perspective's majority answer
+    is "one" (12 of 36 answers), motion's "left" (3 of 6, first seen), so always answering it gets 3 of 6."""
+    _, processor = encoders.load_qwen3vl(base)
+    recs = common.read_vqa_records(data)
+    held = recs[0:2] + recs[12:14]
+    args = ft.get_parser().parse_args(["--max-frames", "4"])
+    res = ft.evaluate_vqa(Oracle(processor, lambda prompt: "Left."), processor, held, recs, args,
+                          torch.device("cpu"), torch.float32)
+    assert res["per_perspective"]["motion"] == {"n": 2, "accuracy": 0.5, "majority_baseline": 0.5,
+                                                "chance_uniform": 0.5, "distinct_train_answers": 2}
+    colour = res["per_perspective"]["colour"]
+    assert (colour["n"], colour["accuracy"], colour["majority_baseline"]) == (4, 0.0, 0.5)
+    assert colour["chance_uniform"] == 1 / (len(COLOURS) + 1)  # the colours and "one"
+    assert res["overall"]["n"] == 6 and res["overall"]["accuracy"] == pytest.approx(1 / 6)
+    assert res["overall"]["majority_baseline"] == pytest.approx(0.5)
 
 
 #################################################################################
