@@ -12,9 +12,7 @@ import json
 import math
 import os
 import random
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -517,42 +515,3 @@ def lr_factor(step, steps, warmup, decay="constant", floor=0.0):
 def lr_scheduler(optimizer, steps, warmup, decay="constant", floor=0.0):
     """torch's LambdaLR over `lr_factor` (its state goes in the checkpoint)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, decay, floor))
-
-
-#################################################################################
-#                      Running a stage (the experiments' runner)                #
-#################################################################################
-
-def keep_recipe(out, settings, what, dry_run=False):
-    """OUT/settings.json: written on the first run, and a rerun whose recipe (the flags that change a result)
-    differs from the one OUT's kept runs were made with is refused."""
-    path = Path(out) / "settings.json"
-    if path.is_file():
-        old = read_json(path)
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
-            k = diff[0]
-            raise DataError(f"{out} holds {what} made with --{k.replace('_', '-')} {old.get(k)!r}, not "
-                            f"{settings[k]!r}: rerun with its settings, or another --out")
-    elif not dry_run:
-        atomic_write_json(path, settings)
-    return settings
-
-
-def run_stage(cmd, log_path, what, cwd=None):
-    """Run one stage's command in `cwd`, its output appended to `log_path`; its wall seconds. A failure is
-    one DataError line with the stage's last output line."""
-    print(f"  $ {shlex.join(cmd)}", flush=True)
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - t0
-    if rc:
-        lines = [x for x in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
-        raise DataError(f"{what} failed (exit {rc}): {lines[-1].strip() if lines else 'no output'} "
-                        f"(log: {log_path})")
-    return seconds

@@ -25,14 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, dit_done, eval_command, eval_done, keep_recipe,  # noqa: E402
+                    resolve, run_stage, script, world_command)
 import models  # noqa: E402
 import plumbing  # noqa: E402
-from plumbing import DataError, newest_step, run_stage  # noqa: E402
-
-ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
-KINDS = ("image", "video")
+from plumbing import DataError, newest_step  # noqa: E402
 ARMS = ("norm-avg", "continuous", "two-step")  # the evaluated arms, in the table's order
 JOINT = "two-step-joint"  # two-step's first half: 04 until the freeze
 PAIRS = (("two-step", "norm-avg"), ("continuous", "norm-avg"), ("two-step", "continuous"))
@@ -45,11 +43,6 @@ SAME = ["--ckpt-every", "200"]
 # the paper's setting.
 DEFAULTS = {"encoder": ("minilm", "tiny-qwen3"), "seeds": ([0, 1, 2], [0, 1]), "steps": (600, 6),
             "eval_images": (24, 4), "eval_videos": (12, 4), "eval_seeds": (2, 2), "sample_steps": (50, 4)}
-# The sweep's smoke world and DiT (experiments/sweep_ted_vs_generation.py), the same flags for 04 and 05.
-SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
-               "--eval-scenes", "8", "--seed", "0"]
-SMOKE_TRAIN = ["--size", "8", "--dit", "32x2", "--patch", "4x2", "--batch", "4:2", "--warmup", "0", "--ckpt-every", "3",
-               "--log-every", "3", "--max-length", "32"]
 RECIPE = ("smoke", "encoder", "steps", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "data",
           "eval_data", "train_args", "eval_args")
 
@@ -98,35 +91,17 @@ def parse_args(argv=None):
              "eval_data": ("runs/world/eval.jsonl", world / "eval.jsonl"),
              "cache_dir": ("cache", args.out / "cache")}
     args.own_world = args.smoke and args.data is None and args.eval_data is None
-    for key, (full, smoke) in paths.items():
-        given = getattr(args, key)
-        setattr(args, key, str(Path(given).resolve()) if given else str(smoke if args.smoke else ROOT / full))
-    for key in ("train_args", "eval_args"):
-        try:
-            setattr(args, key, shlex.split(getattr(args, key)))
-        except ValueError as e:
-            raise DataError(f"--{key.replace('_', '-')}: {e}") from None
-    return args
+    return resolve(args, paths, ("train_args", "eval_args"))
 
 
 def check_settings(args):
     """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with."""
-    return plumbing.keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "an ablation", args.dry_run)
+    return keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "an ablation", args.dry_run)
 
 
 #################################################################################
 #                               Running the stages                              #
 #################################################################################
-
-def script(name):
-    return [sys.executable, str(ROOT / name)]
-
-
-def world_command(args):
-    world = args.out / "world"
-    return script("01_build_ted6k.py") + ["--out", str(world / "ted6k"), "--world-out", str(world / "world"),
-                                          *SMOKE_WORLD]
-
 
 def train_commands(args, seed):
     """The 04/05 command of every run of one seed. Always --resume: a stage starts fresh when there is no
@@ -145,31 +120,11 @@ def train_commands(args, seed):
     }
 
 
-def eval_command(args, dit):
-    return script("06_sample.py") + [
-        "--eval", "--ckpt", str(dit), "--out", str(dit / "eval"), "--eval-data", args.eval_data,
-        "--eval-images", str(args.eval_images), "--eval-videos", str(args.eval_videos),
-        "--eval-seeds", str(args.eval_seeds), "--sample-steps", str(args.sample_steps), "--threads", str(args.threads),
-        *args.eval_args]
-
-
-def dit_done(steps, dit):
-    return newest_step(dit) >= steps and (dit / "model.safetensors").is_file()
-
-
 def frozen_at(joint):
     """The step at which 04 froze the weights, read from the newest checkpoint of two-step's first half; None
     while they still learn (summary.json can lag its checkpoint by a kill)."""
     _, state = plumbing.load_latest_checkpoint(joint, models.CKPT_KIND)
     return None if state is None else state.get("frozen_at")
-
-
-def eval_done(steps, dit):
-    """eval.json exists, scores the last step and is newer than the DiT it scored."""
-    path, model = dit / "eval" / "eval.json", dit / "model.safetensors"
-    if not path.is_file() or not model.is_file():
-        return False
-    return plumbing.read_json(path).get("step") == steps and path.stat().st_mtime >= model.stat().st_mtime
 
 
 def launch(args, label, cmd, folder, log_name, key):
@@ -214,7 +169,7 @@ def run_seed(args, seed, cmds):
         if eval_done(args.steps, dit):
             print(f"{label} 06 eval: kept ({dit / 'eval' / 'eval.json'})")
         else:
-            launch(args, f"{label} 06 eval", eval_command(args, dit), dit, "06_eval.log", "eval")
+            launch(args, f"{label} 06 eval", eval_command(args, dit, dit / "eval"), dit, "06_eval.log", "eval")
 
 
 #################################################################################
@@ -447,10 +402,10 @@ def main(argv=None):
         if Path(args.eval_data).is_file() and Path(args.data).is_file():
             print(f"01 world: kept ({args.out / 'world'})")
         elif args.dry_run:
-            print(f"01 world:\n  $ {shlex.join(world_command(args))}")
+            print(f"01 world:\n  $ {shlex.join(world_command(args.out))}")
         else:
             print("01 world", flush=True)
-            run_stage(world_command(args), args.out / "world.log", "01", cwd=ROOT)
+            run_stage(world_command(args.out), args.out / "world.log", "01", cwd=ROOT)
     t0 = time.time()
     for seed in args.seeds:
         run_seed(args, seed, train_commands(args, seed))

@@ -52,6 +52,37 @@ def repeats(step, batch_size, seed):
     return [(scene, caption + " " + caption) for scene, caption in GENERIC(step, batch_size, seed)]
 
 
+def scene_pairs(step, batch_size, seed):
+    """Each scene's two captions (the world's two styles) as neighbouring items: 0 and 1, 2 and 3, ..."""
+    rng = random.Random(f"pretrain:{seed}:{step}")
+    items = []
+    for i in range(batch_size // 2):
+        scene = scenes.sample_scene(rng, ("image", "video")[i % 2])
+        items += [(scene, caption) for caption in scenes.write_captions(scene, rng)]
+    return items
+
+
+def with_contrastive(load, weight, temperature=0.05):
+    """load_qwen3vl whose model adds, to its next-token loss, InfoNCE between the mean-pooled last hidden
+    states of neighbouring items (one scene's two captions) against the other scenes of the batch."""
+    def contrastive(path):
+        model, processor = load(path)
+        lm_forward = model.forward
+
+        def forward(**batch):
+            out = lm_forward(**batch, output_hidden_states=True)
+            m = batch["attention_mask"].unsqueeze(-1).float()
+            e = torch.nn.functional.normalize((out.hidden_states[-1] * m).sum(1) / m.sum(1), dim=-1)
+            logits = e[0::2] @ e[1::2].T / temperature
+            target = torch.arange(len(logits))
+            ce = torch.nn.functional.cross_entropy
+            out.loss = out.loss + weight * (ce(logits, target) + ce(logits.T, target)) / 2
+            return out
+        model.forward = forward
+        return model, processor
+    return contrastive
+
+
 def colour_report(path, n=150):
     """(mean pairwise cosine of the colour words' input embeddings, colour-question accuracy)."""
     model, processor = encoders.load_qwen3vl(path)
@@ -78,6 +109,8 @@ def main():
     p.add_argument("--material", default="captions", choices=["captions", "captions+qa", "paraphrases", "repeats"])
     p.add_argument("--steps", type=int, default=encoders.PRETRAIN["steps"], help="0: the random init")
     p.add_argument("--lr", type=float, default=encoders.PRETRAIN["lr"])
+    p.add_argument("--contrastive", type=float, default=0.0,
+                   help="weight of a scene-level InfoNCE between a scene's two captions (scene-pair material)")
     p.add_argument("--media", action="store_true", help="the MLLM base (half its captions answer a render)")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the input embeddings at their init")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input and output embeddings")
@@ -96,6 +129,9 @@ def main():
             config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
             return config
         encoders.tiny_qwen3vl_config = tied
+    if args.contrastive:
+        encoders.pretrain_items = scene_pairs
+        encoders.load_qwen3vl = with_contrastive(encoders.load_qwen3vl, args.contrastive)
     if args.freeze_embeddings:
         load = encoders.load_qwen3vl
 

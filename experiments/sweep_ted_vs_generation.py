@@ -30,13 +30,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, dit_done, eval_command, eval_done, keep_recipe,  # noqa: E402
+                    resolve, run_stage, script, world_command)
 import plumbing  # noqa: E402
-from plumbing import DataError, newest_step, run_stage  # noqa: E402
-
-ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
-KINDS = ("image", "video")
+from plumbing import DataError, newest_step  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,11 +69,7 @@ SMOKE_CONFIGS = (
 # Sizes: (full, smoke). Full sizes are the stages' own defaults, so a sweep row is comparable to a stage run.
 DEFAULTS = {"steps": (3000, 6), "seeds": ([0, 1, 2], [0, 1]), "eval_images": (48, 4), "eval_videos": (24, 4),
             "eval_seeds": (4, 2), "sample_steps": (50, 4), "max_captions": (0, 0)}
-SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
-               "--eval-scenes", "8", "--seed", "0"]
 SMOKE_PROBE = ["--steps", "4", "--batch-size", "8", "--width", "32", "--out-dim", "32", "--heads", "2"]
-SMOKE_TRAIN = ["--size", "8", "--dit", "32x2", "--patch", "4x2", "--batch", "4:2", "--warmup", "0", "--ckpt-every", "3",
-               "--log-every", "3", "--max-length", "32"]
 RECIPE = ("smoke", "steps", "seeds", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "max_captions",
           "benchmark", "caption_pairs", "data", "eval_data", "probe_args", "train_args", "eval_args")
 
@@ -129,15 +123,7 @@ def parse_args(argv=None):
              "eval_data": ("runs/world/eval.jsonl", world / "world/eval.jsonl"),
              "cache_dir": ("cache", args.out / "cache")}
     args.own_world = args.smoke and all(getattr(args, k) is None for k in paths if k != "cache_dir")
-    for key, (full, smoke) in paths.items():
-        given = getattr(args, key)
-        setattr(args, key, str(Path(given).resolve()) if given else str(smoke if args.smoke else ROOT / full))
-    for key in ("probe_args", "train_args", "eval_args"):
-        try:
-            setattr(args, key, shlex.split(getattr(args, key)))
-        except ValueError as e:
-            raise DataError(f"--{key.replace('_', '-')}: {e}") from None
-    return args
+    return resolve(args, paths, ("probe_args", "train_args", "eval_args"))
 
 
 def select(args):
@@ -154,22 +140,12 @@ def select(args):
 
 def check_settings(args):
     """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with."""
-    return plumbing.keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "a sweep", args.dry_run)
+    return keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "a sweep", args.dry_run)
 
 
 #################################################################################
 #                               Running the stages                              #
 #################################################################################
-
-def script(name):
-    return [sys.executable, str(ROOT / name)]
-
-
-def world_command(args):
-    world = args.out / "world"
-    return script("01_build_ted6k.py") + ["--out", str(world / "ted6k"), "--world-out", str(world / "world"),
-                                          *SMOKE_WORLD]
-
 
 def probe_command(args, cfg, out):
     return script("02_probe_encoders.py") + [
@@ -185,27 +161,6 @@ def train_command(args, cfg, out):
         "--encoder", cfg.encoder, "--fusion", cfg.strategy, "--steps", str(args.steps), "--data", args.data,
         "--cache-dir", args.cache_dir, "--out", str(out), "--resume", "--threads", str(args.threads),
         *(SMOKE_TRAIN if args.smoke else []), *args.train_args]
-
-
-def eval_command(args, cfg, dit, out):
-    return script("06_sample.py") + [
-        "--eval", "--ckpt", str(dit), "--out", str(out), "--eval-data", args.eval_data,
-        "--eval-images", str(args.eval_images), "--eval-videos", str(args.eval_videos),
-        "--eval-seeds", str(args.eval_seeds), "--sample-steps", str(args.sample_steps), "--threads", str(args.threads),
-        *args.eval_args]
-
-
-def dit_done(args, dit):
-    return newest_step(dit) >= args.steps and (dit / "model.safetensors").is_file()
-
-
-def eval_done(args, dit, ev):
-    """eval.json exists, scores the last step and is newer than the DiT it scored."""
-    path = ev / "eval.json"
-    if not path.is_file() or not (dit / "model.safetensors").is_file():
-        return False
-    return plumbing.read_json(path).get("step") == args.steps and \
-        path.stat().st_mtime >= (dit / "model.safetensors").stat().st_mtime
 
 
 def folders(args, cfg):
@@ -243,7 +198,7 @@ def run_config(args, cfg, label):
         secs["probe"] = run_stage(probe_command(args, cfg, probe), d / "logs/02_probe.log", f"{cfg.name}: 02",
                                   cwd=ROOT)
         save()
-    if dit_done(args, dit):
+    if dit_done(args.steps, dit):
         print(f"{label} 05 train: kept (step {newest_step(dit)})")
     else:
         step = newest_step(dit)
@@ -259,16 +214,16 @@ def run_config(args, cfg, label):
             secs.pop("train_started")
             secs["train"] = secs.get("train", 0.0) + s
             save()
-            if not dit_done(args, dit):
+            if not dit_done(args.steps, dit):
                 raise DataError(f"{cfg.name}: 05 ended at step {newest_step(dit)} of {args.steps} "
                                 f"(--train-args with --stop-at?): rerun to continue it")
-    if eval_done(args, dit, ev):
+    if eval_done(args.steps, dit, ev):
         print(f"{label} 06 eval: kept ({ev / 'eval.json'})")
     elif args.dry_run:
-        print(f"{label} 06 eval:\n  $ {shlex.join(eval_command(args, cfg, dit, ev))}")
+        print(f"{label} 06 eval:\n  $ {shlex.join(eval_command(args, dit, ev))}")
     else:
         print(f"{label} 06 eval", flush=True)
-        secs["eval"] = run_stage(eval_command(args, cfg, dit, ev), d / "logs/06_eval.log", f"{cfg.name}: 06", cwd=ROOT)
+        secs["eval"] = run_stage(eval_command(args, dit, ev), d / "logs/06_eval.log", f"{cfg.name}: 06", cwd=ROOT)
         save()
     return not args.dry_run
 
@@ -296,7 +251,7 @@ def fidelity(report):
 def table_row(args, cfg):
     """One configuration's row from its stages' own outputs; None until all three are done."""
     d, probe, dit, ev = folders(args, cfg)
-    if not ((probe / "results.json").is_file() and dit_done(args, dit) and eval_done(args, dit, ev)):
+    if not ((probe / "results.json").is_file() and dit_done(args.steps, dit) and eval_done(args.steps, dit, ev)):
         return None
     res = plumbing.read_json(probe / "results.json")
     enc = res["encoders"].get(cfg.encoder, {})
@@ -318,7 +273,7 @@ def table_row(args, cfg):
                     "probe_in_02": enc["timings"]["total_s"]},
         "commands": {"02": shlex.join(probe_command(args, cfg, probe)),
                      "05": shlex.join(train_command(args, cfg, dit)),
-                     "06": shlex.join(eval_command(args, cfg, dit, ev))},
+                     "06": shlex.join(eval_command(args, dit, ev))},
     }
 
 
@@ -554,10 +509,10 @@ def main(argv=None):
         if ready:
             print(f"01 world: kept ({args.out / 'world'})")
         elif args.dry_run:
-            print(f"01 world:\n  $ {shlex.join(world_command(args))}")
+            print(f"01 world:\n  $ {shlex.join(world_command(args.out))}")
         else:
             print("01 world", flush=True)
-            run_stage(world_command(args), args.out / "world.log", "01", cwd=ROOT)
+            run_stage(world_command(args.out), args.out / "world.log", "01", cwd=ROOT)
     t0 = time.time()
     for i, cfg in enumerate(chosen, 1):
         label = f"[{i}/{len(chosen)} {cfg.name}]"
