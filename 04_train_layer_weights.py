@@ -133,8 +133,7 @@ def main(argv=None):
         args = common.checkpoint_args(parser, argv, state["config"], str(path))
     if args.encoder == "runs/stage1/model" and not Path(args.encoder).is_dir():
         raise DataError("runs/stage1/model does not exist: run 03_finetune_qwen3vl.py first, or pass --encoder")
-    out = Path(args.out)
-    replaces = common.claim_run_dir(out, args)
+    replaces = common.claim_run_dir(args.out, args)
     d = plumbing.setup(args)
 
     # Data: media in memory (or their VAE latents); every layer of each caption, normalised, cached once.
@@ -144,17 +143,10 @@ def main(argv=None):
 
     # Model, EMA, optimiser: the DiT, and the layer-weight logits (w = 0: Norm-Avg) in a group of their own.
     model = common.new_model(config, bank, fusion, d.device, fresh=state is None)
-    ema = models.EMA(model)
     fusion.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0},
-                             {"params": [fusion.logits], "lr": args.weights_lr, "weight_decay": 0.0}],
-                            betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
-    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup)  # constant after the warm-up, as the paper
+    opt, sched = common.optimiser(model, fusion, args, d, weights_lr=args.weights_lr)
+    parts = {"model": model, "ema": models.EMA(model), "opt": opt, "sched": sched, "fusion": fusion}
     batches = common.streams(data, args, d)
-    # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
-    ddp = plumbing.ddp(model, d)
-    rf = models.RectifiedFlow()
-    parts = {"model": model, "ema": ema, "opt": opt, "sched": sched, "fusion": fusion}
     step, frozen_at = 0, None
     watch = WeightWatch(args, state.get("extra") if state else None)
     if state is not None:  # everything a resume needs, so the curve continues exactly
@@ -164,8 +156,15 @@ def main(argv=None):
             fusion.logits.requires_grad_(False)
     if frozen_at is not None and not args.run_to_end or step >= args.steps:
         log(f"{path}: this stage is done (step {step}, weights frozen at {frozen_at})")
+    train(args, config, d, data, bank, batches, parts, step, frozen_at, watch, replaces)
+    plumbing.cleanup_distributed()
 
-    # The loop: 05's step with the logits in it until they freeze; after each step the freeze rule.
+
+def train(args, config, d, data, bank, batches, parts, step, frozen_at, watch, replaces):
+    """The loop: 05's step with the logits in it until they freeze; after each step the freeze rule."""
+    model, ema, opt, sched, fusion = (parts[k] for k in ("model", "ema", "opt", "sched", "fusion"))
+    # The fusion sits outside DDP so that it can freeze mid-run; its gradient is averaged by hand below.
+    ddp, rf, out = plumbing.ddp(model, d), models.RectifiedFlow(), Path(args.out)
     stop, writer, losses, t0 = min(args.steps, args.stop_at or args.steps), None, {}, time.time()
     dtype = plumbing.pick_dtype(d.device, args.dtype)
     while step < stop and (frozen_at is None or args.run_to_end):
@@ -206,7 +205,6 @@ def main(argv=None):
         writer.close()
     if frozen_at is not None and step < args.steps:
         log(f"continue with the weights frozen, to step {args.steps}:\n  python 05_train_diffusion.py --init-from {out}")
-    plumbing.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -94,14 +94,8 @@ def main(argv=None):
     # Model, EMA, optimiser. Continuing 04, its layer-weight logits keep their optimiser group, frozen.
     model = common.new_model(config, bank, fusion, d.device, fresh=state is None)
     ema = models.EMA(model)
-    groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
-    learned = fusion.mode == "learned"
-    fusion.requires_grad_(False)
-    if learned:
-        groups.append({"params": [fusion.logits], "lr": args.lr, "weight_decay": 0.0})  # lr: from 04's state
-    # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop was ~8% of a CPU step.
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
-    sched = plumbing.lr_scheduler(opt, args.steps, args.warmup)  # constant after the warm-up, as the paper
+    learned = fusion.requires_grad_(False).mode == "learned"
+    opt, sched = common.optimiser(model, fusion, args, d)  # continuing 04: its logits' group, lr from its state
     batches = common.streams(data, args, d)
     ddp = plumbing.ddp(model, d)
     rf = models.RectifiedFlow()

@@ -695,6 +695,17 @@ def streams(data, args, d):
     return out
 
 
+def optimiser(model, fusion, args, d, weights_lr=None):
+    """AdamW over the DiT and, for a learned fusion, its layer-weight logits in a group of their own (at
+    `weights_lr`); the lr warms up linearly, then stays constant, as the paper's."""
+    groups = [{"params": list(model.parameters()), "lr": args.lr, "weight_decay": 0.0}]
+    if fusion.mode == "learned":
+        groups.append({"params": [fusion.logits], "lr": weights_lr or args.lr, "weight_decay": 0.0})
+    # fused: one kernel for all parameters (CPU and CUDA) instead of a loop over them
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=d.device.type in ("cpu", "cuda"))
+    return opt, plumbing.lr_scheduler(opt, args.steps, args.warmup)
+
+
 CAPTION_DROPOUT = 0.1  # captions replaced by the empty one in training: what classifier-free guidance needs
 GRAD_CLIP = 1.0
 

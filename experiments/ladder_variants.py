@@ -71,7 +71,7 @@ def with_contrastive(load, weight, temperature=0.05):
 
         def forward(**batch):
             out = lm_forward(**batch, output_hidden_states=True)
-            m = batch["attention_mask"].unsqueeze(-1).float()
+            m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).unsqueeze(-1).float()
             e = torch.nn.functional.normalize((out.hidden_states[-1] * m).sum(1) / m.sum(1), dim=-1)
             logits = e[0::2] @ e[1::2].T / temperature
             target = torch.arange(len(logits))
