@@ -160,8 +160,7 @@ def evaluate(args, model, config, cond_fn, out, source):
     """Held-out world prompts: the checker's scores of the renders, the DiT's samples and the
     empty-caption floor, per kind and aspect, with the paired gain over the floor."""
     recs = plumbing.read_jsonl(args.eval_data, required=("caption", "scene", "kind"))
-    n = args.eval_seeds
-    size = scenes.IMAGE_SIZE
+    n, size = args.eval_seeds, scenes.IMAGE_SIZE
     results = {"renders (ceiling)": {}, "DiT + prompt": {}, "DiT + empty caption (floor)": {},
                "DiT + prompt, scored as another prompt": {}}
     settings, gain, gain_mismatched, samples, scored = {}, {}, {}, {}, {}
@@ -207,9 +206,8 @@ def evaluate(args, model, config, cond_fn, out, source):
         write_grid(out / f"eval_{kind}s.{'png' if kind == 'image' else 'gif'}",  # first prompts: render, samples
                    grid(np.concatenate([ceiling[:8], gen[:8]], axis=1), scenes.VIEW_SCALE))
         plumbing.atomic_write_text(out / f"eval_{kind}_prompts.txt", "".join(f"{t}\n" for t in texts[:8]))
-    report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"],
-              "fusion": config["fusion"], "ema": True,
-              "settings": settings, "results": results, "gain over floor": gain,
+    report = {"checkpoint": source, "step": config["step"], "encoder": config["encoder"], "fusion": config["fusion"],
+              "ema": True, "settings": settings, "results": results, "gain over floor": gain,
               "gain over mismatched": gain_mismatched, "samples": samples}
     if args.classify_times:
         report["classifier"] = classify(model, cond_fn, config, scored, args.classify_times, args.batch_size)

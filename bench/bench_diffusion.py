@@ -41,6 +41,39 @@ def timeit(fn, iters, warmup=2, sync=lambda: None):
     return sorted(ts)[len(ts) // 2]
 
 
+def sampling_times(model, rf, args, d, dtype, sync):
+    """50 Euler steps with CFG (two forward passes a step, batched): seconds per batch and per sample."""
+    out = {}
+    for kind, T, cfg in (("image", 1, 4.0), ("video", args.frames, 5.0)):
+        for n in (1, 16):
+            z = torch.randn(n, 3, T, args.size, args.size, device=d)
+            cond = (torch.randn(n, args.text_len, args.text_dim, device=d), torch.ones(n, args.text_len, dtype=torch.bool, device=d))
+            null = (torch.randn(1, 2, args.text_dim, device=d), torch.ones(1, 2, dtype=torch.bool, device=d))
+
+            def sample():
+                with torch.no_grad(), plumbing.autocast(d, dtype):
+                    rf.sample(model, z, cond, null, steps=args.sample_steps, cfg=cfg)
+            sec = timeit(sample, 2, warmup=1, sync=sync)
+            out[f"{kind}, batch {n}"] = {"s_per_batch": sec, "s_per_sample": sec / n}
+    return out
+
+
+def table(result, r, peak, d, dtype, sample_steps):
+    """The markdown lines printed and kept in the json."""
+    lines = [f"DiT {result['params'] / 1e6:.2f}M params on {d} ({result['threads']} threads, {dtype}); "
+             f"1024^2 fp32 matmul: {peak / 1e9:.1f} GFLOP/s",
+             "| training | batch | s/step | samples/s | GFLOP/step | achieved GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]
+    for kind in ("image", "video"):
+        t = r[kind]
+        lines.append(f"| {kind} | {t['batch']} | {t['s_per_step']:.3f} | {t['samples_per_s']:.1f} | {t['gflop_per_step']:.1f} | "
+                     f"{t['achieved_gflops']:.1f} | {t['fraction_of_matmul_peak']:.0%} |")
+    m = r["7:3 mix"]
+    lines.append(f"| 7:3 mix | - | {m['s_per_step']:.3f} | - | - | - | {m['fraction_of_matmul_peak']:.0%} |")
+    lines += ["", f"| {sample_steps}-step sampling (CFG) | s/batch | s/sample |", "|---|---|---|"]
+    lines += [f"| {k} | {v['s_per_batch']:.2f} | {v['s_per_sample']:.3f} |" for k, v in result["sample"].items()]
+    return lines
+
+
 def main(argv=None):
     p = plumbing.ArgumentParser(__doc__)
     # 04's and 05's defaults
@@ -114,31 +147,9 @@ def main(argv=None):
     result["train"]["7:3 mix"] = {"s_per_step": mix, "steps_per_s": 1 / mix,
                                   "fraction_of_matmul_peak": (0.7 * r["image"]["gflop_per_step"] + 0.3 * r["video"]["gflop_per_step"]) * 1e9 / mix / peak}
 
-    # ---- sampling: 50 Euler steps with CFG (two forward passes a step, batched) ----
     model.eval()
-    for kind, T, cfg in (("image", 1, 4.0), ("video", t2x.frames, 5.0)):
-        for n in (1, 16):
-            z = torch.randn(n, 3, T, t2x.size, t2x.size, device=d)
-            cond = (torch.randn(n, args.text_len, args.text_dim, device=d), torch.ones(n, args.text_len, dtype=torch.bool, device=d))
-            null = (torch.randn(1, 2, args.text_dim, device=d), torch.ones(1, 2, dtype=torch.bool, device=d))
-
-            def sample():
-                with torch.no_grad(), plumbing.autocast(d, dtype):
-                    rf.sample(model, z, cond, null, steps=args.sample_steps, cfg=cfg)
-            sec = timeit(sample, 2, warmup=1, sync=sync)
-            result["sample"][f"{kind}, batch {n}"] = {"s_per_batch": sec, "s_per_sample": sec / n}
-
-    lines = [f"DiT {result['params'] / 1e6:.2f}M params on {d} ({result['threads']} threads, {dtype}); "
-             f"1024^2 fp32 matmul: {peak / 1e9:.1f} GFLOP/s",
-             "| training | batch | s/step | samples/s | GFLOP/step | achieved GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]
-    for kind in ("image", "video"):
-        t = r[kind]
-        lines.append(f"| {kind} | {t['batch']} | {t['s_per_step']:.3f} | {t['samples_per_s']:.1f} | {t['gflop_per_step']:.1f} | "
-                     f"{t['achieved_gflops']:.1f} | {t['fraction_of_matmul_peak']:.0%} |")
-    m = r["7:3 mix"]
-    lines.append(f"| 7:3 mix | - | {m['s_per_step']:.3f} | - | - | - | {m['fraction_of_matmul_peak']:.0%} |")
-    lines += ["", f"| {args.sample_steps}-step sampling (CFG) | s/batch | s/sample |", "|---|---|---|"]
-    lines += [f"| {k} | {v['s_per_batch']:.2f} | {v['s_per_sample']:.3f} |" for k, v in result["sample"].items()]
+    result["sample"] = sampling_times(model, rf, t2x, d, dtype, sync)
+    lines = table(result, r, peak, d, dtype, args.sample_steps)
     print("\n".join(lines))
     result["table"] = "\n".join(lines)
     plumbing.atomic_write_json(Path(args.out), result)
