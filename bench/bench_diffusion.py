@@ -74,6 +74,47 @@ def table(result, r, peak, d, dtype, sample_steps):
     return lines
 
 
+def training_times(out, args, d, dtype, sync, peak):
+    """05's step (data path, loss, clip, AdamW, EMA) timed per kind into `out`; the last (model, flow)."""
+    n = 64  # synthetic records per kind, every caption args.text_len tokens
+    bank = common.FeatureBank(torch.randn(n * args.text_len, args.text_dim),
+                              torch.arange(0, (n + 1) * args.text_len, args.text_len))
+    media = {"image": torch.randint(0, 256, (n, 3, 1, args.size, args.size), dtype=torch.uint8),
+             "video": torch.randint(0, 256, (n, 3, args.frames, args.size, args.size), dtype=torch.uint8)}
+    dist = plumbing.Dist(device=d)
+    for kind, T in (("image", 1), ("video", args.frames)):
+        data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
+        run = SimpleNamespace(seed=0, batch=args.batch)
+        torch.manual_seed(0)
+        model = models.DiT(**models.dit_shape(dict(text_dim=args.text_dim, dit=args.dit, patch=args.patch, channels=3,
+                                                   text_norm="none"))).to(d)
+        ema, rf, batches = models.EMA(model), models.RectifiedFlow(), common.streams(data, run, dist)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=d.type in ("cpu", "cuda"))
+        steps = iter(range(10 ** 6))
+
+        def t2x_step():  # 05's loop body
+            _, x, cond, t, noise = common.t2x_batch(data, bank, batches, next(steps), run, dist, rf)
+            with plumbing.autocast(d, dtype):
+                loss = rf.loss(model, x, cond, t, noise).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            ema.update(model)
+        B = args.batch[kind == "video"]
+        # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
+        # would count attention as free. Same arithmetic either way; only the count needs the math path.
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            t2x_step()
+        flops = fc.get_total_flops()
+        sec = timeit(t2x_step, args.iters, sync=sync)
+        tokens = max(1, T // args.patch[1]) * (args.size // args.patch[0]) ** 2
+        out[kind] = {"batch": B, "tokens_per_sample": tokens,
+                                 "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
+                                 "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
+    return model, rf
+
+
 def main(argv=None):
     p = plumbing.ArgumentParser(__doc__)
     # 04's and 05's defaults
@@ -95,52 +136,15 @@ def main(argv=None):
     d = plumbing.pick_device(args.device)
     dtype = plumbing.pick_dtype(d, args.dtype)
     sync = torch.cuda.synchronize if d.type == "cuda" else (lambda: None)
-    t2x = args
     torch.manual_seed(0)
 
     # ---- matmul peak ----
     a, b = torch.randn(1024, 1024, device=d), torch.randn(1024, 1024, device=d)
     peak = 2 * 1024 ** 3 / timeit(lambda: a @ b, 20, sync=sync)
 
-    # ---- training: 05's step (data path, loss, clip, AdamW, EMA) ----
-    n = 64  # synthetic records per kind, every caption args.text_len tokens
-    bank = common.FeatureBank(torch.randn(n * args.text_len, args.text_dim),
-                              torch.arange(0, (n + 1) * args.text_len, args.text_len))
-    media = {"image": torch.randint(0, 256, (n, 3, 1, t2x.size, t2x.size), dtype=torch.uint8),
-             "video": torch.randint(0, 256, (n, 3, t2x.frames, t2x.size, t2x.size), dtype=torch.uint8)}
     result = {"device": str(d), "threads": torch.get_num_threads(), "dtype": str(dtype),
-              "matmul_peak_gflops": peak / 1e9, "train": {}, "sample": {}}
-    dist = plumbing.Dist(device=d)
-    for kind, T in (("image", 1), ("video", t2x.frames)):
-        data = {k: {"media": media[k] if k == kind else None, "text_idx": list(range(n))} for k in ("image", "video")}
-        run = SimpleNamespace(seed=0, batch=t2x.batch)
-        torch.manual_seed(0)
-        model = models.DiT(**models.dit_shape(dict(text_dim=args.text_dim, dit=t2x.dit, patch=t2x.patch, channels=3,
-                                                   text_norm="none"))).to(d)
-        ema, rf, batches = models.EMA(model), models.RectifiedFlow(), common.streams(data, run, dist)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=d.type in ("cpu", "cuda"))
-        steps = iter(range(10 ** 6))
-
-        def t2x_step():  # 05's loop body
-            _, x, cond, t, noise = common.t2x_batch(data, bank, batches, next(steps), run, dist, rf)
-            with plumbing.autocast(d, dtype):
-                loss = rf.loss(model, x, cond, t, noise).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            opt.step()
-            ema.update(model)
-        B = t2x.batch[kind == "video"]
-        # Counted under the math attention: FlopCounterMode has no formula for the CPU flash kernel and
-        # would count attention as free. Same arithmetic either way; only the count needs the math path.
-        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            t2x_step()
-        flops = fc.get_total_flops()
-        sec = timeit(t2x_step, args.iters, sync=sync)
-        tokens = max(1, T // t2x.patch[1]) * (t2x.size // t2x.patch[0]) ** 2
-        result["train"][kind] = {"batch": B, "tokens_per_sample": tokens,
-                                 "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
-                                 "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
+              "matmul_peak_gflops": peak / 1e9, "train": {}}
+    model, rf = training_times(result["train"], args, d, dtype, sync, peak)
     result.update(params=sum(q.numel() for q in model.parameters()), config=model.config)
     r = result["train"]
     mix = 0.7 * r["image"]["s_per_step"] + 0.3 * r["video"]["s_per_step"]
@@ -148,7 +152,7 @@ def main(argv=None):
                                   "fraction_of_matmul_peak": (0.7 * r["image"]["gflop_per_step"] + 0.3 * r["video"]["gflop_per_step"]) * 1e9 / mix / peak}
 
     model.eval()
-    result["sample"] = sampling_times(model, rf, t2x, d, dtype, sync)
+    result["sample"] = sampling_times(model, rf, args, d, dtype, sync)
     lines = table(result, r, peak, d, dtype, args.sample_steps)
     print("\n".join(lines))
     result["table"] = "\n".join(lines)
