@@ -22,6 +22,21 @@ import encoders  # noqa: E402
 from world import scenes  # noqa: E402
 
 
+class Whitener(nn.Module):
+    """(x - mean) @ C^-1/2: every direction of the training tokens' features at unit variance (ZCA)."""
+
+    def __init__(self, chunks, eps=1e-3):
+        super().__init__()
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
+        self.mean = x.mean(0)
+        vals, vecs = torch.linalg.eigh(torch.cov((x - self.mean).T))
+        inv_sqrt = (vals.clamp(min=0) + eps * vals.mean()).rsqrt()
+        self.mean, self.w = self.mean.float(), (vecs * inv_sqrt @ vecs.T).float()
+
+    def forward(self, x):
+        return (x - self.mean) @ self.w
+
+
 class Readout(nn.Module):
     def __init__(self, dim, hidden=128, queries=4, classes=len(scenes.COLOURS), standardiser=None):
         super().__init__()
@@ -42,6 +57,7 @@ def main():
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--fusion", default="norm-avg")
     p.add_argument("--standardise", action="store_true", help="standardise features with the training tokens' stats")
+    p.add_argument("--whiten", action="store_true", help="ZCA-whiten features with the training tokens' covariance")
     p.add_argument("--captions", type=int, default=600, help="training captions (200 more are held out)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -62,6 +78,8 @@ def main():
     if args.standardise:  # the DiT's own: statistics of the training captions' tokens
         standardiser = models.FeatureStandardiser(enc.width)
         standardiser.fit([feats[:int(offsets[n])]])
+    if args.whiten:
+        standardiser = Whitener([feats[:int(offsets[n])]])
     torch.manual_seed(args.seed)
     model = Readout(enc.width, standardiser=standardiser)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -76,7 +94,7 @@ def main():
         if step % 100 == 0:
             with torch.no_grad():
                 exact = ((model(*held_out) > 0).float() == y[n:]).all(1).float().mean().item()
-            print(f"{args.encoder} {args.fusion}{' standardised' if args.standardise else ''}: step {step}, loss {loss.item():.3f}, "
+            print(f"{args.encoder} {args.fusion}{' standardised' if args.standardise else ''}{' whitened' if args.whiten else ''}: step {step}, loss {loss.item():.3f}, "
                   f"held-out exact match {exact:.3f}", flush=True)
 
 

@@ -8,7 +8,9 @@ resumes from its checkpoint, so the same command continues the experiment.
     python experiments/text_norm_on_off.py --encoders minilm smollm2 --seeds 0 1
     python experiments/text_norm_on_off.py --analyse-only runs/text_norm        # table.json + table.md
 
-OUT/ENCODER-FUSION/seed_S/{standardise,none}/ holds each 05 run, its eval/ and the stages' logs.
+    python experiments/text_norm_on_off.py --arms standardise whiten --encoders tiny-qwen3vl-base --out runs/whiten
+
+OUT/ENCODER-FUSION/seed_S/ARM/ holds each 05 run, its eval/ and the stages' logs.
 """
 import argparse
 import json
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plumbing  # noqa: E402
 
-ARMS = ("none", "standardise")
+ARMS = ("none", "standardise")  # the default pair: the baseline, then the treatment
 # The sweep's 600-step DiT recipe (docs/results.md), the default here so the two are comparable.
 TRAIN = ("--steps 600 --dit 128x6 --batch 32:8 --lr 5e-4 --warmup 100 --ckpt-every 200")
 EVAL = "--eval-images 32 --eval-videos 16 --eval-seeds 2"
@@ -77,14 +79,15 @@ def colour(report, kind):
     return (c["mean"], c["se"]), (g["mean"], g["se"])
 
 
-def analyse(out):
-    """Per configuration and kind: each arm's mean over seeds, and standardise - none per seed (paired);
+def analyse(out, arms=ARMS):
+    """Per configuration and kind: each arm's mean over seeds, and treatment - baseline per seed (paired);
     then colour alone, run by run."""
+    base, treat = arms
     rows, colours = [], []
     for cfg in sorted(p for p in Path(out).iterdir() if p.is_dir()):
         per_seed = {}
         for sd in sorted(cfg.glob("seed_*")):
-            evals = {arm: sd / arm / "eval" / "eval.json" for arm in ARMS}
+            evals = {arm: sd / arm / "eval" / "eval.json" for arm in arms}
             if all(p.exists() for p in evals.values()):
                 reports = {arm: json.loads(p.read_text()) for arm, p in evals.items()}
                 per_seed[sd.name] = {arm: arm_measures(r) for arm, r in reports.items()}
@@ -95,20 +98,20 @@ def analyse(out):
         for kind in ("image", "video"):
             row = {"config": cfg.name, "kind": kind, "seeds": sorted(per_seed)}
             for m, _ in MEASURES:
-                vals = {arm: [per_seed[s][arm][kind][m] for s in per_seed] for arm in ARMS}
-                for arm in ARMS:
+                vals = {arm: [per_seed[s][arm][kind][m] for s in per_seed] for arm in arms}
+                for arm in arms:
                     row[f"{m}:{arm}"] = float(np.mean([v[0] for v in vals[arm]]))
                     row[f"{m}:{arm}:eval_se"] = float(np.mean([v[1] for v in vals[arm]]))  # one run's own s.e.
-                diff = [b[0] - a[0] for a, b in zip(vals["none"], vals["standardise"])]
+                diff = [b[0] - a[0] for a, b in zip(vals[base], vals[treat])]
                 row[f"{m}:diff"] = diff
             rows.append(row)
-    table = {"rows": rows, "measures": dict(MEASURES), "colour": colours}
+    table = {"arms": list(arms), "rows": rows, "measures": dict(MEASURES), "colour": colours}
     plumbing.atomic_write_json(Path(out) / "table.json", table)
-    lines = ["| configuration | kind | measure | none | standardise | standardise - none, per seed |", "|---|---|---|---|---|---|"]
+    lines = [f"| configuration | kind | measure | {base} | {treat} | {treat} - {base}, per seed |", "|---|---|---|---|---|---|"]
     for r in rows:
         for m, label in MEASURES:
-            lines.append(f"| {r['config']} | {r['kind']} | {label} | {r[f'{m}:none']:+.3f} ± {r[f'{m}:none:eval_se']:.3f} | "
-                         f"{r[f'{m}:standardise']:+.3f} ± {r[f'{m}:standardise:eval_se']:.3f} | "
+            lines.append(f"| {r['config']} | {r['kind']} | {label} | {r[f'{m}:{base}']:+.3f} ± {r[f'{m}:{base}:eval_se']:.3f} | "
+                         f"{r[f'{m}:{treat}']:+.3f} ± {r[f'{m}:{treat}:eval_se']:.3f} | "
                          + ", ".join(f"{d:+.3f}" for d in r[f"{m}:diff"]) + " |")
     lines += ["", "Arm cells: mean over seeds ± one run's eval s.e. (mean over seeds).", "",
               "Colour alone, each run (± that run's eval s.e.):", "",
@@ -132,16 +135,18 @@ def main():
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--train-args", default=TRAIN)
     p.add_argument("--eval-args", default=EVAL)
+    p.add_argument("--arms", nargs=2, default=list(ARMS), choices=["none", "standardise", "whiten"],
+                   help="05 --text-norm of the baseline, then of the treatment")
     p.add_argument("--analyse-only", default=None, metavar="OUT")
     args = p.parse_args()
     if args.analyse_only:
-        return analyse(args.analyse_only)
+        return analyse(args.analyse_only, args.arms)
     for seed in args.seeds:
         for spec in args.encoders:
             enc, _, fusion = spec.partition(":")
-            for arm in ARMS:
+            for arm in args.arms:
                 run_one(args, enc, fusion or args.fusion, seed, arm)
-    analyse(args.out)
+    analyse(args.out, args.arms)
 
 
 if __name__ == "__main__":
