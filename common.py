@@ -549,12 +549,12 @@ def add_run_args(p, out, encoder, steps):
     p.add_argument("--size", type=pos, default=32, help="image/video side in pixels")
     p.add_argument("--frames", type=plumbing.bounded(int, 2, what="an integer >= 2"), default=8)
     p.add_argument("--dit", type=int_pair("x", "WIDTHxDEPTH, e.g. 128x6"), default="128x6",
-                   help="our DiT's width x depth (heads of HEAD_DIM channels)")
+                   help="our DiT's width x depth (one attention head per 32 channels)")
     p.add_argument("--patch", type=int_pair("x", "SIDExFRAMES, e.g. 4x2"), default="4x2",
                    help="our DiT's patch: pixels (or latents) per side x frames")
-    p.add_argument("--text-norm", default="standardise", choices=[*models.TEXT_NORMS, "none"],
-                   help="the text features at the denoiser's input: each dimension standardised, or whitened "
-                        "(the training captions' statistics, stored with the model), or as they are")
+    p.add_argument("--text-norm", default="standardise", choices=["standardise", "none"],
+                   help="standardise each text-feature dimension at the denoiser's input (training captions' "
+                        "statistics, stored with the model), or feed the features as they are")
     p.add_argument("--backbone", default="dit", choices=models.BACKBONES,
                    help="dit (ours, pixel or latent), lumina2 (Lumina-Image-2.0, images only) or wan (Wan2.1)")
     p.add_argument("--backbone-config", default="tiny",
@@ -671,7 +671,7 @@ def new_model(config, bank, fusion, device, fresh=True):
     a fresh run keeps the pretrained weights --backbone-config names (text embedder re-initialised)."""
     torch.manual_seed(config["seed"])  # the init does not depend on what loading the encoder drew
     model = models.make_model(config)
-    if config["text_norm"] != "none":
+    if config["text_norm"] == "standardise":
         model.text_standardiser.fit(bank.fused_chunks(fusion, device))
     pretrained = fresh and models.pretrained_transformer(config["backbone"], config["backbone_config"])
     if pretrained:

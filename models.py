@@ -310,42 +310,6 @@ class FeatureStandardiser(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-class FeatureWhitener(nn.Module):
-    """(x - mean) @ C^-1/2 with C the training captions' token covariance (ZCA whitening): every direction
-    at unit variance, not only every axis. A small model's features can carry a word (a colour) only in
-    directions of low variance, which standardising each dimension leaves small."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("w", torch.eye(dim))
-
-    @torch.no_grad()
-    def fit(self, chunks, eps=1e-3):
-        """Set mean and C^-1/2 from an iterable of [tokens, dim] chunks (float64 sums); eigenvalues are
-        floored at eps x their mean, so a direction the captions never use is not blown up."""
-        n, s, ss = 0, 0.0, 0.0
-        for x in chunks:
-            x = x.reshape(-1, x.shape[-1]).double()
-            n, s, ss = n + len(x), s + x.sum(0), ss + x.T @ x
-        mean = s / max(n, 1)
-        vals, vecs = torch.linalg.eigh(ss / max(n, 1) - torch.outer(mean, mean))
-        inv_sqrt = (vals.clamp(min=0) + eps * vals.clamp(min=0).mean() + 1e-12).rsqrt()
-        self.mean.copy_(mean.float())
-        self.w.copy_((vecs * inv_sqrt @ vecs.T).float())
-
-    def forward(self, x):
-        return (x - self.mean.to(x.dtype)) @ self.w.to(x.dtype)
-
-
-TEXT_NORMS = {"standardise": FeatureStandardiser, "whiten": FeatureWhitener}
-
-
-def make_text_norm(kind, dim):
-    """The denoiser's input transform of the text features: one of TEXT_NORMS, or none."""
-    return TEXT_NORMS[kind](dim) if kind in TEXT_NORMS else nn.Identity()
-
-
 def sincos_1d(dim, pos):
     """Fixed sin-cos embedding [len(pos), dim] of positions `pos` (float array)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
@@ -428,12 +392,12 @@ class DiT(nn.Module):
     output frames averaged on the way out, so images and videos share one patch embedding."""
 
     def __init__(self, text_dim, in_channels=3, hidden=192, depth=3, heads=6, patch=4, tpatch=2,
-                 mlp_ratio=4.0, text_norm="none"):
+                 mlp_ratio=4.0, standardise=False):
         super().__init__()
         self.config = dict(text_dim=text_dim, in_channels=in_channels, hidden=hidden, depth=depth,
-                           heads=heads, patch=patch, tpatch=tpatch, mlp_ratio=mlp_ratio, text_norm=text_norm)
+                           heads=heads, patch=patch, tpatch=tpatch, mlp_ratio=mlp_ratio, standardise=standardise)
         self.in_channels, self.patch, self.tpatch = in_channels, patch, tpatch
-        self.text_standardiser = make_text_norm(text_norm, text_dim)
+        self.text_standardiser = FeatureStandardiser(text_dim) if standardise else nn.Identity()
         self.x_embedder = nn.Conv3d(in_channels, hidden, (tpatch, patch, patch), stride=(tpatch, patch, patch))
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = TextEmbedder(text_dim, hidden)
@@ -633,12 +597,12 @@ class DiffusersBackbone(nn.Module):
     t = 1 - sigma (t=0 noise) and predicts x - noise, so its output is negated (as its pipeline does).
     Lumina2 is an image model: a video batch is refused (train it with --interleave 1:0, or use wan)."""
 
-    def __init__(self, backbone, config, text_norm="none"):
+    def __init__(self, backbone, config, standardise=False):
         super().__init__()
         self.backbone, self.config = backbone, dict(config)
         self.net = diffusers_class(backbone)(**config)
         text_dim = config["text_dim" if backbone == "wan" else "cap_feat_dim"]
-        self.text_standardiser = make_text_norm(text_norm, text_dim)
+        self.text_standardiser = FeatureStandardiser(text_dim) if standardise else nn.Identity()
 
     def forward(self, x, t, text, text_mask):
         mask = text_mask.bool().clone()
@@ -692,7 +656,7 @@ def check_model_config(config, where):
         return within[key]
     count = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536  # noqa: E731
     backbone = need("backbone", lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}")
-    need("text_norm", lambda v: v in (*TEXT_NORMS, "none"), f"one of {', '.join(TEXT_NORMS)} or none")
+    need("text_norm", lambda v: v in ("standardise", "none"), "standardise or none")
     for key in ("text_dim", "channels"):
         need(key, count, "an integer in [1, 65536]")
     if backbone == "dit":
@@ -734,7 +698,7 @@ def make_model(config, where="the run config"):
 def _build_model(config):
     if config["backbone"] == "dit":
         return DiT(**dit_shape(config))
-    return DiffusersBackbone(config["backbone"], config["backbone_kwargs"], config["text_norm"])
+    return DiffusersBackbone(config["backbone"], config["backbone_kwargs"], config["text_norm"] == "standardise")
 
 
 # --vae: media are encoded once into latents, which the denoiser trains on and 06 decodes. An image is
@@ -868,7 +832,7 @@ def dit_shape(config):
     """DiT constructor arguments from a run config (--dit WIDTHxDEPTH, --patch SIDExFRAMES)."""
     (hidden, depth), (patch, tpatch) = config["dit"], config["patch"]
     return dict(text_dim=config["text_dim"], hidden=hidden, depth=depth, heads=hidden // HEAD_DIM, patch=patch,
-                tpatch=tpatch, in_channels=config["channels"], text_norm=config["text_norm"])
+                tpatch=tpatch, in_channels=config["channels"], standardise=config["text_norm"] == "standardise")
 
 
 def save_model(out, ema, fusion, config, step):

@@ -8,7 +8,6 @@ resumes from its checkpoint, so the same command continues the experiment.
     python experiments/text_norm_on_off.py --encoders minilm smollm2 --seeds 0 1
     python experiments/text_norm_on_off.py --analyse-only runs/text_norm        # table.json + table.md
 
-    python experiments/text_norm_on_off.py --arms standardise whiten --encoders tiny-qwen3vl-base --out runs/whiten
 
 OUT/ENCODER-FUSION/seed_S/ARM/ holds each 05 run, its eval/ and the stages' logs.
 """
@@ -135,7 +134,7 @@ def main():
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--train-args", default=TRAIN)
     p.add_argument("--eval-args", default=EVAL)
-    p.add_argument("--arms", nargs=2, default=list(ARMS), choices=["none", "standardise", "whiten"],
+    p.add_argument("--arms", nargs=2, default=list(ARMS),
                    help="05 --text-norm of the baseline, then of the treatment")
     p.add_argument("--analyse-only", default=None, metavar="OUT")
     args = p.parse_args()
