@@ -15,7 +15,6 @@ folder is built beside its final place and swapped in whole, so a failed or kill
 one as it was; one that holds a benchmark or a world is replaced only with --overwrite. Statements for your
 own captions and caption pairs from your own media are tools/ted_from_llm.py and tools/caption_pairs.py.
 """
-import argparse
 import random
 import time
 from pathlib import Path
@@ -283,7 +282,7 @@ SPLIT_FLAGS = ("world_out", "pairs", "vqa", "t2x_images", "t2x_videos", "eval_sc
 
 
 def get_parser():
-    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     nonneg = plumbing.nonneg_int
     p.add_argument("--source", choices=["world", "file"], default="world")
     p.add_argument("--out", default="runs/ted6k", help="folder for ted6k.json (and scenes.json)")

@@ -18,7 +18,6 @@ OUT/results.json (every cell's mean, std and per-seed values), OUT/results.md (T
 OUT/aggregators/ and OUT/tb/, together once every encoder is done; an OUT holding results is replaced
 only with --overwrite.
 """
-import argparse
 import random
 import re
 import statistics
@@ -489,7 +488,7 @@ def comma_list(text):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
     p.add_argument("--encoders", type=comma_list, default=None,
                    help=f"comma list: built-in names ({', '.join(BUILTIN)}), local folders (e.g. runs/stage1/model), "

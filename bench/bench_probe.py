@@ -12,7 +12,6 @@ one process.
 
 Writes runs/bench_probe/bench.json. Timings on a shared machine vary; the ratio is what to read.
 """
-import argparse
 import json
 import sys
 import time
@@ -55,7 +54,7 @@ def ours(encoder, fusions, questions, token_budget):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--benchmark", default="runs/ted6k/ted6k.json")
     p.add_argument("--captions", type=plumbing.positive_int, default=60,

@@ -7,7 +7,6 @@ accuracy on 200 held-out captions every 100 steps. A diagnostic of whether a DiT
     python experiments/colour_readout.py --encoder minilm
     python experiments/colour_readout.py --encoder tiny-qwen3vl-base --fusion layer:0 --standardise
 """
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 import models  # noqa: E402
 import encoders  # noqa: E402
+import plumbing  # noqa: E402
 from world import scenes  # noqa: E402
 
 
@@ -53,7 +53,7 @@ class Readout(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--fusion", default="norm-avg")
     p.add_argument("--standardise", action="store_true", help="standardise features with the training tokens' stats")
@@ -99,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

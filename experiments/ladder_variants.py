@@ -9,7 +9,6 @@ cosine; 0 for random vectors) and how often the model answers "What colour is th
     python experiments/ladder_variants.py --out runs/ladder/init --steps 0     # the random init
     python experiments/colour_readout.py --encoder runs/ladder/qa
 """
-import argparse
 import random
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import encoders  # noqa: E402
+import plumbing  # noqa: E402
 from world import scenes  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def colour_report(path, n=150):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--material", default="captions", choices=["captions", "captions+qa", "paraphrases", "repeats"])
     p.add_argument("--steps", type=int, default=encoders.PRETRAIN["steps"], help="0: the random init")
@@ -149,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

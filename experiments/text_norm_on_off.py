@@ -11,7 +11,6 @@ resumes from its checkpoint, so the same command continues the experiment.
 
 OUT/ENCODER-FUSION/seed_S/ARM/ holds each 05 run, its eval/ and the stages' logs.
 """
-import argparse
 import json
 import shlex
 import subprocess
@@ -124,7 +123,7 @@ def analyse(out, arms=ARMS):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--encoders", nargs="+", default=["minilm", "smollm2"], help="ENCODER or ENCODER:FUSION")
     p.add_argument("--fusion", default="norm-avg")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -149,4 +148,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.run_cli(main)

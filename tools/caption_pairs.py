@@ -10,7 +10,6 @@ Each item becomes one line {"a", "b", "kind", "media"} of --out as soon as it is
 simply rerun. Unreadable media and empty captions are logged and counted. For many GPUs, split a --media
 jsonl, give each process its own --out, then cat them.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -219,7 +218,7 @@ def main(argv=None):
 
 
 def get_parser():
-    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--media", required=True, help="a folder of images and videos (searched recursively), or a "
                                                   'jsonl of {"media": path relative to the jsonl, "kind"?}')
     p.add_argument("--captioner", required=True, help="hub id or save_pretrained folder of a Qwen3-VL (or "

@@ -7,7 +7,6 @@ caption and statement type the model writes one true statement (or null), then t
 contradict the caption. The output is a TED-6k.json-format benchmark that 02 scores with --benchmark; an
 option the model did not deliver stays in the file, marked `failed: ...`, and is not scored.
 """
-import argparse
 import importlib
 import json
 import sys
@@ -180,7 +179,7 @@ def most_common_failure(bench):
 
 
 def get_parser():
-    p = plumbing.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--captions", required=True, help="captions jsonl")
     p.add_argument("--generator", required=True, help="hub id or local folder of an instruct model")
     p.add_argument("--out", default="runs/ted6k", help="folder for ted6k.json")
