@@ -71,6 +71,8 @@ def with_contrastive(load, weight, temperature=0.05):
 
         def forward(**batch):
             out = lm_forward(**batch, output_hidden_states=True)
+            if out.loss is None:  # a forward without labels (colour_report's questions): no pretraining loss
+                return out
             m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).unsqueeze(-1).float()
             e = torch.nn.functional.normalize((out.hidden_states[-1] * m).sum(1) / m.sum(1), dim=-1)
             logits = e[0::2] @ e[1::2].T / temperature
