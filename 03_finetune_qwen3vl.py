@@ -477,8 +477,9 @@ def train(args):
         losses.append((step, loss))
         if step % args.log_every == 0:
             log(f"step {step}/{args.steps} loss {loss:.4f} lr {lr:.2e}")
-        for name, value in (("loss", loss), ("lr", lr), ("grad_norm", gnorm)) if writer else ():
-            writer.add_scalar(name, value, step)
+        if writer is not None:
+            for name, value in (("loss", loss), ("lr", lr), ("grad_norm", gnorm)):
+                writer.add_scalar(name, value, step)
         if (args.ckpt_every and (step % args.ckpt_every == 0 or step == stop)) or step == stop < args.steps:
             state = checkpoint_state(model, optimizer, scheduler, step, position, run, d)
             if d.is_main:
@@ -490,11 +491,12 @@ def train(args):
 
     summary = {"steps": step, "losses": losses, "train_seconds": time.time() - t_loop, "world_size": d.world_size,
                "model": str(model_path)}
-    if step >= args.steps:
+    finished = step >= args.steps
+    if finished:
         save_pretrained_dir(model, processor, config, out, stale, d, dtype, args.fsdp)
     del model, optimizer
     plumbing.cleanup_distributed()  # rank 0 evaluates alone, free of collective timeouts
-    if step >= args.steps and d.is_main and heldout:
+    if finished and d.is_main and heldout:
         summary.update(evaluate_saved(out, heldout, train_recs, args, d, dtype))
     if d.is_main:
         plumbing.atomic_write_json(out / "summary.json", summary, indent=None)

@@ -14,8 +14,8 @@ DiT (models.DiT) learns both kinds from the built-in world on the same schedule 
 
 --backbone lumina2|wan trains diffusers' Lumina2Transformer2DModel / WanTransformer3DModel (--backbone-config
 tiny, paper, a config.json, or a diffusers folder or hub id whose weights it starts from, all but the text
-embedder); --vae trains on cached latents. A checkpoint carries its run's settings, so --resume and --init-from need no flag re-typed
-and refuse one that contradicts it. Data: a jsonl of {"media", "caption", "kind"}, decoded into memory once.
+embedder); --vae trains on cached latents. A checkpoint carries its run's settings, so --resume and
+--init-from need no flag re-typed and refuse one that contradicts it. Data: a jsonl of {"media", "caption", "kind"}, decoded into memory once.
 Writes OUT/checkpoints/step_N.pt (resume), OUT/model.safetensors (EMA weights + run config, for 06), OUT/tb.
 """
 import time

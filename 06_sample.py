@@ -39,9 +39,7 @@ OUTPUTS = ("images.png", "videos.gif", "*_prompts.txt", "eval.json", "eval.md", 
 
 def conditioner(config, fusion, device):
     """Text -> (feats, mask) exactly as in training: same encoder weights, max length, fusion, dtype round trip."""
-    import encoders
-    encoder = encoders.load_encoder(config["encoder"], device=device, cache_dir=config["encoder_cache"],
-                                    dtype=plumbing.pick_dtype(device, "auto"))  # as in training
+    encoder = common.text_encoder(config["encoder"], device, config["encoder_cache"])
     if config.get("encoder_id") != getattr(encoder, "fingerprint", None):
         raise DataError(f"encoder {config['encoder']!r} has changed since this DiT was trained on it "
                         f"(weights fingerprint {config.get('encoder_id')} then, {encoder.fingerprint} now)")

@@ -617,15 +617,19 @@ def check_same_run(saved, now, source, ignore=("steps",)):
         raise DataError(f"{source}: cannot continue, the run differs in " + "; ".join(diff[:4]))
 
 
+def text_encoder(name, device, cache_dir):
+    """The frozen text encoder of a DiT run, loaded alike by 04/05 and by 06 (bf16 on a GPU that has it)."""
+    import encoders
+    return encoders.load_encoder(name, device=device, cache_dir=cache_dir, dtype=plumbing.pick_dtype(device, "auto"))
+
+
 def t2x_data(args, d, make_fusion):
     """(media per kind, encoder, fusion, cached caption features, VAE id) of a DiT run: the jsonl decoded
     into memory, the captions encoded once (the cache), the media replaced by latents under --vae."""
-    import encoders
     data = load_t2x(args.data, args.size, args.frames)
     texts = caption_index(data)
     log("data: " + ", ".join(f"{len(data[k]['captions'])} {k}s" for k in KINDS))
-    encoder = encoders.load_encoder(args.encoder, device=d.device, cache_dir=args.cache_dir,
-                                    dtype=plumbing.pick_dtype(d.device, "auto"))
+    encoder = text_encoder(args.encoder, d.device, args.cache_dir)
     log(f"text encoder: {encoder}")
     fusion = make_fusion(encoder).to(d.device)
     cache = Path(args.cache_dir) / "features"

@@ -109,9 +109,9 @@ def training_times(out, args, d, dtype, sync, peak):
         flops = fc.get_total_flops()
         sec = timeit(t2x_step, args.iters, sync=sync)
         tokens = max(1, T // args.patch[1]) * (args.size // args.patch[0]) ** 2
-        out[kind] = {"batch": B, "tokens_per_sample": tokens,
-                                 "s_per_step": sec, "samples_per_s": B / sec, "gflop_per_step": flops / 1e9,
-                                 "achieved_gflops": flops / sec / 1e9, "fraction_of_matmul_peak": flops / sec / peak}
+        out[kind] = {"batch": B, "tokens_per_sample": tokens, "s_per_step": sec, "samples_per_s": B / sec,
+                     "gflop_per_step": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
+                     "fraction_of_matmul_peak": flops / sec / peak}
     return model, rf
 
 

@@ -56,8 +56,9 @@ def main():
     p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--encoder", default="minilm")
     p.add_argument("--fusion", default="norm-avg")
-    p.add_argument("--standardise", action="store_true", help="standardise features with the training tokens' stats")
-    p.add_argument("--whiten", action="store_true", help="ZCA-whiten features with the training tokens' covariance")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--standardise", action="store_true", help="standardise features with the training tokens' stats")
+    how.add_argument("--whiten", action="store_true", help="ZCA-whiten features with the training tokens' covariance")
     p.add_argument("--captions", type=int, default=600, help="training captions (200 more are held out)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -94,7 +95,8 @@ def main():
         if step % 100 == 0:
             with torch.no_grad():
                 exact = ((model(*held_out) > 0).float() == y[n:]).all(1).float().mean().item()
-            print(f"{args.encoder} {args.fusion}{' standardised' if args.standardise else ''}{' whitened' if args.whiten else ''}: step {step}, loss {loss.item():.3f}, "
+            how = " standardised" if args.standardise else " whitened" if args.whiten else ""
+            print(f"{args.encoder} {args.fusion}{how}: step {step}, loss {loss.item():.3f}, "
                   f"held-out exact match {exact:.3f}", flush=True)
 
 

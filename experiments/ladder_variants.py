@@ -119,6 +119,8 @@ def main():
     p.add_argument("--cache-dir", default="cache")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.contrastive and args.material != "captions":
+        raise plumbing.DataError("--contrastive trains on scene pairs: it takes no --material")
     if args.material == "captions+qa":
         encoders.pretrain_items = captions_and_qa
     elif args.material != "captions":
@@ -143,7 +145,8 @@ def main():
             return model, processor
         encoders.load_qwen3vl = frozen
     if args.steps:
-        encoders.pretrain_tiny_qwen3vl(args.out, args.media, cache_dir=args.cache_dir, recipe=dict(steps=args.steps, lr=args.lr))
+        encoders.pretrain_tiny_qwen3vl(args.out, args.media, cache_dir=args.cache_dir,
+                                       recipe=dict(steps=args.steps, lr=args.lr))
     else:
         encoders.build_tiny_qwen3vl(args.out, cache_dir=args.cache_dir, **encoders.LADDER_SIZE)
     cos, acc = colour_report(args.out)

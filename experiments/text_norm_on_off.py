@@ -8,7 +8,6 @@ resumes from its checkpoint, so the same command continues the experiment.
     python experiments/text_norm_on_off.py --encoders minilm smollm2 --seeds 0 1
     python experiments/text_norm_on_off.py --analyse-only runs/text_norm        # table.json + table.md
 
-
 OUT/ENCODER-FUSION/seed_S/ARM/ holds each 05 run, its eval/ and the stages' logs.
 """
 import json
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plumbing  # noqa: E402
 
-ARMS = ("none", "standardise")  # the default pair: the baseline, then the treatment
+ARMS = ("none", "standardise")  # the baseline, then the treatment
 # The sweep's 600-step DiT recipe (docs/results.md), the default here so the two are comparable.
 TRAIN = ("--steps 600 --dit 128x6 --batch 32:8 --lr 5e-4 --warmup 100 --ckpt-every 200")
 EVAL = "--eval-images 32 --eval-videos 16 --eval-seeds 2"
@@ -77,10 +76,10 @@ def colour(report, kind):
     return (c["mean"], c["se"]), (g["mean"], g["se"])
 
 
-def analyse(out, arms=ARMS):
+def analyse(out):
     """Per configuration and kind: each arm's mean over seeds, and treatment - baseline per seed (paired);
     then colour alone, run by run."""
-    base, treat = arms
+    base, treat = arms = ARMS
     rows, colours = [], []
     for cfg in sorted(p for p in Path(out).iterdir() if p.is_dir()):
         per_seed = {}
@@ -133,18 +132,16 @@ def main():
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--train-args", default=TRAIN)
     p.add_argument("--eval-args", default=EVAL)
-    p.add_argument("--arms", nargs=2, default=list(ARMS),
-                   help="05 --text-norm of the baseline, then of the treatment")
     p.add_argument("--analyse-only", default=None, metavar="OUT")
     args = p.parse_args()
     if args.analyse_only:
-        return analyse(args.analyse_only, args.arms)
+        return analyse(args.analyse_only)
     for seed in args.seeds:
         for spec in args.encoders:
             enc, _, fusion = spec.partition(":")
-            for arm in args.arms:
+            for arm in ARMS:
                 run_one(args, enc, fusion or args.fusion, seed, arm)
-    analyse(args.out, args.arms)
+    analyse(args.out)
 
 
 if __name__ == "__main__":
