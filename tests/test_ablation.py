@@ -1,13 +1,9 @@
 """experiments/ablation_layer_weights.py: the smoke ablation end to end (kept on a rerun, stopped runs resumed),
 the table recomputed from the eval.json files, its statistics on tables whose answers are known, and bad flags."""
-import contextlib
-import importlib
 import importlib.util
 import json
 import math
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +11,7 @@ import pytest
 
 import common
 from plumbing import DataError
-from tests.cli import assert_one_line, cli_error, script_error
+from tests.cli import assert_one_line, cli_error, run_stages_here, script_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "ablation_layer_weights.py"
@@ -26,26 +22,7 @@ _spec.loader.exec_module(abl)
 
 @pytest.fixture
 def stages(monkeypatch):
-    """Run each stage's main() in this process rather than in a fresh interpreter (an interpreter start and
-    the transformers import cost seconds a stage, the stage itself a fraction of one); the commands run."""
-    ran = []
-
-    def run(cmd, log_path, what, cwd=None):
-        ran.append(cmd)
-        stage = importlib.import_module(Path(cmd[1]).stem)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(log_path, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            print(f"$ {shlex.join(cmd)}", flush=True)
-            try:
-                stage.main(cmd[2:])
-            except DataError as e:
-                raise DataError(f"{what} failed: {e}") from None
-        return time.time() - t0
-
-    monkeypatch.setattr(abl, "run_stage", run)
-    monkeypatch.chdir(ROOT)
-    return ran
+    return run_stages_here(monkeypatch, abl)
 
 
 def contents(folder):

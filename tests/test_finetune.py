@@ -18,6 +18,7 @@ import common
 import encoders
 import plumbing
 from plumbing import DataError
+from tests.cli import cli_error, script_error
 
 ft = importlib.import_module("03_finetune_qwen3vl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,15 +293,15 @@ def stopped(data, base, tmp_path_factory):
     return out, flags
 
 
-def run_03(*argv, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "03_finetune_qwen3vl.py"), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run_03(capsys, *argv):
+    """(exit code, stderr) of 03's command line (run_cli), in this process."""
+    return cli_error(ft.main, list(argv), capsys)
 
 
-def assert_one_line_error(r, *words):
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+def assert_one_line_error(result, *words):
+    code, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     for w in words:
         assert w in lines[0], lines[0]
 
@@ -312,37 +313,37 @@ def folder_bytes(folder):
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch-size", "0"), ("--grad-accum", "0"),
                                          ("--max-frames", "1"), ("--max-frames", "3"), ("--lr", "-1"),
                                          ("--stop-at", "0")])
-def test_bad_numbers_refused_before_anything_is_written(stopped, tmp_path, flag, value):
+def test_bad_numbers_refused_before_anything_is_written(stopped, capsys, flag, value):
     out, flags = stopped
     before = folder_bytes(out)
-    r = run_03(*flags, "--overwrite", flag, value, cwd=tmp_path)
+    r = run_03(capsys, *flags, "--overwrite", flag, value)
     assert_one_line_error(r, flag)
     assert folder_bytes(out) == before
 
 
-def test_batch_that_does_not_split_is_refused(stopped, tmp_path):
+def test_batch_that_does_not_split_is_refused(stopped, capsys):
     out, flags = stopped
-    r = run_03(*flags, "--resume", "--batch-size", "6", "--grad-accum", "4", cwd=tmp_path)
+    r = run_03(capsys, *flags, "--resume", "--batch-size", "6", "--grad-accum", "4")
     assert_one_line_error(r, "--batch-size 6", "--grad-accum")
 
 
-def test_fresh_run_into_a_run_folder_is_refused(stopped, tmp_path):
+def test_fresh_run_into_a_run_folder_is_refused_from_the_real_command_line(stopped, tmp_path):
     out, flags = stopped
     before = folder_bytes(out)
-    r = run_03(*flags, cwd=tmp_path)
+    r = script_error("03_finetune_qwen3vl.py", flags, cwd=tmp_path)
     assert_one_line_error(r, str(out), "--resume", "--overwrite")
     assert folder_bytes(out) == before
 
 
-def test_resume_with_another_seed_is_refused(stopped, tmp_path):
+def test_resume_with_another_seed_is_refused(stopped, capsys):
     out, flags = stopped
     before = folder_bytes(out)
-    r = run_03(*flags, "--resume", "--seed", "1", cwd=tmp_path)
+    r = run_03(capsys, *flags, "--resume", "--seed", "1")
     assert_one_line_error(r, "step_00000002.pt", "seed: 0 then, 1 now")
     assert folder_bytes(out) == before
 
 
-def test_pickle_payload_checkpoint_is_refused_and_never_runs(data, base, tmp_path):
+def test_pickle_payload_checkpoint_is_refused_and_never_runs(data, base, tmp_path, capsys):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -352,7 +353,7 @@ def test_pickle_payload_checkpoint_is_refused_and_never_runs(data, base, tmp_pat
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     torch.save({"kind": ft.KIND, "step": 1, "x": Payload()}, out / "checkpoints" / "step_00000001.pt")
-    r = run_03(*flags_for(data, out, base), "--resume", cwd=tmp_path)
+    r = run_03(capsys, *flags_for(data, out, base), "--resume")
     assert_one_line_error(r, "step_00000001.pt", "not a readable checkpoint")
     assert not marker.exists()
 

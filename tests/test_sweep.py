@@ -1,18 +1,17 @@
 """experiments/sweep_ted_vs_generation.py: the smoke sweep end to end (run, kept, resumed), the analysis
 recomputed from sweep.json, its statistics on tables whose answers are known, and bad flags."""
+import importlib
 import importlib.util
 import json
 import random
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from plumbing import DataError
-from tests.cli import assert_one_line, cli_error, script_error
+from tests.cli import assert_one_line, cli_error, run_stages_here, script_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sweep_ted_vs_generation.py"
@@ -23,11 +22,16 @@ _spec.loader.exec_module(sweep)
 A, B, C = (c.name for c in sweep.SMOKE_CONFIGS)
 
 
-def run_sweep(*argv):
-    """stdout of the real script; it must succeed."""
-    r = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+@pytest.fixture
+def stages(monkeypatch):
+    return run_stages_here(monkeypatch, sweep)
+
+
+def run_sweep(capsys, *argv):
+    """What the sweep printed; it must succeed."""
+    capsys.readouterr()
+    sweep.main(list(argv))
+    return capsys.readouterr().out
 
 
 def mtimes(folder):
@@ -51,10 +55,10 @@ def command_after(stdout, header):
 #                    The smoke sweep: run, kill, resume, analyse                #
 #################################################################################
 
-def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_recomputes(tmp_path):
+def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_recomputes(tmp_path, stages, capsys):
     out = tmp_path / "sweep"
     flags = ["--smoke", "--out", str(out), "--threads", "1"]
-    first = run_sweep(*flags, "--only", A)
+    first = run_sweep(capsys, *flags, "--only", A)
     a_dir = out / "configs" / A
     assert (a_dir / "probe/results.json").is_file() and (a_dir / "eval/eval.json").is_file()
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())["configurations"]] == [A]
@@ -63,17 +67,17 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
 
     # The dry run prints what is left and runs nothing; B's DiT is then stopped at step 3 of 6, as a kill would.
     before = mtimes(out)
-    dry = run_sweep(*flags, "--dry-run")
+    dry = run_sweep(capsys, *flags, "--dry-run")
     assert mtimes(out) == before
     assert f"[1/3 {A}] 02 probe: kept" in dry and f"[1/3 {A}] 05 train: kept (step 6)" in dry
     assert f"[1/3 {A}] 06 eval: kept" in dry
     stop = command_after(dry, f"[2/3 {B}] 05 train (from scratch)")
-    subprocess.run(stop + ["--stop-at", "3"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    importlib.import_module("05_train_diffusion").main(stop[2:] + ["--stop-at", "3"])
     step3 = out / "configs" / B / "dit/checkpoints/step_00000003.pt"
     assert step3.is_file() and not step3.with_name("step_00000006.pt").exists()
     step3_mtime = step3.stat().st_mtime_ns
 
-    full = run_sweep(*flags)
+    full = run_sweep(capsys, *flags)
     ran = [line for line in full.splitlines() if line.startswith("  $ ")]
     assert not any(f"/configs/{A}/" in line for line in ran), ran  # nothing of A redone
     assert {k: v for k, v in mtimes(a_dir).items() if k in kept_a} == kept_a
@@ -111,7 +115,7 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
 
     # --analyse-only rebuilds the same analysis from sweep.json alone.
     (out / "analysis.json").unlink()
-    run_sweep("--analyse-only", str(out / "sweep.json"))
+    run_sweep(capsys, "--analyse-only", str(out / "sweep.json"))
     assert json.loads((out / "analysis.json").read_text()) == analysis
 
 

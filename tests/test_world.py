@@ -13,10 +13,9 @@ from world import checker, claims, scenes
 build = importlib.import_module("01_build_ted6k")
 
 
-@pytest.fixture(scope="module")
-def ted():
-    """The full default world benchmark (6,641 instances, ~3 s) and its scenes + claims."""
-    return build.build_world_benchmark(seed=0)
+@pytest.fixture
+def ted(world_benchmark):
+    return world_benchmark
 
 
 #################################################################################

@@ -15,6 +15,7 @@ and three minimal edits of it that are false (re-bound words, or a value the sce
     if s:
         print(claims.render_claim(s["correct"]), [claims.render_claim(c) for c in s["incorrect"]])
 """
+import functools
 import itertools
 import json
 import math
@@ -62,15 +63,19 @@ def bow_tokens(text):
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _word_counts(text):
+    """(word -> count, the vector's norm) of a text; cached, since one caption meets many claims."""
+    counts = {}
+    for w in bow_tokens(text):
+        counts[w] = counts.get(w, 0) + 1
+    return counts, math.sqrt(sum(v * v for v in counts.values()))
+
+
 def bow_cosine(a, b):
     """Cosine between word-count vectors of two texts."""
-    ca, cb = {}, {}
-    for w in bow_tokens(a):
-        ca[w] = ca.get(w, 0) + 1
-    for w in bow_tokens(b):
-        cb[w] = cb.get(w, 0) + 1
-    dot = sum(v * cb.get(k, 0) for k, v in ca.items())
-    na, nb = math.sqrt(sum(v * v for v in ca.values())), math.sqrt(sum(v * v for v in cb.values()))
+    (ca, na), (cb, nb) = sorted((_word_counts(a), _word_counts(b)), key=lambda c: len(c[0]))
+    dot = sum(v * cb.get(k, 0) for k, v in ca.items())  # integers: the order of the sum changes nothing
     return dot / (na * nb) if na and nb else 0.0
 
 
@@ -838,9 +843,10 @@ def make_statement(scene, stype, rng, n_negatives=3, caption=None):
                 cache[text] = 0 if abs(d) < 1e-9 else (1 if d < 0 else 2)
             return cache[text]
         lex = lex_of
-        lower, higher = [c for c in rest if lex(c) == 1], [c for c in rest if lex(c) == 2]
+        classes = [lex(c) for c in rest]
+        lower, higher = ([c for c, k in zip(rest, classes) if k == want] for want in (1, 2))
         mixed = [c for pair in itertools.zip_longest(lower, higher) for c in pair if c is not None]
-        rest = [c for c in rest if lex(c) == 0] + mixed
+        rest = [c for c, k in zip(rest, classes) if k == 0] + mixed
     n_absent = min(ABSENT_NEGATIVES if stype in ABSENT_TYPES else ABSENT_NEGATIVES_BINDING, n_negatives)
     texts = {render_claim(pos)}
     negatives = []
