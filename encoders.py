@@ -63,13 +63,11 @@ def recipe_digest(*parts):
     return h.hexdigest()[:16]
 
 
-def _world_corpus(n, seed):
-    """`claims.text_corpus(n, seed)` and a fingerprint of the world sources that make it."""
+def _world_source():
+    """A fingerprint of the world sources that make the tokenizer's corpus (captions, prompts and VQA come
+    from scenes, statements from claims)."""
     from world import claims, scenes
-    h = hashlib.sha256()
-    for mod in (scenes, claims):   # captions, prompts and VQA come from scenes, statements from claims
-        h.update(Path(mod.__file__).read_bytes())
-    return list(claims.text_corpus(n, seed)), h.hexdigest()[:16]
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (scenes, claims))).hexdigest()[:16]
 
 
 def _train_bpe(corpus, vocab_size):
@@ -108,13 +106,13 @@ def cached_dir(final, build):
 def world_tokenizer(cache_dir=DEFAULT_CACHE, vocab_size=4096, corpus_size=20000, seed=0):
     """The world's byte-level BPE as a transformers fast tokenizer, cached under `cache_dir` by recipe."""
     from transformers import PreTrainedTokenizerFast
-    corpus, source = _world_corpus(corpus_size, seed)
-    key = recipe_digest(world_tokenizer, _train_bpe, [source, vocab_size, corpus_size, seed, QWEN_SPECIALS,
+    from world import claims
+    key = recipe_digest(world_tokenizer, _train_bpe, [_world_source(), vocab_size, corpus_size, seed, QWEN_SPECIALS,
                                                       QWEN_CHAT_TEMPLATE])
 
-    def build(tmp):
+    def build(tmp):  # the corpus (seconds to write) only when the tokenizer is not cached yet
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=_train_bpe(corpus, vocab_size), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            tokenizer_object=_train_bpe(list(claims.text_corpus(corpus_size, seed)), vocab_size), eos_token="<|im_end|>", pad_token="<|endoftext|>",
             additional_special_tokens=QWEN_SPECIALS[1:], model_max_length=32768, clean_up_tokenization_spaces=False)
         fast.chat_template = QWEN_CHAT_TEMPLATE
         fast.save_pretrained(tmp)
