@@ -112,33 +112,12 @@ def benchmark_texts(questions):
     return list(seen)
 
 
-def is_world_benchmark(path, bench):
-    """True for a benchmark 01 built from the world: its scenes.json sits beside it and holds the same
-    records with the same caption and statement types (the public file, or one 01 wrote with --source file
-    or llm, has none: 01 replaces the whole folder)."""
-    side = Path(path).with_name("scenes.json")
-    if not side.is_file():
-        return False
-    try:
-        side = plumbing.read_json(side)
-    except DataError:
-        return False
-    if not isinstance(side, dict) or set(side) != set(bench):
-        return False
-    return all(isinstance(side[k], dict) and isinstance(side[k].get("scene"), dict)
-               and side[k]["scene"].get("kind") == rec["caption_type"]
-               and set(side[k].get("claims") or {}) == set(rec["statements"]) for k, rec in bench.items())
-
-
-def is_world_pairs(path):
-    """True for the caption pairs 01 writes for the world (caption_pairs.jsonl beside its scenes.jsonl)."""
-    path = Path(path)
-    return path.name == "caption_pairs.jsonl" and (path.parent / "scenes.jsonl").is_file()
-
-
-def pairs_mismatch(args, bench):
-    """One line when the aggregator would learn the world's captions but be scored on another benchmark."""
-    if is_world_pairs(args.caption_pairs) and not is_world_benchmark(args.benchmark, bench):
+def pairs_mismatch(args):
+    """One line when the aggregator would learn the world's captions but be scored on another benchmark. 01
+    writes a world benchmark's folder whole with scenes.json beside it; a file it imports has none."""
+    pairs = Path(args.caption_pairs)
+    world_pairs = pairs.name == "caption_pairs.jsonl" and (pairs.parent / "scenes.jsonl").is_file()
+    if world_pairs and not Path(args.benchmark).with_name("scenes.json").is_file():
         return (f"note: the caption pairs {args.caption_pairs} describe the built-in world's coloured shapes, not "
                 f"the captions of {args.benchmark}: give pairs from the benchmark's domain with --caption-pairs, "
                 f"and read each encoder's zero-shot reference (no aggregator) in results.md beside the trained "
@@ -336,13 +315,6 @@ def seed_summary(runs, seeds):
     return out
 
 
-def versus_zero_shot(r):
-    """Trained mean minus the zero-shot reference (overall), and whether that is more than the seed std."""
-    diff, std = r["overall"] - r["zero_shot"]["overall"], r["std"]["overall"]
-    verdict = None if std is None else "no difference" if abs(diff) <= std else "beats" if diff > 0 else "below"
-    return {"difference": diff, "verdict": verdict}
-
-
 def _pct(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -353,22 +325,6 @@ def _mean_std(r, cell, key=None):
     if key is not None:
         mean, std = (mean or {}).get(key), (std or {}).get(key)
     return _pct(mean) if std is None or mean is None else f"{mean:.2f} ± {std:.2f}"
-
-
-VERDICTS = {"beats": "beats the zero-shot reference with", "no difference": "no difference (within the seed std) with",
-            "below": "is below it with"}
-
-
-def _verdict_line(name, r):
-    """One line: whether the trained aggregator beats the zero-shot reference by more than the seed std."""
-    diffs = {s: (v["vs_zero_shot"], v["std"]["overall"]) for s, v in r["strategies"].items()}
-    if any(d["verdict"] is None for d, _ in diffs.values()):
-        return (f"- {name}: one seed, no std to judge by; trained minus zero-shot: "
-                + ", ".join(f"{s} {d['difference']:+.2f}" for s, (d, _) in diffs.items()) + ".")
-    groups = [f"{text} " + ", ".join(f"{s} ({d['difference']:+.2f}, std {std:.2f})" for s, (d, std) in diffs.items()
-                                      if d["verdict"] == verdict)
-              for verdict, text in VERDICTS.items() if any(d["verdict"] == verdict for d, _ in diffs.values())]
-    return f"- {name}: the trained aggregator " + "; ".join(groups) + "."
 
 
 def markdown(results):
@@ -397,8 +353,6 @@ def markdown(results):
     if "bag_of_words" in results:
         lines.append("| reference | bag of words (no encoder) | - | "
                      + " | ".join([_pct(results["bag_of_words"]["overall"])] * len(strategies)) + " | 0 |")
-    lines += ["", "## Trained aggregator vs zero-shot reference (overall)", ""]
-    lines += [_verdict_line(name, r) for name, r in encs.items()]
     main = "norm-avg" if "norm-avg" in strategies else strategies[-1]
     types = sorted({t for r in encs.values() for t in r["strategies"][main]["by_type"]})
     kinds = sorted({k for r in encs.values() for k in r["strategies"][main]["by_caption_type"]})
@@ -457,7 +411,6 @@ def probe_encoder(args, name, questions, pairs, ddp, out_dir):
                              "state_dict": {n: v.detach().cpu().clone() for n, v in aggs[s].state_dict().items()}}
         r = result["strategies"][s] = seed_summary(per_seed, args.seeds)
         r["zero_shot"] = score_questions(questions, lambda t: emb[s, ZERO_SHOT][row[t]])
-        r["vs_zero_shot"] = versus_zero_shot(r)
     t_total = time.time() - t0
     result["timings"] = {"load_s": t_load, "train_s": t_train, "score_s": t_total - t_load - t_train,
                          "total_s": t_total}
@@ -584,10 +537,10 @@ def main(argv=None):
     plumbing.seed_everything(args.seeds[0])  # same seed on every rank: the aggregators must start identical
     if ddp.is_main:
         plumbing.remove_stale_temps(out_dir)
-    bench, questions = read_ted(args.benchmark)
+    _, questions = read_ted(args.benchmark)
     questions = subsample(questions, args.max_captions)
     pairs = load_pairs(args.caption_pairs, args.max_pairs)
-    notice = pairs_mismatch(args, bench)
+    notice = pairs_mismatch(args)
     if notice:
         log(notice)
     args.feature_dtype = plumbing.DTYPES[args.feature_dtype]
