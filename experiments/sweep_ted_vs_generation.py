@@ -2,7 +2,7 @@
 
 For each encoder configuration (encoder x layer-feature strategy) the sweep runs the stages as they are:
 02 for the TED score (mean and seed std), 05 for a DiT with one recipe for all (only the encoder and
-fusion change), 06 --eval for its prompt fidelity per aspect, images and videos apart. After each finished
+fusion change), 06 --eval for its generation measures per aspect, images and videos apart. After each finished
 configuration it writes OUT/sweep.json, and from that table alone OUT/analysis.{json,md}, scatter.png and
 heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and p-values (scipy.stats), the
 statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
@@ -19,7 +19,6 @@ other settings into the same OUT is refused. Seconds are each stage's process wa
 holds each stage's outputs, logs and seconds.json; with --smoke, OUT/world/ holds the tiny world.
 """
 import itertools
-import math
 import shlex
 import sys
 import time
@@ -232,19 +231,23 @@ def run_config(args, cfg, label):
 #                                  The table                                    #
 #################################################################################
 
-def fidelity(report):
-    """Per kind: the paired gain over the floor per aspect (mean, se), their mean over aspects, and the
-    s.e. of that mean: 06's paired one ("all"), or for an older eval.json the aspects taken as independent."""
+# The generation measures of 06 --eval, each per aspect and over all aspects with its s.e.: the DiT's
+# diffusion-classifier accuracy, and its guided samples' paired gain over a mismatched prompt and over the
+# empty-caption floor.
+MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatched", "floor": "prompt - floor"}
+
+
+def generation(report):
+    """Per kind and measure: {"all": {mean, se, n}, "aspects": {aspect: {mean, se, n}}} from one eval.json."""
     out = {}
-    for kind, aspects in report["gain over floor"].items():
-        got = {a: v for a, v in aspects.items() if v.get("mean") is not None and a != "all"}
-        if not got:
-            continue
-        ses = [v["se"] for v in got.values() if v.get("se") is not None]
-        se = aspects["all"]["se"] if "all" in aspects else \
-            math.sqrt(sum(s * s for s in ses)) / len(got) if len(ses) == len(got) else None
-        out[kind] = {"aspects": got, "mean": sum(v["mean"] for v in got.values()) / len(got), "se": se,
-                     "prompts": report["settings"][kind]["prompts"], "seeds": report["settings"][kind]["seeds"]}
+    for kind, settings in report["settings"].items():
+        tables = {"classifier": report.get("classifier", {}).get("results", {}).get(kind),
+                  "mismatched": report["gain over mismatched"][kind], "floor": report["gain over floor"][kind]}
+        out[kind] = {"prompts": settings["prompts"], "seeds": settings["seeds"]}
+        for m, t in tables.items():
+            if t and t["all"]["mean"] is not None:
+                out[kind][m] = {"all": t["all"], "aspects": {a: t[a] for a in ASPECTS
+                                                             if a in t and t[a]["mean"] is not None}}
     return out
 
 
@@ -266,7 +269,7 @@ def table_row(args, cfg):
                 "by_type": r["by_type"], "by_type_std": r["std"]["by_type"],
                 "by_caption_type": r["by_caption_type"], "zero_shot": r["zero_shot"]["overall"],
                 "questions": res["benchmark"]["questions"]},
-        "fidelity": fidelity(plumbing.read_json(ev / "eval.json")),
+        "generation": generation(plumbing.read_json(ev / "eval.json")),
         "dit_step": newest_step(dit),
         "seconds": {"probe": secs.get("probe"), "train": secs.get("train"), "eval": secs.get("eval"),
                     "train_interrupted": secs.get("train_interrupted", 0),
@@ -304,10 +307,10 @@ def correlation(x, y, n_boot=10000, seed=0):
     constant side dropped), scipy's p-value and a permutation p (exact when n_boot covers every ordering)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     out = {"n": len(x)}
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
     for name in ("pearson", "spearman"):
         res = {"value": None, "ci95": None, "p": None, "p_permutation": None}
         if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
             test = stats.pearsonr(x, y) if name == "pearson" else stats.spearmanr(x, y)
             boot = r_of(name, x[idx], y[idx])
             boot = boot[~np.isnan(boot)]
@@ -328,27 +331,30 @@ def analyse(sweep, n_boot=10000, seed=0):
     rows = sweep["configurations"]
     out = {"configurations": [r["name"] for r in rows], "bootstrap": {"resamples": n_boot, "seed": seed},
            "correlation": {}, "correlation_zero_shot": {}, "matrix": {}, "cost": {}}
-    for kind in KINDS:
-        have = [r for r in rows if kind in r["fidelity"]]
-        out["correlation"][kind] = correlation([r["ted"]["overall"] for r in have],
-                                               [r["fidelity"][kind]["mean"] for r in have], n_boot, seed)
-        out["correlation"][kind]["configurations"] = [r["name"] for r in have]
+    for kind, m in itertools.product(KINDS, MEASURES):
+        have = [r for r in rows if m in r["generation"].get(kind, {})]
+        y = [r["generation"][kind][m]["all"]["mean"] for r in have]
+        c = out["correlation"].setdefault(kind, {})[m] = correlation([r["ted"]["overall"] for r in have], y, n_boot, seed)
+        c["configurations"] = [r["name"] for r in have]
         # The same with 02's zero-shot reference (mean-pooled features, no aggregator): does the trained
         # probe add predictive power over the encoder's raw similarity?
-        zs = [r for r in have if r["ted"].get("zero_shot") is not None]
-        out["correlation_zero_shot"][kind] = correlation([r["ted"]["zero_shot"] for r in zs],
-                                                         [r["fidelity"][kind]["mean"] for r in zs], n_boot, seed)
+        out["correlation_zero_shot"].setdefault(kind, {})[m] = correlation([r["ted"]["zero_shot"] for r in have], y,
+                                                                           n_boot, seed)
+    # Statement type (rows) x the classifier's aspects (columns): Adjective <-> colour, Quantity <-> count,
+    # Spatial <-> position and Adverb <-> speed are where a diagonal could show.
     types = sorted({t for r in rows for t in r["ted"]["by_type"]})
-    columns = [(k, a) for k in KINDS for a in ASPECTS if any(a in r["fidelity"].get(k, {}).get("aspects", {})
-                                                             for r in rows)]
-    out["matrix"] = {"rows": ["overall"] + types, "columns": [f"{k} {a}" for k, a in columns], "r": [], "n": []}
+    columns = [(k, a) for k in KINDS for a in ASPECTS
+               if any(a in r["generation"].get(k, {}).get("classifier", {}).get("aspects", {}) for r in rows)]
+    out["matrix"] = {"measure": "classifier", "rows": ["overall"] + types, "columns": [f"{k} {a}" for k, a in columns],
+                     "r": [], "n": []}
     for t in out["matrix"]["rows"]:
         r_row, n_row = [], []
         for k, a in columns:
             pts = [(r["ted"]["overall"] if t == "overall" else r["ted"]["by_type"][t],
-                    r["fidelity"][k]["aspects"][a]["mean"]) for r in rows
-                   if (t == "overall" or t in r["ted"]["by_type"]) and a in r["fidelity"].get(k, {}).get("aspects", {})]
-            r_row.append(correlation(*zip(*pts), n_boot=1)["pearson"]["value"])
+                    r["generation"][k]["classifier"]["aspects"][a]["mean"]) for r in rows
+                   if (t == "overall" or t in r["ted"]["by_type"])
+                   and a in r["generation"].get(k, {}).get("classifier", {}).get("aspects", {})]
+            r_row.append(correlation(*zip(*pts), n_boot=1)["pearson"]["value"] if pts else None)
             n_row.append(len(pts))
         out["matrix"]["r"].append(r_row)
         out["matrix"]["n"].append(n_row)
@@ -366,43 +372,46 @@ def _fmt(v, digits=3, sign=False):
     return "-" if v is None else f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _mean_se(v, digits=3):
+    return "-" if v is None else f"{v['mean']:+.{digits}f} ± {_fmt(v['se'], digits)}"
+
+
 def markdown(sweep, a):
     rows = sweep["configurations"]
     s = sweep["settings"]
+    cols = list(itertools.product(KINDS, MEASURES))
     lines = ["# Does TED predict generation?", "",
              f"{len(rows)} configurations; DiT {s['steps']} steps each, the same recipe; TED: mean ± std over "
-             f"{len(s['seeds'])} aggregator seeds; fidelity: 06's paired gain over the empty-caption floor, mean over "
-             f"aspects (± s.e., aspects taken as independent), {s['eval_images']} image / {s['eval_videos']} video "
-             f"prompts x {s['eval_seeds']} seeds." + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
-             "| configuration | encoder | strategy | TED overall (%) | image gain | video gain | 02 s | 05+06 s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{len(s['seeds'])} aggregator seeds; generation: 06 --eval over all aspects ± s.e. (classifier "
+             f"accuracy on the held-out scenes; the guided samples' paired gains over a mismatched prompt and over "
+             f"the empty-caption floor), {s['eval_images']} image / {s['eval_videos']} video prompts x "
+             f"{s['eval_seeds']} seeds." + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
+             "| configuration | TED overall (%) | " + " | ".join(f"{k} {MEASURES[m]}" for k, m in cols)
+             + " | 02 s | 05+06 s |", "|---|---|" + "---|" * len(cols) + "---|---|"]
     for r in rows:
-        f = r["fidelity"]
-        cell = {k: (f"{_fmt(f[k]['mean'], sign=True)} ± {_fmt(f[k]['se'])}" if k in f else "-") for k in KINDS}
-        sec = r["seconds"]
-        lines.append(f"| {r['name']} | {r['encoder']} | {r['strategy']} | {r['ted']['overall']:.2f} ± "
-                     f"{_fmt(r['ted']['std'], 2)} | {cell['image']} | {cell['video']} | {sec['probe']:.0f} | "
-                     f"{(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
-    lines += ["", "## TED overall vs fidelity (mean over aspects)", "",
-              "| kind | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |", "|---|---|---|---|---|---|"]
-    for key, what in (("correlation", ""), ("correlation_zero_shot", ", zero-shot TED")):
-        for kind in KINDS:
-            c = a.get(key, {}).get(kind)
-            if c is None:
-                continue
+        g, sec = r["generation"], r["seconds"]
+        lines.append(f"| {r['name']} | {r['ted']['overall']:.2f} ± {_fmt(r['ted']['std'], 2)} | "
+                     + " | ".join(_mean_se(g.get(k, {}).get(m, {}).get("all")) for k, m in cols)
+                     + f" | {sec['probe']:.0f} | {(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
+    lines += ["", "## TED overall vs each generation measure", "",
+              "| TED | kind | measure | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, what in (("correlation", "trained"), ("correlation_zero_shot", "zero-shot")):
+        for kind, m in cols:
+            c = a[key][kind][m]
             cells = []
             for name in ("pearson", "spearman"):
                 v = c[name]
                 ci = f" [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" if v["ci95"] else ""
                 cells += [f"{_fmt(v['value'], 2)}{ci}", "-" if v["p"] is None else f"{v['p']:.2g}"]
-            task = ("T2I (image)" if kind == "image" else "T2V (video)") + what
-            lines.append(f"| {task} | {c['n']} | " + " | ".join(cells) + " |")
+            task = "T2I (image)" if kind == "image" else "T2V (video)"
+            lines.append(f"| {what} | {task} | {MEASURES[m]} | {c['n']} | " + " | ".join(cells) + " |")
     lines += ["", f"Intervals: percentile bootstrap over configurations, {a['bootstrap']['resamples']} resamples, "
                   f"seed {a['bootstrap']['seed']} (resamples with a constant side dropped). p: "
                   f"scipy.stats.pearsonr / spearmanr; the permutation p is in analysis.json. Paper: r = 0.99 "
                   f"over 6 T2I configurations (p = 1.1e-4), 0.96 over 4 T2V."]
     m = a["matrix"]
-    lines += ["", "## Pearson r: TED statement type (rows) vs fidelity aspect (columns)", "",
+    lines += ["", "## Pearson r: TED statement type (rows) vs classifier aspect (columns)", "",
               "| type | " + " | ".join(m["columns"]) + " |", "|---|" + "---|" * len(m["columns"])]
     lines += [f"| {t} | " + " | ".join(_fmt(v, 2) for v in vals) + " |" for t, vals in zip(m["rows"], m["r"])]
     c = a["cost"]
@@ -419,21 +428,23 @@ def plot_scatter(sweep, a, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = sweep["configurations"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, kind in zip(axes, KINDS):
-        have = [r for r in rows if kind in r["fidelity"]]
-        for r in have:
-            f = r["fidelity"][kind]
-            ax.errorbar(r["ted"]["overall"], f["mean"], xerr=r["ted"]["std"] or 0, yerr=f["se"] or 0,
-                        fmt="o", capsize=3)
-            ax.annotate(r["name"], (r["ted"]["overall"], f["mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
-        c = a["correlation"][kind]
-        ax.set_title(f"{'T2I' if kind == 'image' else 'T2V'}: r = {_fmt(c['pearson']['value'], 2)}, "
-                     f"rho = {_fmt(c['spearman']['value'], 2)} (n = {c['n']})")
+    fig, axes = plt.subplots(len(KINDS), len(MEASURES), figsize=(6 * len(MEASURES), 5 * len(KINDS)), squeeze=False)
+    for (i, kind), (j, m) in itertools.product(enumerate(KINDS), enumerate(MEASURES)):
+        ax = axes[i, j]
+        for r in rows:
+            g = r["generation"].get(kind, {}).get(m)
+            if g is None:
+                continue
+            y = g["all"]["mean"]
+            ax.errorbar(r["ted"]["overall"], y, xerr=r["ted"]["std"] or 0, yerr=g["all"]["se"] or 0, fmt="o", capsize=3)
+            ax.annotate(r["name"], (r["ted"]["overall"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        c = a["correlation"][kind][m]
+        ax.set_title(f"{'T2I' if kind == 'image' else 'T2V'} {MEASURES[m]}: r = {_fmt(c['pearson']['value'], 2)}, "
+                     f"rho = {_fmt(c['spearman']['value'], 2)} (n = {c['n']})", fontsize=9)
         ax.set_xlabel("TED-6K accuracy (%), ± seed std")
-        ax.set_ylabel(f"{kind} fidelity gain over floor, ± paired s.e.")
-        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_ylabel(f"{kind} {MEASURES[m]}, ± s.e.")
+        if m != "classifier":
+            ax.axhline(0, color="grey", lw=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -456,7 +467,7 @@ def plot_heatmap(a, path):
             ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if abs(vals[i, j]) > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Pearson r over configurations")
-    ax.set_title("TED statement type vs fidelity aspect")
+    ax.set_title("TED statement type vs diffusion-classifier aspect")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

@@ -2,6 +2,7 @@
 recomputed from sweep.json, its statistics on tables whose answers are known, and bad flags."""
 import importlib
 import importlib.util
+import itertools
 import json
 import random
 import shlex
@@ -90,23 +91,28 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     assert [r["name"] for r in rows] == [A, B, C] and table["pending"] == []
     for r in rows:
         assert r["ted"]["seeds"] == 2 and r["ted"]["std"] is not None and r["dit_step"] == 6
-        assert set(r["fidelity"]) == {"image", "video"}
+        assert set(r["generation"]) == {"image", "video"}
+        ev = json.loads((out / "configs" / r["name"] / "eval/eval.json").read_text())
+        for kind in ("image", "video"):  # each measure as 06 wrote it
+            g = r["generation"][kind]
+            assert g["floor"]["all"] == ev["gain over floor"][kind]["all"]
+            assert g["mismatched"]["all"] == ev["gain over mismatched"][kind]["all"]
+            assert g["classifier"]["all"]["mean"] == ev["classifier"]["results"][kind]["all"]["mean"]
+            assert set(g["classifier"]["aspects"]) <= set(sweep.ASPECTS)
         assert all(r["seconds"][k] > 0 for k in ("probe", "train", "eval"))
-        aspects = r["fidelity"]["video"]["aspects"]
-        assert r["fidelity"]["video"]["mean"] == pytest.approx(np.mean([v["mean"] for v in aspects.values()]))
 
     # The analysis on disk is what the table alone gives: r as numpy computes it, the same cost sums.
     analysis = json.loads((out / "analysis.json").read_text())
     x = np.array([r["ted"]["overall"] for r in rows])
-    for kind in ("image", "video"):
-        y = np.array([r["fidelity"][kind]["mean"] for r in rows])
-        got = analysis["correlation"][kind]["pearson"]["value"]
+    for kind, m in itertools.product(("image", "video"), sweep.MEASURES):
+        y = np.array([r["generation"][kind][m]["all"]["mean"] for r in rows])
+        got = analysis["correlation"][kind][m]["pearson"]["value"]
         if np.ptp(y) == 0:
             assert got is None
         else:
             assert got == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
             ranked = np.corrcoef(midranks(x), midranks(y))[0, 1]
-            assert analysis["correlation"][kind]["spearman"]["value"] == pytest.approx(ranked, abs=1e-12)
+            assert analysis["correlation"][kind][m]["spearman"]["value"] == pytest.approx(ranked, abs=1e-12)
     probe = sum(r["seconds"]["probe"] for r in rows)
     gen = sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in rows)
     assert analysis["cost"]["ratio"] == pytest.approx(gen / probe)
@@ -124,15 +130,16 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
 #################################################################################
 
 def make_table(xs, ys):
-    """A sweep.json-shaped table: TED overall xs (Quantity = -xs), fidelity mean ys for both kinds."""
+    """A sweep.json-shaped table: TED overall xs (Quantity = -xs), every generation measure ys for both kinds."""
     rows = []
     for i, (x, y) in enumerate(zip(xs, ys)):
-        fid = {"aspects": {"colour": {"mean": y, "se": 0.01}}, "mean": y, "se": 0.01, "prompts": 4, "seeds": 2}
+        cell = {"all": {"mean": y, "se": 0.01, "n": 8}, "aspects": {"colour": {"mean": y, "se": 0.01, "n": 8}}}
+        gen = {k: {"prompts": 4, "seeds": 2, **{m: cell for m in sweep.MEASURES}} for k in ("image", "video")}
         rows.append({"name": f"c{i}", "encoder": f"e{i}", "strategy": "norm-avg",
                      "ted": {"overall": x, "std": 0.5, "seeds": 3, "zero_shot": 60 - x,
                              "by_type": {"Adjective": x, "Quantity": -x},
                              "by_type_std": {}, "by_caption_type": {}},
-                     "fidelity": {"image": fid, "video": dict(fid)},
+                     "generation": gen,
                      "seconds": {"probe": 1.0, "train": 40.0, "eval": 10.0}})
     return {"settings": {"steps": 10, "seeds": [0, 1, 2], "eval_images": 4, "eval_videos": 4, "eval_seeds": 2,
                          "smoke": False}, "configurations": rows}
@@ -141,24 +148,25 @@ def make_table(xs, ys):
 def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
     xs = [20.0, 25.0, 31.0, 34.0, 40.0, 47.0]
     a = sweep.analyse(make_table(xs, [0.01 * x + 0.2 for x in xs]), n_boot=2000)
-    for kind in ("image", "video"):
-        c = a["correlation"][kind]
+    for kind, measure in itertools.product(("image", "video"), sweep.MEASURES):
+        c = a["correlation"][kind][measure]
         assert c["pearson"]["value"] == pytest.approx(1.0) and c["spearman"]["value"] == pytest.approx(1.0)
         assert c["pearson"]["ci95"] == pytest.approx([1.0, 1.0]) and c["pearson"]["p"] < 0.01
         # exact over the 6! orderings: only the identity reaches r = 1; two-sided doubles it
         assert c["pearson"]["p_permutation"] == pytest.approx(2 / 720)
-        assert a["correlation_zero_shot"][kind]["pearson"]["value"] == pytest.approx(-1.0)  # zero-shot = 60 - TED
+        zero_shot = a["correlation_zero_shot"][kind][measure]
+        assert zero_shot["pearson"]["value"] == pytest.approx(-1.0)  # zero-shot = 60 - TED
     m = a["matrix"]
     assert m["r"][m["rows"].index("Quantity")][m["columns"].index("image colour")] == pytest.approx(-1.0)
     assert a["cost"]["ratio"] == pytest.approx(50.0)
 
     shuffled = [0.01 * x + 0.2 for x in xs]
     random.Random(3).shuffle(shuffled)
-    s = sweep.analyse(make_table(xs, shuffled), n_boot=2000)["correlation"]["image"]
+    s = sweep.analyse(make_table(xs, shuffled), n_boot=2000)["correlation"]["image"]["classifier"]
     assert s["pearson"]["value"] < 0.99 and s["spearman"]["value"] < 0.99
     assert s["pearson"]["value"] == pytest.approx(np.corrcoef(xs, shuffled)[0, 1])
 
-    cubic = sweep.analyse(make_table(xs, [(x - 30) ** 3 for x in xs]), n_boot=200)["correlation"]["image"]
+    cubic = sweep.analyse(make_table(xs, [(x - 30) ** 3 for x in xs]), n_boot=200)["correlation"]["image"]["floor"]
     assert cubic["spearman"]["value"] == pytest.approx(1.0) and cubic["pearson"]["value"] < 0.99
 
     path = tmp_path / "sweep.json"
