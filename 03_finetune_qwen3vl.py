@@ -488,7 +488,6 @@ def train(args):
             d.barrier()
     if writer is not None:
         writer.close()
-
     summary = {"steps": step, "losses": losses, "train_seconds": time.time() - t_loop, "world_size": d.world_size,
                "model": str(model_path)}
     finished = step >= args.steps

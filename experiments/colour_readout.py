@@ -52,6 +52,39 @@ class Readout(nn.Module):
         return self.out(torch.einsum("bql,blh->bqh", a, x).flatten(1))
 
 
+def colour_captions(n, seed):
+    """n world image captions (first style) and, for each, the set of its objects' colours."""
+    rng = random.Random(seed)
+    data = []
+    for _ in range(n):
+        scene = scenes.sample_scene(rng, "image")
+        data.append((scenes.write_captions(scene, rng)[0], {o["colour"] for o in scene["objects"]}))
+    return data
+
+
+def readout_curve(bank, colour_sets, n_train, steps=400, lr=5e-4, seed=0, standardiser=None, every=100):
+    """Train a Readout on the first n_train texts of `bank` to name their colour sets; (step, loss, held-out
+    exact match on the rest) every `every` steps."""
+    y = torch.tensor([[c in cs for c in scenes.COLOURS] for cs in colour_sets], dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = Readout(bank.feats.shape[-1], standardiser=standardiser)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    held_out = bank.batch(list(range(n_train, len(colour_sets))), "cpu")
+    curve = []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n_train, (32,), generator=g).tolist()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(*bank.batch(idx, "cpu")), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            with torch.no_grad():
+                exact = ((model(*held_out) > 0).float() == y[n_train:]).all(1).float().mean().item()
+            curve.append((step, loss.item(), exact))
+    return curve
+
+
 def main():
     p = plumbing.ArgumentParser(__doc__)
     p.add_argument("--encoder", default="minilm")
@@ -66,38 +99,21 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    rng, n = random.Random(args.seed), args.captions
-    data = []
-    for _ in range(n + 200):
-        scene = scenes.sample_scene(rng, "image")
-        data.append((scenes.write_captions(scene, rng)[0], {o["colour"] for o in scene["objects"]}))
+    n = args.captions
+    data = colour_captions(n + 200, args.seed)
     enc = encoders.load_encoder(args.encoder, cache_dir=args.cache_dir)
     feats, offsets = common.encode_texts(enc, models.LayerFusion(args.fusion, enc.num_layers), [c for c, _ in data], 160)
-    bank = common.FeatureBank(feats, offsets)
-    y = torch.tensor([[c in cs for c in scenes.COLOURS] for _, cs in data], dtype=torch.float32)
     standardiser = None
     if args.standardise:  # the DiT's own: statistics of the training captions' tokens
         standardiser = models.FeatureStandardiser(enc.width)
         standardiser.fit([feats[:int(offsets[n])]])
     if args.whiten:
         standardiser = Whitener([feats[:int(offsets[n])]])
-    torch.manual_seed(args.seed)
-    model = Readout(enc.width, standardiser=standardiser)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed)
-    held_out = bank.batch(list(range(n, n + 200)), "cpu")
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(0, n, (32,), generator=g).tolist()
-        loss = nn.functional.binary_cross_entropy_with_logits(model(*bank.batch(idx, "cpu")), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            with torch.no_grad():
-                exact = ((model(*held_out) > 0).float() == y[n:]).all(1).float().mean().item()
-            how = " standardised" if args.standardise else " whitened" if args.whiten else ""
-            print(f"{args.encoder} {args.fusion}{how}: step {step}, loss {loss.item():.3f}, "
-                  f"held-out exact match {exact:.3f}", flush=True)
+    how = " standardised" if args.standardise else " whitened" if args.whiten else ""
+    for step, loss, exact in readout_curve(common.FeatureBank(feats, offsets), [cs for _, cs in data], n, args.steps,
+                                           args.lr, args.seed, standardiser):
+        print(f"{args.encoder} {args.fusion}{how}: step {step}, loss {loss:.3f}, held-out exact match {exact:.3f}",
+              flush=True)
 
 
 if __name__ == "__main__":

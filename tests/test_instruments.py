@@ -1,12 +1,18 @@
 """The DiT-side instruments: text-feature standardisation at the denoiser's input, the diffusion classifier
-and the mismatched-prompt control of 06 --eval, each on a case whose answer is known."""
+and the mismatched-prompt control of 06 --eval, and the colour readout of an encoder's features, each on a
+case whose answer is known."""
+import collections
 import importlib
+import importlib.util
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import common
 import models
 from tests import diffusion_stubs as stubs
 from tests.diffusion_stubs import TINY, make_world
@@ -92,3 +98,30 @@ def test_mismatched_control_on_a_known_case():
     assert {k: gain[k]["mean"] for k in ("colour", "shape", "position", "count")} == \
         {"colour": 1.0, "shape": 1.0, "position": 1.0, "count": 0.0}
     assert gain["all"] == {"mean": 0.75, "se": 0.0, "n": 2}
+
+
+def test_the_colour_readout_names_colours_from_their_words_and_nothing_without_them():
+    """experiments/colour_readout.py on features whose answer is known: a one-hot vector per word reads every
+    held-out colour set; the same captions with every colour word made one shared word leave it no better
+    than the commonest held-out set (the best guess that sees no colour)."""
+    spec = importlib.util.spec_from_file_location(
+        "colour_readout", Path(__file__).resolve().parents[1] / "experiments" / "colour_readout.py")
+    readout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readout)
+    data = readout.colour_captions(400, seed=0)
+    sets = [colours for _, colours in data]
+
+    def one_hot_words(blind):
+        words = [re.findall(r"[a-z]+", caption.lower()) for caption, _ in data]
+        if blind:
+            words = [["colour" if w in scenes.COLOURS else w for w in ws] for ws in words]
+        vocab = {w: i for i, w in enumerate(sorted({w for ws in words for w in ws}))}
+        feats = nn.functional.one_hot(torch.tensor([vocab[w] for ws in words for w in ws]), len(vocab)).float()
+        return common.FeatureBank(feats, torch.tensor([0] + [len(ws) for ws in words]).cumsum(0))
+
+    torch.set_num_threads(1)
+    sees = readout.readout_curve(one_hot_words(blind=False), sets, n_train=300, steps=300)
+    blind = readout.readout_curve(one_hot_words(blind=True), sets, n_train=300, steps=300)
+    assert [step for step, _, _ in sees] == [100, 200, 300] and sees[-1][2] == 1.0
+    commonest = collections.Counter(frozenset(c) for c in sets[300:]).most_common(1)[0][1] / 100
+    assert max(exact for _, _, exact in blind) <= commonest
