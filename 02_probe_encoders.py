@@ -57,26 +57,33 @@ def subsample(questions, max_captions):
     return [q for q in questions if q["key"] in keep]
 
 
-def score_questions(questions, embed):
-    """Accuracy overall / per type / per caption type from `embed(text) -> 1-D tensor` (cosine in fp32).
-
-    Options are shuffled with seed 42 as in the public code; a question is right only when the true
-    statement's cosine is strictly above every other option's (a tie is not a win).
-    """
+def answers(questions, embed):
+    """Per question, whether `embed(text) -> 1-D tensor` answers it: options shuffled with seed 42 as in the
+    public code, and right only when the true statement's cosine (fp32) with the caption is strictly above
+    every other option's (a tie is not a win)."""
     rng = random.Random(OPTION_SEED)
-    hits = defaultdict(lambda: [0, 0])
     for q in questions:
         options = [(q["positive"], True)] + [(n, False) for n in q["negatives"]]
         rng.shuffle(options)
         c = torch.nn.functional.normalize(embed(caption_text(q["caption"], q["kind"])).float(), dim=0)
         sims = torch.stack([torch.nn.functional.normalize(embed(t).float(), dim=0) @ c for t, _ in options])
         best = int(sims.argmax())
-        right = options[best][1] and int((sims == sims[best]).sum()) == 1
-        for group in ("overall", f"type/{q['type']}", f"caption/{q['kind']}", f"both/{q['kind']}/{q['type']}"):
+        yield options[best][1] and int((sims == sims[best]).sum()) == 1
+
+
+def score_questions(questions, embed):
+    """Accuracy (%) overall / per type / per caption type, and on the questions marked "beyond_words" (those
+    the bag-of-words reference gets wrong) apart."""
+    hits = defaultdict(lambda: [0, 0])
+    for q, right in zip(questions, answers(questions, embed)):
+        groups = ["overall", f"type/{q['type']}", f"caption/{q['kind']}", f"both/{q['kind']}/{q['type']}"]
+        for group in groups + (["beyond_words"] if q.get("beyond_words") else []):
             hits[group][0] += right
             hits[group][1] += 1
     acc = {g: 100.0 * h / n for g, (h, n) in hits.items()}
     out = {"overall": acc["overall"], "n": hits["overall"][1], "by_type": {}, "by_caption_type": {}, "by_both": {}}
+    if "beyond_words" in acc:
+        out["beyond_words"] = acc["beyond_words"]
     for g in sorted(acc):
         if g.startswith("type/"):
             out["by_type"][g[5:]] = acc[g]
@@ -88,10 +95,11 @@ def score_questions(questions, embed):
 
 
 def bag_of_words_reference(questions):
-    """The same scoring with word-count vectors instead of an encoder: how far wording alone gets.
+    """The same scoring with word-count vectors instead of an encoder: how far wording alone gets. Marks
+    each question it gets wrong "beyond_words": there an encoder must read more than the words.
 
-    An encoder that scores below this has not read more than the words; on the world's benchmark the
-    re-binding negatives use exactly the positive's words, so this reference is near 0 on those types.
+    On the world's benchmark the re-binding negatives use exactly the positive's words, so this
+    reference is near 0 on those types.
     """
     texts = benchmark_texts(questions)
     words = {t: claims.bow_tokens(t) for t in texts}
@@ -101,6 +109,8 @@ def bag_of_words_reference(questions):
         counts[t] = torch.zeros(len(vocab))
         for w in ws:
             counts[t][vocab[w]] += 1
+    for q, right in zip(questions, list(answers(questions, counts.__getitem__))):
+        q["beyond_words"] = not right
     return score_questions(questions, counts.__getitem__)
 
 
@@ -353,6 +363,15 @@ def markdown(results):
     if "bag_of_words" in results:
         lines.append("| reference | bag of words (no encoder) | - | "
                      + " | ".join([_pct(results["bag_of_words"]["overall"])] * len(strategies)) + " | 0 |")
+    n = results["benchmark"].get("beyond_words")
+    if n:
+        lines += ["", f"## Beyond words: accuracy (%) on the {n} questions the bag of words gets wrong", "",
+                  "| encoder | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
+        for name, r in encs.items():
+            got = [r["strategies"].get(s, {}) for s in strategies]
+            lines.append(f"| {name} | " + " | ".join(_mean_std(g, "beyond_words") for g in got) + " |")
+            lines.append(f"| {name} zero-shot | " + " | ".join(_pct(g.get("zero_shot", {}).get("beyond_words"))
+                                                               for g in got) + " |")
     main = "norm-avg" if "norm-avg" in strategies else strategies[-1]
     types = sorted({t for r in encs.values() for t in r["strategies"][main]["by_type"]})
     kinds = sorted({k for r in encs.values() for k in r["strategies"][main]["by_caption_type"]})
@@ -553,6 +572,7 @@ def main(argv=None):
     results = {"config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
                "benchmark": {"questions": len(questions), "instances": n_inst, "chance": chance},
                "bag_of_words": bag_of_words_reference(questions), "encoders": {}}
+    results["benchmark"]["beyond_words"] = sum(q["beyond_words"] for q in questions)
     results["config"]["world_size"] = ddp.world_size
     weights = {}
     for name in args.encoders:

@@ -268,7 +268,9 @@ def table_row(args, cfg):
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),
                 "by_type": r["by_type"], "by_type_std": r["std"]["by_type"],
                 "by_caption_type": r["by_caption_type"], "zero_shot": r["zero_shot"]["overall"],
-                "questions": res["benchmark"]["questions"]},
+                "questions": res["benchmark"]["questions"], "beyond_words": r.get("beyond_words"),
+                "beyond_words_std": r["std"].get("beyond_words"),
+                "beyond_words_questions": res["benchmark"].get("beyond_words")},
         "generation": generation(plumbing.read_json(ev / "eval.json")),
         "dit_step": newest_step(dit),
         "seconds": {"probe": secs.get("probe"), "train": secs.get("train"), "eval": secs.get("eval"),
@@ -330,16 +332,18 @@ def analyse(sweep, n_boot=10000, seed=0):
     """Everything the analysis reports, from the table alone."""
     rows = sweep["configurations"]
     out = {"configurations": [r["name"] for r in rows], "bootstrap": {"resamples": n_boot, "seed": seed},
-           "correlation": {}, "correlation_zero_shot": {}, "matrix": {}, "cost": {}}
+           "correlation": {}, "correlation_zero_shot": {}, "correlation_beyond_words": {}, "matrix": {}, "cost": {}}
     for kind, m in itertools.product(KINDS, MEASURES):
         have = [r for r in rows if m in r["generation"].get(kind, {})]
         y = [r["generation"][kind][m]["all"]["mean"] for r in have]
         c = out["correlation"].setdefault(kind, {})[m] = correlation([r["ted"]["overall"] for r in have], y, n_boot, seed)
         c["configurations"] = [r["name"] for r in have]
         # The same with 02's zero-shot reference (mean-pooled features, no aggregator): does the trained
-        # probe add predictive power over the encoder's raw similarity?
-        out["correlation_zero_shot"].setdefault(kind, {})[m] = correlation([r["ted"]["zero_shot"] for r in have], y,
-                                                                           n_boot, seed)
+        # probe add predictive power over the encoder's raw similarity? And with TED on the questions the
+        # bag of words gets wrong: does leaving out what words alone decide make it a better predictor?
+        for key, ted in (("correlation_zero_shot", "zero_shot"), ("correlation_beyond_words", "beyond_words")):
+            pts = [(r["ted"][ted], yr) for r, yr in zip(have, y) if r["ted"].get(ted) is not None]
+            out[key].setdefault(kind, {})[m] = correlation(*zip(*pts), n_boot, seed) if pts else correlation([], [])
     # Statement type (rows) x the classifier's aspects (columns): Adjective <-> colour, Quantity <-> count,
     # Spatial <-> position and Adverb <-> speed are where a diagonal could show.
     types = sorted({t for r in rows for t in r["ted"]["by_type"]})
@@ -386,17 +390,21 @@ def markdown(sweep, a):
              f"accuracy on the held-out scenes; the guided samples' paired gains over a mismatched prompt and over "
              f"the empty-caption floor), {s['eval_images']} image / {s['eval_videos']} video prompts x "
              f"{s['eval_seeds']} seeds." + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
-             "| configuration | TED overall (%) | " + " | ".join(f"{k} {MEASURES[m]}" for k, m in cols)
-             + " | 02 s | 05+06 s |", "|---|---|" + "---|" * len(cols) + "---|---|"]
+             "| configuration | TED overall (%) | TED beyond words (%) | "
+             + " | ".join(f"{k} {MEASURES[m]}" for k, m in cols) + " | 02 s | 05+06 s |",
+             "|---|---|---|" + "---|" * len(cols) + "---|---|"]
     for r in rows:
         g, sec = r["generation"], r["seconds"]
+        beyond = r["ted"].get("beyond_words")
         lines.append(f"| {r['name']} | {r['ted']['overall']:.2f} ± {_fmt(r['ted']['std'], 2)} | "
+                     + ("-" if beyond is None else f"{beyond:.2f} ± {_fmt(r['ted']['beyond_words_std'], 2)}") + " | "
                      + " | ".join(_mean_se(g.get(k, {}).get(m, {}).get("all")) for k, m in cols)
                      + f" | {sec['probe']:.0f} | {(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
     lines += ["", "## TED overall vs each generation measure", "",
               "| TED | kind | measure | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |",
               "|---|---|---|---|---|---|---|---|"]
-    for key, what in (("correlation", "trained"), ("correlation_zero_shot", "zero-shot")):
+    for key, what in (("correlation", "trained"), ("correlation_zero_shot", "zero-shot"),
+                      ("correlation_beyond_words", "trained, beyond words")):
         for kind, m in cols:
             c = a[key][kind][m]
             cells = []

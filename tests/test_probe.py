@@ -138,6 +138,21 @@ def test_bag_of_words_reference_known_answers():
     assert probe.bag_of_words_reference([q("green circle", ["red circle"])])["overall"] == 0.0
 
 
+def test_questions_beyond_words_are_the_ones_the_bag_of_words_gets_wrong():
+    q = lambda pos, negs: {"key": "k", "caption": "a red circle left of a blue square", "kind": "image",  # noqa: E731
+                           "type": "Adjective", "positive": pos, "negatives": negs}
+    qs = [q("red circle", ["green circle"]), q("red circle blue square", ["blue circle red square"]),
+          q("green circle", ["red circle"]), q("blue square", ["yellow square"])]
+    bow = probe.bag_of_words_reference(qs)
+    assert [x["beyond_words"] for x in qs] == [False, True, True, False]
+    assert bow["overall"] == 50.0 and bow["beyond_words"] == 0.0  # by construction
+    # an encoder that answers only the second question: 25% overall, 50% of the two beyond words
+    second = lambda t: torch.tensor([1.0, 0.0]) if t in ("red circle blue square",) or "Caption" in t \
+        else torch.tensor([0.0, 1.0])  # noqa: E731
+    r = probe.score_questions(qs, second)
+    assert r["overall"] == 25.0 and r["beyond_words"] == 50.0
+
+
 # ----------------------------------------------------------------------------- zero-shot reference
 
 class StubEncoder:

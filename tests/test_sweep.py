@@ -92,6 +92,9 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     for r in rows:
         assert r["ted"]["seeds"] == 2 and r["ted"]["std"] is not None and r["dit_step"] == 6
         assert set(r["generation"]) == {"image", "video"}
+        res = json.loads((out / "configs" / r["name"] / "probe/results.json").read_text())
+        assert r["ted"]["beyond_words"] == res["encoders"][r["encoder"]]["strategies"][r["strategy"]]["beyond_words"]
+        assert r["ted"]["beyond_words_questions"] == res["benchmark"]["beyond_words"] > 0
         ev = json.loads((out / "configs" / r["name"] / "eval/eval.json").read_text())
         for kind in ("image", "video"):  # each measure as 06 wrote it
             g = r["generation"][kind]
@@ -136,7 +139,8 @@ def make_table(xs, ys):
         cell = {"all": {"mean": y, "se": 0.01, "n": 8}, "aspects": {"colour": {"mean": y, "se": 0.01, "n": 8}}}
         gen = {k: {"prompts": 4, "seeds": 2, **{m: cell for m in sweep.MEASURES}} for k in ("image", "video")}
         rows.append({"name": f"c{i}", "encoder": f"e{i}", "strategy": "norm-avg",
-                     "ted": {"overall": x, "std": 0.5, "seeds": 3, "zero_shot": 60 - x,
+                     "ted": {"overall": x, "std": 0.5, "seeds": 3, "zero_shot": 60 - x, "beyond_words": x / 2,
+                             "beyond_words_std": 0.5,
                              "by_type": {"Adjective": x, "Quantity": -x},
                              "by_type_std": {}, "by_caption_type": {}},
                      "generation": gen,
@@ -156,6 +160,7 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
         assert c["pearson"]["p_permutation"] == pytest.approx(2 / 720)
         zero_shot = a["correlation_zero_shot"][kind][measure]
         assert zero_shot["pearson"]["value"] == pytest.approx(-1.0)  # zero-shot = 60 - TED
+        assert a["correlation_beyond_words"][kind][measure]["pearson"]["value"] == pytest.approx(1.0)  # TED / 2
     m = a["matrix"]
     assert m["r"][m["rows"].index("Quantity")][m["columns"].index("image colour")] == pytest.approx(-1.0)
     assert a["cost"]["ratio"] == pytest.approx(50.0)
