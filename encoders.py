@@ -111,8 +111,9 @@ def world_tokenizer(cache_dir=DEFAULT_CACHE, vocab_size=4096, corpus_size=20000,
                                                       QWEN_CHAT_TEMPLATE])
 
     def build(tmp):  # the corpus (seconds to write) only when the tokenizer is not cached yet
+        bpe = _train_bpe(list(claims.text_corpus(corpus_size, seed)), vocab_size)
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=_train_bpe(list(claims.text_corpus(corpus_size, seed)), vocab_size), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
             additional_special_tokens=QWEN_SPECIALS[1:], model_max_length=32768, clean_up_tokenization_spaces=False)
         fast.chat_template = QWEN_CHAT_TEMPLATE
         fast.save_pretrained(tmp)
@@ -316,8 +317,8 @@ def ladder_dir(name, cache_dir=DEFAULT_CACHE, seed=0, size=None, recipe=None):
 #                               Encoder loading                                 #
 #################################################################################
 
-BUILTIN = ("minilm", "minilm-words", "smollm2", "gemma3", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl", "tiny-qwen3vl-llm",
-           "tiny-qwen3vl-base")
+BUILTIN = ("minilm", "minilm-words", "smollm2", "gemma3", "tiny-t5", "tiny-clip", "tiny-qwen3", "tiny-qwen3vl",
+           "tiny-qwen3vl-llm", "tiny-qwen3vl-base")
 MLLM_TYPES = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"}
 
 

@@ -339,8 +339,8 @@ def analyse(sweep, n_boot=10000, seed=0):
     for kind, m in itertools.product(KINDS, MEASURES):
         have = [r for r in rows if m in r["generation"].get(kind, {})]
         y = [r["generation"][kind][m]["all"]["mean"] for r in have]
-        c = out["correlation"].setdefault(kind, {})[m] = correlation([r["ted"]["overall"] for r in have], y, n_boot, seed)
-        c["configurations"] = [r["name"] for r in have]
+        c = correlation([r["ted"]["overall"] for r in have], y, n_boot, seed)
+        out["correlation"].setdefault(kind, {})[m] = dict(c, configurations=[r["name"] for r in have])
         # The same with 02's zero-shot reference (mean-pooled features, no aggregator): does the trained
         # probe add predictive power over the encoder's raw similarity? And with TED on the questions the
         # bag of words gets wrong: does leaving out what words alone decide make it a better predictor?
