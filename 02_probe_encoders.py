@@ -74,8 +74,13 @@ def answers(questions, embed):
 def score_questions(questions, embed):
     """Accuracy (%) overall / per type / per caption type, and on the questions marked "beyond_words" (those
     the bag-of-words reference gets wrong) apart."""
+    return tally(questions, answers(questions, embed))
+
+
+def tally(questions, rights):
+    """score_questions' accuracies from each question's right / wrong."""
     hits = defaultdict(lambda: [0, 0])
-    for q, right in zip(questions, answers(questions, embed)):
+    for q, right in zip(questions, rights):
         groups = ["overall", f"type/{q['type']}", f"caption/{q['kind']}", f"both/{q['kind']}/{q['type']}"]
         for group in groups + (["beyond_words"] if q.get("beyond_words") else []):
             hits[group][0] += right
@@ -109,9 +114,10 @@ def bag_of_words_reference(questions):
         counts[t] = torch.zeros(len(vocab))
         for w in ws:
             counts[t][vocab[w]] += 1
-    for q, right in zip(questions, list(answers(questions, counts.__getitem__))):
+    rights = list(answers(questions, counts.__getitem__))
+    for q, right in zip(questions, rights):
         q["beyond_words"] = not right
-    return score_questions(questions, counts.__getitem__)
+    return tally(questions, rights)
 
 
 def benchmark_texts(questions):

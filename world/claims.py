@@ -15,6 +15,7 @@ and three minimal edits of it that are false (re-bound words, or a value the sce
     if s:
         print(claims.render_claim(s["correct"]), [claims.render_claim(c) for c in s["incorrect"]])
 """
+import collections
 import functools
 import itertools
 import json
@@ -66,9 +67,7 @@ def bow_tokens(text):
 @functools.lru_cache(maxsize=1 << 16)
 def _word_counts(text):
     """(word -> count, the vector's norm) of a text; cached, since one caption meets many claims."""
-    counts = {}
-    for w in bow_tokens(text):
-        counts[w] = counts.get(w, 0) + 1
+    counts = collections.Counter(bow_tokens(text))
     return counts, math.sqrt(sum(v * v for v in counts.values()))
 
 
