@@ -50,6 +50,15 @@ def eval_done(steps, dit, ev=None):
     return plumbing.read_json(path).get("step") == steps and path.stat().st_mtime >= model.stat().st_mtime
 
 
+def code_version():
+    """The commit the stages run from ("+changes" when the checkout differs from it); None outside git."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+    head = git("rev-parse", "HEAD")
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+
+
 def resolve(args, paths, extra_args):
     """Every path flag absolute (given, else the smoke world's or the repo's default), and the extra-flag
     strings split into lists."""

@@ -30,8 +30,8 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, dit_done, eval_command, eval_done, keep_recipe,  # noqa: E402
-                    resolve, run_stage, script, world_command)
+from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, code_version, dit_done, eval_command,  # noqa: E402
+                    eval_done, keep_recipe, resolve, run_stage, script, world_command)
 import plumbing  # noqa: E402
 from plumbing import DataError, newest_step  # noqa: E402
 
@@ -181,6 +181,9 @@ def run_config(args, cfg, label):
         if not args.dry_run:
             plumbing.atomic_write_json(secs_path, secs)
 
+    if not secs_path.is_file() and not args.dry_run:  # the code a row is made with: that of its first stage
+        secs["commit"] = code_version()
+        save()
     if "train_started" in secs and not args.dry_run:  # the sweep was killed during 05: count that attempt
         ckpts = plumbing.list_checkpoints(dit)        # up to its newest checkpoint (the rest is redone)
         done_at = ckpts[-1].stat().st_mtime if ckpts else 0.0
@@ -276,7 +279,7 @@ def table_row(args, cfg):
                 "beyond_words_std": r["std"].get("beyond_words"),
                 "beyond_words_questions": res["benchmark"].get("beyond_words")},
         "generation": generation(plumbing.read_json(ev / "eval.json")),
-        "dit_step": newest_step(dit),
+        "dit_step": newest_step(dit), "commit": secs.get("commit"),
         "seconds": {"probe": secs.get("probe"), "train": secs.get("train"), "eval": secs.get("eval"),
                     "train_interrupted": secs.get("train_interrupted", 0),
                     "probe_in_02": enc["timings"]["total_s"]},

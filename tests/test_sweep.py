@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,8 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     assert [r["name"] for r in rows] == [A, B, C] and table["pending"] == []
     for r in rows:
         assert r["ted"]["seeds"] == 2 and r["ted"]["std"] is not None and r["dit_step"] == 6
+        assert r["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                                           capture_output=True).stdout.strip()
         assert set(r["generation"]) == {"image", "video"}
         res = json.loads((out / "configs" / r["name"] / "probe/results.json").read_text())
         assert r["ted"]["beyond_words"] == res["encoders"][r["encoder"]]["strategies"][r["strategy"]]["beyond_words"]
