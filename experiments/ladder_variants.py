@@ -62,9 +62,25 @@ def scene_pairs(step, batch_size, seed):
     return items
 
 
-def with_contrastive(load, weight, temperature=0.05):
+def hard_negative_triples(step, batch_size, seed):
+    """Per scene: one caption, then the scene and a one-aspect edit of it (world.checker.hard_negatives) in the
+    other style with one wording, so that the two differ only where the edit shows: 0, 1, 2 and 3, 4, 5, ..."""
+    from world import checker
+    rng = random.Random(f"pretrain:{seed}:{step}")
+    items = []
+    while len(items) + 3 <= batch_size:
+        scene = scenes.sample_scene(rng, ("image", "video")[len(items) // 3 % 2])
+        style = rng.randrange(2)
+        aspects = [a for a in checker.ASPECTS if checker.hard_negatives(scene, a, 1, 0, 1 - style)[1]]
+        true, negatives = checker.hard_negatives(scene, rng.choice(aspects), 1, rng.randrange(10**6), 1 - style)
+        items += [(scene, scenes.write_caption(scene, style, rng)), (scene, true), (scene, negatives[0])]
+    return items
+
+
+def with_contrastive(load, weight, group=2, temperature=0.05):
     """load_qwen3vl whose model adds, to its next-token loss, InfoNCE between the mean-pooled last hidden
-    states of neighbouring items (one scene's two captions) against the other scenes of the batch."""
+    states of neighbouring items (one scene's two captions) against the other scenes of the batch; with
+    group=3 each scene's third item (its hard negative) is among the candidates too."""
     def contrastive(path):
         model, processor = load(path)
         lm_forward = model.forward
@@ -75,10 +91,11 @@ def with_contrastive(load, weight, temperature=0.05):
                 return out
             m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).unsqueeze(-1).float()
             e = torch.nn.functional.normalize((out.hidden_states[-1] * m).sum(1) / m.sum(1), dim=-1)
-            logits = e[0::2] @ e[1::2].T / temperature
+            logits = e[0::group] @ torch.cat([e[i::group] for i in range(1, group)]).T / temperature
             target = torch.arange(len(logits))
             ce = torch.nn.functional.cross_entropy
-            out.loss = out.loss + weight * (ce(logits, target) + ce(logits.T, target)) / 2
+            both = (ce(logits, target) + ce(logits.T, target)) / 2 if group == 2 else ce(logits, target)
+            out.loss = out.loss + weight * both
             return out
         model.forward = forward
         return model, processor
@@ -113,6 +130,8 @@ def main():
     p.add_argument("--lr", type=float, default=encoders.PRETRAIN["lr"])
     p.add_argument("--contrastive", type=float, default=0.0,
                    help="weight of a scene-level InfoNCE between a scene's two captions (scene-pair material)")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="--contrastive also against a one-aspect edit of the scene, worded as the positive")
     p.add_argument("--media", action="store_true", help="the MLLM base (half its captions answer a render)")
     p.add_argument("--freeze-embeddings", action="store_true", help="keep the input embeddings at their init")
     p.add_argument("--tie-embeddings", action="store_true", help="share the input and output embeddings")
@@ -133,9 +152,12 @@ def main():
             config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
             return config
         encoders.tiny_qwen3vl_config = tied
+    if args.hard_negatives and not args.contrastive:
+        raise plumbing.DataError("--hard-negatives is a kind of --contrastive: give its weight")
     if args.contrastive:
-        encoders.pretrain_items = scene_pairs
-        encoders.load_qwen3vl = with_contrastive(encoders.load_qwen3vl, args.contrastive)
+        encoders.pretrain_items = hard_negative_triples if args.hard_negatives else scene_pairs
+        encoders.load_qwen3vl = with_contrastive(encoders.load_qwen3vl, args.contrastive,
+                                                 3 if args.hard_negatives else 2)
     if args.freeze_embeddings:
         load = encoders.load_qwen3vl
 
