@@ -10,6 +10,7 @@ statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
     python experiments/sweep_ted_vs_generation.py --threads 1             # the default configurations (hours)
     python experiments/sweep_ted_vs_generation.py --dry-run               # print the commands, run nothing
     python experiments/sweep_ted_vs_generation.py --only minilm-last,gemma3-norm-avg
+    python experiments/sweep_ted_vs_generation.py --dit-seed 1 --only minilm-last,smollm2-last   # a second DiT each
     python experiments/sweep_ted_vs_generation.py --smoke --out /tmp/sweep    # 3 tiny configurations, minutes
     python experiments/sweep_ted_vs_generation.py --analyse-only runs/sweep/sweep.json
 
@@ -91,6 +92,8 @@ def get_parser():
     p.add_argument("--smoke", action="store_true",
                    help="tiny world, tiny encoders and sizes: the whole sweep in a few minutes (what the tests run)")
     p.add_argument("--steps", type=pos, default=None, help="DiT optimiser steps (default 3000; smoke 6)")
+    p.add_argument("--dit-seed", type=nonneg, default=0,
+                   help="05's seed; another than 0 trains and evaluates a further DiT beside the kept probe")
     p.add_argument("--seeds", type=nonneg, nargs="+", default=None, help="02's aggregator seeds (default 0 1 2; smoke 0 1)")
     p.add_argument("--max-captions", type=nonneg, default=None, help="02: benchmark captions scored (0 = all)")
     p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 48)")
@@ -158,22 +161,25 @@ def probe_command(args, cfg, out):
         *(SMOKE_PROBE if args.smoke else []), *args.probe_args]
 
 
-def train_command(args, cfg, out):
+def train_command(args, cfg, out, seed=0):
     # Always --resume: 05 starts fresh when there is no checkpoint, and continues one when there is.
     return script("05_train_diffusion.py") + [
         "--encoder", cfg.encoder, "--fusion", cfg.strategy, "--steps", str(args.steps), "--data", args.data,
         "--cache-dir", args.cache_dir, "--out", str(out), "--resume", "--threads", str(args.threads),
-        *(SMOKE_TRAIN if args.smoke else []), *args.train_args]
+        *(["--seed", str(seed)] if seed else []), *(SMOKE_TRAIN if args.smoke else []), *args.train_args]
 
 
-def folders(args, cfg):
+def folders(args, cfg, seed=0):
+    """The configuration's folder, its probe, and the DiT and eval of one DiT seed (0: dit/ and eval/)."""
     d = args.out / "configs" / cfg.name
-    return d, d / "probe", d / "dit", d / "eval"
+    return d, d / "probe", d / ("dit" if not seed else f"dit_seed{seed}"), d / ("eval" if not seed else f"eval_seed{seed}")
 
 
 def run_config(args, cfg, label):
     """02, 05, 06 for one configuration, each skipped when its result is kept; True once all three are done."""
-    d, probe, dit, ev = folders(args, cfg)
+    seed = args.dit_seed
+    d, probe, dit, ev = folders(args, cfg, seed)
+    key = lambda k: k if not seed else f"{k}_seed{seed}"  # noqa: E731  (seconds of this DiT seed's stages)
     secs_path = d / "seconds.json"
     secs = plumbing.read_json(secs_path) if secs_path.is_file() else {}
 
@@ -184,11 +190,11 @@ def run_config(args, cfg, label):
     if not secs_path.is_file() and not args.dry_run:  # the code a row is made with: that of its first stage
         secs["commit"] = code_version()
         save()
-    if "train_started" in secs and not args.dry_run:  # the sweep was killed during 05: count that attempt
-        ckpts = plumbing.list_checkpoints(dit)        # up to its newest checkpoint (the rest is redone)
+    if key("train_started") in secs and not args.dry_run:  # killed during 05: count that attempt up to its
+        ckpts = plumbing.list_checkpoints(dit)               # newest checkpoint (the rest is redone)
         done_at = ckpts[-1].stat().st_mtime if ckpts else 0.0
-        secs["train"] = secs.get("train", 0.0) + max(0.0, done_at - secs.pop("train_started"))
-        secs["train_interrupted"] = secs.get("train_interrupted", 0) + 1
+        secs[key("train")] = secs.get(key("train"), 0.0) + max(0.0, done_at - secs.pop(key("train_started")))
+        secs[key("train_interrupted")] = secs.get(key("train_interrupted"), 0) + 1
         save()
     if cfg.needs and not (ROOT / cfg.encoder / "config.json").is_file():
         message = f"{cfg.name}: {cfg.encoder} does not exist yet ({cfg.needs} writes it)"
@@ -209,16 +215,16 @@ def run_config(args, cfg, label):
     else:
         step = newest_step(dit)
         how = f"resumes from step {step}" if step else "from scratch"
-        cmd = train_command(args, cfg, dit)
+        cmd = train_command(args, cfg, dit, seed)
         if args.dry_run:
             print(f"{label} 05 train ({how}):\n  $ {shlex.join(cmd)}")
         else:
             print(f"{label} 05 train ({how})", flush=True)
-            secs["train_started"] = time.time()
+            secs[key("train_started")] = time.time()
             save()
-            s = run_stage(cmd, d / "logs/05_train.log", f"{cfg.name}: 05", cwd=ROOT)
-            secs.pop("train_started")
-            secs["train"] = secs.get("train", 0.0) + s
+            s = run_stage(cmd, d / f"logs/{key('05_train')}.log", f"{cfg.name}: 05", cwd=ROOT)
+            secs.pop(key("train_started"))
+            secs[key("train")] = secs.get(key("train"), 0.0) + s
             save()
             if not dit_done(args.steps, dit):
                 raise DataError(f"{cfg.name}: 05 ended at step {newest_step(dit)} of {args.steps} "
@@ -229,7 +235,8 @@ def run_config(args, cfg, label):
         print(f"{label} 06 eval:\n  $ {shlex.join(eval_command(args, dit, ev))}")
     else:
         print(f"{label} 06 eval", flush=True)
-        secs["eval"] = run_stage(eval_command(args, dit, ev), d / "logs/06_eval.log", f"{cfg.name}: 06", cwd=ROOT)
+        secs[key("eval")] = run_stage(eval_command(args, dit, ev), d / f"logs/{key('06_eval')}.log", f"{cfg.name}: 06",
+                                      cwd=ROOT)
         save()
     return not args.dry_run
 
@@ -270,6 +277,11 @@ def table_row(args, cfg):
                         f"folder?): remove it to probe again")
     r = enc["strategies"][cfg.strategy]
     secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
+    more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
+    for path in sorted(d.glob("dit_seed*"), key=lambda p: int(p.name[8:])):
+        _, _, dit_n, ev_n = folders(args, cfg, int(path.name[8:]))
+        if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
+            more[path.name[8:]] = generation(plumbing.read_json(ev_n / "eval.json"))
     return {
         "name": cfg.name, "encoder": cfg.encoder, "strategy": cfg.strategy, "family": enc["family"],
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),
@@ -278,7 +290,7 @@ def table_row(args, cfg):
                 "questions": res["benchmark"]["questions"], "beyond_words": r.get("beyond_words"),
                 "beyond_words_std": r["std"].get("beyond_words"),
                 "beyond_words_questions": res["benchmark"].get("beyond_words")},
-        "generation": generation(plumbing.read_json(ev / "eval.json")),
+        "generation": generation(plumbing.read_json(ev / "eval.json")), "dit_seeds": more,
         "dit_step": newest_step(dit), "commit": secs.get("commit"),
         "seconds": {"probe": secs.get("probe"), "train": secs.get("train"), "eval": secs.get("eval"),
                     "train_interrupted": secs.get("train_interrupted", 0),
@@ -335,11 +347,24 @@ def correlation(x, y, n_boot=10000, seed=0):
 #                                   Analysis                                    #
 #################################################################################
 
+def seed_noise(rows, kind, m):
+    """The DiT's own seed noise against the spread between configurations: the std of one measure over DiT
+    seeds (pooled over the configurations with more than one) and over configurations (their seed-0 DiTs)."""
+    between = [r["generation"][kind][m]["all"]["mean"] for r in rows]
+    groups = [[between[i]] + [g[kind][m]["all"]["mean"] for g in r.get("dit_seeds", {}).values() if m in g.get(kind, {})]
+              for i, r in enumerate(rows)]
+    groups = [v for v in groups if len(v) > 1]
+    within = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in groups]))) if groups else None
+    return {"configurations_with_seeds": len(groups), "seed_std": within,
+            "between_std": float(np.std(between, ddof=1)) if len(between) > 1 else None}
+
+
 def analyse(sweep, n_boot=10000, seed=0):
     """Everything the analysis reports, from the table alone."""
     rows = sweep["configurations"]
     out = {"configurations": [r["name"] for r in rows], "bootstrap": {"resamples": n_boot, "seed": seed},
-           "correlation": {}, "correlation_zero_shot": {}, "correlation_beyond_words": {}, "matrix": {}, "cost": {}}
+           "correlation": {}, "correlation_zero_shot": {}, "correlation_beyond_words": {}, "leave_one_out": {},
+           "dit_seed_noise": {}, "matrix": {}, "cost": {}}
     for kind, m in itertools.product(KINDS, MEASURES):
         have = [r for r in rows if m in r["generation"].get(kind, {})]
         y = [r["generation"][kind][m]["all"]["mean"] for r in have]
@@ -351,6 +376,13 @@ def analyse(sweep, n_boot=10000, seed=0):
         for key, ted in (("correlation_zero_shot", "zero_shot"), ("correlation_beyond_words", "beyond_words")):
             pts = [(r["ted"][ted], yr) for r, yr in zip(have, y) if r["ted"].get(ted) is not None]
             out[key].setdefault(kind, {})[m] = correlation(*zip(*pts), n_boot, seed) if pts else correlation([], [])
+        # Does one encoder carry r? The correlation with each encoder's configurations left out in turn.
+        for enc in sorted({r["encoder"] for r in have}):
+            rest = [(r["ted"]["overall"], yr) for r, yr in zip(have, y) if r["encoder"] != enc]
+            c = correlation(*zip(*rest), n_boot=1) if rest else correlation([], [])
+            out["leave_one_out"].setdefault(kind, {}).setdefault(m, {})[enc] = {
+                "n": c["n"], "pearson": c["pearson"]["value"], "spearman": c["spearman"]["value"]}
+        out["dit_seed_noise"].setdefault(kind, {})[m] = seed_noise(have, kind, m)
     # Statement type (rows) x the classifier's aspects (columns): Adjective <-> colour, Quantity <-> count,
     # Spatial <-> position and Adverb <-> speed are where a diagonal could show.
     types = sorted({t for r in rows for t in r["ted"]["by_type"]})
@@ -425,6 +457,21 @@ def markdown(sweep, a):
                   f"seed {a['bootstrap']['seed']} (resamples with a constant side dropped). p: "
                   f"scipy.stats.pearsonr / spearmanr; the permutation p is in analysis.json. Paper: r = 0.99 "
                   f"over 6 T2I configurations (p = 1.1e-4), 0.96 over 4 T2V."]
+    encs = sorted({e for k, m in cols for e in a["leave_one_out"][k][m]})
+    lines += ["", "## Leave one encoder out: Pearson r / Spearman rho of TED with the rest", "",
+              "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
+    for kind, m in cols:
+        loo = a["leave_one_out"][kind][m]
+        lines.append(f"| {kind} | {MEASURES[m]} | " + " | ".join(
+            f"{_fmt(loo[e]['pearson'], 2)} / {_fmt(loo[e]['spearman'], 2)} (n {loo[e]['n']})" if e in loo else "-"
+            for e in encs) + " |")
+    lines += ["", "## The DiT's own seed noise vs the spread between configurations", "",
+              "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | std over configurations |",
+              "|---|---|---|---|---|"]
+    for kind, m in cols:
+        sn = a["dit_seed_noise"][kind][m]
+        lines.append(f"| {kind} | {MEASURES[m]} | {sn['configurations_with_seeds']} | {_fmt(sn['seed_std'])} | "
+                     f"{_fmt(sn['between_std'])} |")
     m = a["matrix"]
     lines += ["", "## Pearson r: TED statement type (rows) vs classifier aspect (columns)", "",
               "| type | " + " | ".join(m["columns"]) + " |", "|---|" + "---|" * len(m["columns"])]
