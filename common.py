@@ -422,11 +422,12 @@ def encode_texts(encoder, fusion, texts, max_length, store_dtype=torch.float32, 
         hidden, mask = encoder.encode(texts[s:s + batch_size], max_length=max_length)
         feats = (models.norm_layers(hidden) if per_layer else fusion(hidden.float())).cpu()
         for b, n in enumerate(mask.sum(1).tolist()):
-            # clone: a slice is a view that would keep the whole batch alive (for `last`, every layer's)
-            chunks.append((feats[..., b, :n, :] if per_layer else feats[b, :n]).clone())
+            # a copy in the stored dtype: a slice is a view that would keep the whole batch alive, and every
+            # layer of every caption in float32 would hold twice the memory until the end
+            chunks.append((feats[..., b, :n, :] if per_layer else feats[b, :n]).to(store_dtype, copy=True))
             lengths.append(n)
     offsets = torch.tensor([0] + lengths).cumsum(0)
-    return torch.cat(chunks, dim=1 if per_layer else 0).to(store_dtype).contiguous(), offsets
+    return torch.cat(chunks, dim=1 if per_layer else 0), offsets
 
 
 class FeatureBank:
