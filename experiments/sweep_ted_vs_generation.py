@@ -172,7 +172,8 @@ def train_command(args, cfg, out, seed=0):
 def folders(args, cfg, seed=0):
     """The configuration's folder, its probe, and the DiT and eval of one DiT seed (0: dit/ and eval/)."""
     d = args.out / "configs" / cfg.name
-    return d, d / "probe", d / ("dit" if not seed else f"dit_seed{seed}"), d / ("eval" if not seed else f"eval_seed{seed}")
+    tag = f"_seed{seed}" if seed else ""
+    return d, d / "probe", d / f"dit{tag}", d / f"eval{tag}"
 
 
 def run_config(args, cfg, label):
@@ -187,8 +188,9 @@ def run_config(args, cfg, label):
         if not args.dry_run:
             plumbing.atomic_write_json(secs_path, secs)
 
-    if not secs_path.is_file() and not args.dry_run:  # the code a row is made with: that of its first stage
-        secs["commit"] = code_version()
+    # The code a row (or a further DiT seed) is made with: that of its first stage.
+    if not args.dry_run and key("commit") not in secs and (seed or not secs_path.is_file()):
+        secs[key("commit")] = code_version()
         save()
     if key("train_started") in secs and not args.dry_run:  # killed during 05: count that attempt up to its
         ckpts = plumbing.list_checkpoints(dit)               # newest checkpoint (the rest is redone)
@@ -281,7 +283,8 @@ def table_row(args, cfg):
     for path in sorted(d.glob("dit_seed*"), key=lambda p: int(p.name[8:])):
         _, _, dit_n, ev_n = folders(args, cfg, int(path.name[8:]))
         if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
-            more[path.name[8:]] = generation(plumbing.read_json(ev_n / "eval.json"))
+            more[path.name[8:]] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
+                                   "commit": secs.get(f"commit_seed{path.name[8:]}")}
     return {
         "name": cfg.name, "encoder": cfg.encoder, "strategy": cfg.strategy, "family": enc["family"],
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),
@@ -351,9 +354,12 @@ def seed_noise(rows, kind, m):
     """The DiT's own seed noise against the spread between configurations: the std of one measure over DiT
     seeds (pooled over the configurations with more than one) and over configurations (their seed-0 DiTs)."""
     between = [r["generation"][kind][m]["all"]["mean"] for r in rows]
-    groups = [[between[i]] + [g[kind][m]["all"]["mean"] for g in r.get("dit_seeds", {}).values() if m in g.get(kind, {})]
-              for i, r in enumerate(rows)]
-    groups = [v for v in groups if len(v) > 1]
+    groups = []
+    for y0, r in zip(between, rows):
+        more = [x["generation"][kind][m]["all"]["mean"] for x in r.get("dit_seeds", {}).values()
+                if m in x["generation"].get(kind, {})]
+        if more:
+            groups.append([y0] + more)
     within = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in groups]))) if groups else None
     return {"configurations_with_seeds": len(groups), "seed_std": within,
             "between_std": float(np.std(between, ddof=1)) if len(between) > 1 else None}

@@ -138,10 +138,12 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     assert "--seed 1" in (a_dir / "logs/05_train_seed1.log").read_text()
     row = json.loads((out / "sweep.json").read_text())["configurations"][0]
     ev1 = json.loads((a_dir / "eval_seed1/eval.json").read_text())
-    assert set(row["dit_seeds"]) == {"1"} and row["dit_seeds"]["1"] == sweep.generation(ev1)
+    assert set(row["dit_seeds"]) == {"1"} and row["dit_seeds"]["1"]["generation"] == sweep.generation(ev1)
+    assert row["dit_seeds"]["1"]["commit"] == row["commit"]
     assert json.loads((a_dir / "seconds.json").read_text())["train_seed1"] > 0
     noise = json.loads((out / "analysis.json").read_text())["dit_seed_noise"]["image"]["floor"]
-    y = [row["generation"]["image"]["floor"]["all"]["mean"], row["dit_seeds"]["1"]["image"]["floor"]["all"]["mean"]]
+    y = [row["generation"]["image"]["floor"]["all"]["mean"],
+         row["dit_seeds"]["1"]["generation"]["image"]["floor"]["all"]["mean"]]
     assert noise["configurations_with_seeds"] == 1 and noise["seed_std"] == pytest.approx(np.std(y, ddof=1))
 
 
@@ -201,14 +203,16 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
     xs, ys = [20.0, 25.0, 31.0, 34.0, 40.0, 47.0], [0.1, 0.1, 0.1, 0.1, 0.1, 0.9]
     table = make_table(xs, ys)
     for i, r in enumerate(table["configurations"][:2]):  # a second DiT seed for two: +-0.2 from the first
-        r["dit_seeds"] = {"1": make_table([0.0], [ys[i] + (0.2 if i else -0.2)])["configurations"][0]["generation"]}
+        again = make_table([0.0], [ys[i] + (0.2 if i else -0.2)])["configurations"][0]["generation"]
+        r["dit_seeds"] = {"1": {"generation": again, "commit": None}}
     a = sweep.analyse(table, n_boot=200)
     loo = a["leave_one_out"]["image"]["classifier"]
     assert loo["e5"]["pearson"] is None and loo["e5"]["n"] == 5  # the rest is constant: only e5 made r
     assert loo["e0"]["pearson"] == pytest.approx(np.corrcoef(xs[1:], ys[1:])[0, 1])
     noise = a["dit_seed_noise"]["video"]["mismatched"]
     assert noise["configurations_with_seeds"] == 2
-    assert noise["seed_std"] == pytest.approx(np.sqrt(0.02)) and noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
+    assert noise["seed_std"] == pytest.approx(np.sqrt(0.02))
+    assert noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
     assert "without e5" in sweep.markdown(table, a)
 
 
