@@ -19,6 +19,7 @@ killed sweep is continued by the same command; the recipe goes to OUT/settings.j
 other settings into the same OUT is refused. Seconds are each stage's process wall time. OUT/configs/NAME/
 holds each stage's outputs, logs and seconds.json; with --smoke, OUT/world/ holds the tiny world.
 """
+import functools
 import itertools
 import shlex
 import sys
@@ -176,28 +177,40 @@ def folders(args, cfg, seed=0):
     return d, d / "probe", d / f"dit{tag}", d / f"eval{tag}"
 
 
+def seed_key(name, seed):
+    """A seconds.json key of one DiT seed's stage: `train` for seed 0, `train_seed1` for seed 1."""
+    return f"{name}_seed{seed}" if seed else name
+
+
+def open_seconds(path, seed, dit, dry_run):
+    """A configuration's seconds.json: the commit of its first stage (and of a further DiT seed's) noted,
+    and a 05 attempt that a kill cut short counted up to its newest checkpoint (the rest is redone)."""
+    secs = plumbing.read_json(path) if path.is_file() else {}
+    if dry_run:
+        return secs
+    key = functools.partial(seed_key, seed=seed)
+    if key("commit") not in secs and (seed or not path.is_file()):
+        secs[key("commit")] = code_version()
+    if key("train_started") in secs:
+        ckpts = plumbing.list_checkpoints(dit)
+        done_at = ckpts[-1].stat().st_mtime if ckpts else 0.0
+        secs[key("train")] = secs.get(key("train"), 0.0) + max(0.0, done_at - secs.pop(key("train_started")))
+        secs[key("train_interrupted")] = secs.get(key("train_interrupted"), 0) + 1
+    plumbing.atomic_write_json(path, secs)
+    return secs
+
+
 def run_config(args, cfg, label):
     """02, 05, 06 for one configuration, each skipped when its result is kept; True once all three are done."""
     seed = args.dit_seed
     d, probe, dit, ev = folders(args, cfg, seed)
-    key = lambda k: k if not seed else f"{k}_seed{seed}"  # noqa: E731  (seconds of this DiT seed's stages)
+    key = functools.partial(seed_key, seed=seed)
     secs_path = d / "seconds.json"
-    secs = plumbing.read_json(secs_path) if secs_path.is_file() else {}
+    secs = open_seconds(secs_path, seed, dit, args.dry_run)
 
     def save():
         if not args.dry_run:
             plumbing.atomic_write_json(secs_path, secs)
-
-    # The code a row (or a further DiT seed) is made with: that of its first stage.
-    if not args.dry_run and key("commit") not in secs and (seed or not secs_path.is_file()):
-        secs[key("commit")] = code_version()
-        save()
-    if key("train_started") in secs and not args.dry_run:  # killed during 05: count that attempt up to its
-        ckpts = plumbing.list_checkpoints(dit)               # newest checkpoint (the rest is redone)
-        done_at = ckpts[-1].stat().st_mtime if ckpts else 0.0
-        secs[key("train")] = secs.get(key("train"), 0.0) + max(0.0, done_at - secs.pop(key("train_started")))
-        secs[key("train_interrupted")] = secs.get(key("train_interrupted"), 0) + 1
-        save()
     if cfg.needs and not (ROOT / cfg.encoder / "config.json").is_file():
         message = f"{cfg.name}: {cfg.encoder} does not exist yet ({cfg.needs} writes it)"
         if not args.dry_run:
@@ -284,7 +297,7 @@ def table_row(args, cfg):
         _, _, dit_n, ev_n = folders(args, cfg, int(path.name[8:]))
         if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
             more[path.name[8:]] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
-                                   "commit": secs.get(f"commit_seed{path.name[8:]}")}
+                                   "commit": secs.get(seed_key("commit", int(path.name[8:])))}
     return {
         "name": cfg.name, "encoder": cfg.encoder, "strategy": cfg.strategy, "family": enc["family"],
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),
@@ -425,6 +438,26 @@ def _mean_se(v, digits=3):
     return "-" if v is None else f"{v['mean']:+.{digits}f} ± {_fmt(v['se'], digits)}"
 
 
+def robustness_markdown(a, cols):
+    """The leave-one-encoder-out and DiT-seed tables of analysis.md."""
+    encs = sorted({e for k, m in cols for e in a["leave_one_out"][k][m]})
+    lines = ["", "## Leave one encoder out: Pearson r / Spearman rho of TED with the rest", "",
+             "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
+    for kind, m in cols:
+        loo = a["leave_one_out"][kind][m]
+        lines.append(f"| {kind} | {MEASURES[m]} | " + " | ".join(
+            f"{_fmt(loo[e]['pearson'], 2)} / {_fmt(loo[e]['spearman'], 2)} (n {loo[e]['n']})" if e in loo else "-"
+            for e in encs) + " |")
+    lines += ["", "## The DiT's own seed noise vs the spread between configurations", "",
+              "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | std over configurations |",
+              "|---|---|---|---|---|"]
+    for kind, m in cols:
+        sn = a["dit_seed_noise"][kind][m]
+        lines.append(f"| {kind} | {MEASURES[m]} | {sn['configurations_with_seeds']} | {_fmt(sn['seed_std'])} | "
+                     f"{_fmt(sn['between_std'])} |")
+    return lines
+
+
 def markdown(sweep, a):
     rows = sweep["configurations"]
     s = sweep["settings"]
@@ -463,21 +496,7 @@ def markdown(sweep, a):
                   f"seed {a['bootstrap']['seed']} (resamples with a constant side dropped). p: "
                   f"scipy.stats.pearsonr / spearmanr; the permutation p is in analysis.json. Paper: r = 0.99 "
                   f"over 6 T2I configurations (p = 1.1e-4), 0.96 over 4 T2V."]
-    encs = sorted({e for k, m in cols for e in a["leave_one_out"][k][m]})
-    lines += ["", "## Leave one encoder out: Pearson r / Spearman rho of TED with the rest", "",
-              "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
-    for kind, m in cols:
-        loo = a["leave_one_out"][kind][m]
-        lines.append(f"| {kind} | {MEASURES[m]} | " + " | ".join(
-            f"{_fmt(loo[e]['pearson'], 2)} / {_fmt(loo[e]['spearman'], 2)} (n {loo[e]['n']})" if e in loo else "-"
-            for e in encs) + " |")
-    lines += ["", "## The DiT's own seed noise vs the spread between configurations", "",
-              "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | std over configurations |",
-              "|---|---|---|---|---|"]
-    for kind, m in cols:
-        sn = a["dit_seed_noise"][kind][m]
-        lines.append(f"| {kind} | {MEASURES[m]} | {sn['configurations_with_seeds']} | {_fmt(sn['seed_std'])} | "
-                     f"{_fmt(sn['between_std'])} |")
+    lines += robustness_markdown(a, cols)
     m = a["matrix"]
     lines += ["", "## Pearson r: TED statement type (rows) vs classifier aspect (columns)", "",
               "| type | " + " | ".join(m["columns"]) + " |", "|---|" + "---|" * len(m["columns"])]
