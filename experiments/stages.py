@@ -52,11 +52,13 @@ def eval_done(steps, dit, ev=None):
 
 def code_version():
     """The commit the stages run from ("+changes" when the checkout differs from it); None outside git."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+    def git(*words):
+        return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
     head = git("rev-parse", "HEAD")
     if head.returncode:
         return None
-    return head.stdout.strip() + ("+changes" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    edited = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+changes" if edited else "")
 
 
 def resolve(args, paths, extra_args):

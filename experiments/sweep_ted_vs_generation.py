@@ -293,11 +293,11 @@ def table_row(args, cfg):
     r = enc["strategies"][cfg.strategy]
     secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
     more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
-    for path in sorted(d.glob("dit_seed*"), key=lambda p: int(p.name[8:])):
-        _, _, dit_n, ev_n = folders(args, cfg, int(path.name[8:]))
+    for n in sorted(int(path.name[len("dit_seed"):]) for path in d.glob("dit_seed*")):
+        _, _, dit_n, ev_n = folders(args, cfg, n)
         if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
-            more[path.name[8:]] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
-                                   "commit": secs.get(seed_key("commit", int(path.name[8:])))}
+            more[str(n)] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
+                            "commit": secs.get(seed_key("commit", n))}
     return {
         "name": cfg.name, "encoder": cfg.encoder, "strategy": cfg.strategy, "family": enc["family"],
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),
