@@ -13,7 +13,8 @@ same prompts and noise. Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned through
 
 Restartable: a killed run is continued by the same command (finished arms and evals are kept); the recipe
 goes to OUT/settings.json and a rerun with another into the same OUT is refused. OUT/table.json and
-table.md hold, per arm, the mean +- s.e. over seeds of 06's gains and the paired differences between arms
+table.md hold, per arm, the mean +- s.e. over seeds of 06's three measures (classifier accuracy, prompt -
+mismatched, prompt - floor) and the paired differences between arms
 (mean +- s.e. of the per-seed differences, and how many are > 0); OUT/fig4.png the layer weights against
 the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its eval/, logs/ and seconds.json.
 """
@@ -34,6 +35,8 @@ from plumbing import DataError, newest_step  # noqa: E402
 ARMS = ("norm-avg", "continuous", "two-step")  # the evaluated arms, in the table's order
 JOINT = "two-step-joint"  # two-step's first half: 04 until the freeze
 PAIRS = (("two-step", "norm-avg"), ("continuous", "norm-avg"), ("two-step", "continuous"))
+# 06's three measures of one run (docs/results.md, "The generation side's instruments")
+MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatched", "floor": "prompt - floor"}
 
 # One DiT recipe for every arm: 04 and 05 share their defaults.
 SAME = ["--ckpt-every", "200"]
@@ -196,13 +199,15 @@ def aspect_mean(gains):
     return sum(gains.values()) / len(gains) if gains else None
 
 
-def run_gains(report):
-    """{kind: {aspect: gain}} and {kind: s.e. of the aspect mean} of one eval.json; aspects without a value
-    (an image has no motion) are left out. The s.e. is 06's paired one over per-sample aspect means ("all");
-    an eval.json without it takes the aspects as independent."""
+def run_gains(report, measure="floor"):
+    """{kind: {aspect: value}} and {kind: s.e. of the aspect mean} of one eval.json's `measure` (MEASURES);
+    aspects without a value (an image has no motion) are left out. The s.e. is 06's paired one over per-sample
+    aspect means ("all"); an eval.json without it takes the aspects as independent."""
     gains, ses = {}, {}
-    for kind, aspects in report["gain over floor"].items():
-        got = {a: v for a, v in aspects.items() if v.get("mean") is not None and a != "all"}
+    table = report.get("classifier", {}).get("results", {}) if measure == "classifier" else \
+        report[f"gain over {measure}"]
+    for kind, aspects in table.items():
+        got = {a: v for a, v in aspects.items() if a not in ("all", "questions") and v.get("mean") is not None}
         if not got:
             continue
         gains[kind] = {a: v["mean"] for a, v in got.items()}
@@ -250,13 +255,15 @@ def seed_folders(out):
 def collect(out, steps):
     """From the runs on disk: gains and eval s.e. per arm and seed (finished evals only), 04's summaries of
     the continuous and two-step-joint runs per seed, the stages' seconds, and what is still pending."""
-    gains, ses, summaries, seconds, pending = {}, {}, {"continuous": {}, JOINT: {}}, {"train": 0.0, "eval": 0.0}, []
+    gains, ses = {m: {} for m in MEASURES}, {m: {} for m in MEASURES}
+    summaries, seconds, pending = {"continuous": {}, JOINT: {}}, {"train": 0.0, "eval": 0.0}, []
     for seed, d in seed_folders(out).items():
         s = str(seed)
         for arm in ARMS:
             if eval_done(steps, d / arm):
-                gains.setdefault(arm, {})[s], ses.setdefault(arm, {})[s] = run_gains(
-                    plumbing.read_json(d / arm / "eval" / "eval.json"))
+                report = plumbing.read_json(d / arm / "eval" / "eval.json")
+                for m in MEASURES:
+                    gains[m].setdefault(arm, {})[s], ses[m].setdefault(arm, {})[s] = run_gains(report, m)
             else:
                 pending.append(f"seed_{seed}/{arm}")
         for arm in (*ARMS, JOINT):
@@ -275,7 +282,8 @@ def build_table(out):
         raise DataError(f"{out}: no ablation here (no settings.json)")
     settings = plumbing.read_json(out / "settings.json")
     gains, ses, summaries, seconds, pending = collect(out, settings["steps"])
-    table = {"settings": settings, "seeds": sorted({int(s) for g in gains.values() for s in g}), **analyse(gains, ses)}
+    table = {"settings": settings, "seeds": sorted({int(s) for g in gains["floor"].values() for s in g}),
+             "measures": {m: analyse(gains[m], ses[m]) for m in MEASURES}}
     table["freeze"] = {s: {k: summ.get(k) for k in ("frozen_at", "reason", "planned_steps")}
                        for s, summ in summaries[JOINT].items()}
     table["seconds"], table["pending"] = seconds, pending
@@ -290,40 +298,45 @@ def _cell(v, sign=True):
 
 
 def markdown(table):
-    s = table["settings"]
+    s, ms = table["settings"], table["measures"]
     lines = ["# Layer weights: fixed Norm-Avg vs learned throughout vs two-step (the paper's Table 5)", "",
              f"Encoder {s['encoder']}; every arm {s['steps']} DiT steps, the same recipe and, per seed, the same "
-             f"init and data order; seeds {', '.join(map(str, table['seeds'])) or '-'}. Fidelity: 06's paired gain "
-             f"over the empty-caption floor, mean over aspects, {s['eval_images']} image / {s['eval_videos']} video "
-             f"prompts x {s['eval_seeds']} seeds, {s['sample_steps']} Euler steps."
+             f"init and data order; seeds {', '.join(map(str, table['seeds'])) or '-'}. 06's three measures, each "
+             f"a mean over aspects: diffusion-classifier accuracy (chance 0.25), and the samples' paired gain over "
+             f"the mismatched prompt and over the empty caption; {s['eval_images']} image / {s['eval_videos']} "
+             f"video prompts x {s['eval_seeds']} seeds, {s['sample_steps']} Euler steps."
              + (" **Smoke sizes: not a result.**" if s["smoke"] else ""), "",
              "## Per arm: mean ± s.e. over seeds", "",
-             "| kind | aspect | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
-    a = table["arms"]
-    for kind in KINDS:
-        for asp in ASPECTS:
-            if any(asp in a[arm][kind]["aspects"] for arm in ARMS):
-                lines.append(f"| {kind} | {asp} | " + " | ".join(_cell(a[arm][kind]["aspects"].get(asp, {}))
-                                                               for arm in ARMS) + " |")
-        lines.append(f"| {kind} | **mean** (n seeds) | " + " | ".join(
-            f"**{_cell(a[arm][kind])}** ({a[arm][kind]['n']})" for arm in ARMS) + " |")
-        lines.append(f"| {kind} | eval s.e. of one run | " + " | ".join(
-            "-" if a[arm][kind]["eval_se"] is None else f"{a[arm][kind]['eval_se']:.3f}" for arm in ARMS) + " |")
-    lines += ["", "## Per seed: mean over aspects", "",
-              "| seed | kind | " + " | ".join(ARMS) + " | two-step froze at |", "|---|---|" + "---|" * (len(ARMS) + 1)]
+             "| measure | kind | aspect | " + " | ".join(ARMS) + " |", "|---|---|---|" + "---|" * len(ARMS)]
+    for m, label in MEASURES.items():
+        a = ms[m]["arms"]
+        for kind in KINDS:
+            for asp in ASPECTS:
+                if any(asp in a[arm][kind]["aspects"] for arm in ARMS):
+                    lines.append(f"| {label} | {kind} | {asp} | " + " | ".join(
+                        _cell(a[arm][kind]["aspects"].get(asp, {})) for arm in ARMS) + " |")
+            lines.append(f"| {label} | {kind} | **mean** (n seeds) | " + " | ".join(
+                f"**{_cell(a[arm][kind])}** ({a[arm][kind]['n']})" for arm in ARMS) + " |")
+            lines.append(f"| {label} | {kind} | eval s.e. of one run | " + " | ".join(
+                "-" if a[arm][kind]["eval_se"] is None else f"{a[arm][kind]['eval_se']:.3f}" for arm in ARMS) + " |")
+    lines += ["", "## Per seed: mean over aspects", "", "| seed | measure | kind | " + " | ".join(ARMS)
+              + " | two-step froze at |", "|---|---|---|" + "---|" * (len(ARMS) + 1)]
     for seed in table["seeds"]:
         f = table["freeze"].get(str(seed), {})
         froze = f"step {f['frozen_at']} of {f['planned_steps']} ({f['reason']})" if f.get("frozen_at") else "-"
-        for kind in KINDS:
-            vals = [a[arm][kind]["per_seed"].get(str(seed)) for arm in ARMS]
-            lines.append(f"| {seed} | {kind} | " + " | ".join("-" if v is None else f"{v:+.3f}" for v in vals)
-                         + f" | {froze} |")
-    pairs = list(table["differences"])
+        for m, label in MEASURES.items():
+            for kind in KINDS:
+                vals = [ms[m]["arms"][arm][kind]["per_seed"].get(str(seed)) for arm in ARMS]
+                lines.append(f"| {seed} | {label} | {kind} | " + " | ".join(
+                    "-" if v is None else f"{v:+.3f}" for v in vals) + f" | {froze} |")
+    pairs = [f"{a} - {b}" for a, b in PAIRS]
     lines += ["", "## Paired by seed: mean ± s.e. of the per-seed differences (n seeds, how many > 0)", "",
-              "| kind | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    for kind in KINDS:
-        cells = [table["differences"][p][kind] for p in pairs]
-        lines.append(f"| {kind} | " + " | ".join(f"{_cell(c)} (n={c['n']}, {c['positive']} > 0)" for c in cells) + " |")
+              "| measure | kind | " + " | ".join(pairs) + " |", "|---|---|" + "---|" * len(pairs)]
+    for m, label in MEASURES.items():
+        for kind in KINDS:
+            cells = [ms[m]["differences"][p][kind] for p in pairs]
+            lines.append(f"| {label} | {kind} | " + " | ".join(
+                f"{_cell(c)} (n={c['n']}, {c['positive']} > 0)" for c in cells) + " |")
     lines += ["", "Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned throughout 75.94, two-step 77.01. A difference "
                   "within about 2 s.e. of 0 is not a finding; with 3 seeds the s.e. itself is rough.",
               "", f"Wall seconds of the stages' processes: train {table['seconds'].get('train', 0):.0f}, eval "

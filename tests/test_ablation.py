@@ -29,16 +29,35 @@ def contents(folder):
     return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def recompute(out, seeds):
-    """Per arm, kind and seed the mean over aspects of eval.json's gain over the floor, read directly."""
+def recompute(out, seeds, measure):
+    """Per arm, kind and seed the mean over aspects of one of eval.json's measures, read directly."""
     got = {}
     for arm in abl.ARMS:
         for seed in seeds:
-            gain = json.loads((out / f"seed_{seed}" / arm / "eval" / "eval.json").read_text())["gain over floor"]
+            report = json.loads((out / f"seed_{seed}" / arm / "eval" / "eval.json").read_text())
+            values = report["classifier"]["results"] if measure == "classifier" else report[f"gain over {measure}"]
             for kind in ("image", "video"):
-                vals = [v["mean"] for v in gain[kind].values() if v["mean"] is not None]
+                vals = [v["mean"] for a, v in values[kind].items()
+                        if a not in ("all", "questions") and v["mean"] is not None]
                 got[arm, kind, seed] = sum(vals) / len(vals)
     return got
+
+
+def check_measure(measure, got):
+    """One measure's part of table.json against the values recomputed from the eval files (seeds 0 and 1)."""
+    for arm in abl.ARMS:
+        for kind in ("image", "video"):
+            t = measure["arms"][arm][kind]
+            per_seed = [got[arm, kind, s] for s in (0, 1)]
+            assert [t["per_seed"][str(s)] for s in (0, 1)] == pytest.approx(per_seed, abs=1e-12)
+            assert t["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+            assert t["se"] == pytest.approx(np.std(per_seed, ddof=1) / math.sqrt(2), abs=1e-12) and t["n"] == 2
+    for a, b in abl.PAIRS:
+        for kind in ("image", "video"):
+            diffs = [got[a, kind, s] - got[b, kind, s] for s in (0, 1)]
+            c = measure["differences"][f"{a} - {b}"][kind]
+            assert c["mean"] == pytest.approx(np.mean(diffs), abs=1e-12) and c["n"] == 2
+            assert c["se"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(2), abs=1e-12)
 
 
 #################################################################################
@@ -70,20 +89,8 @@ def test_smoke_ablation_keeps_finished_runs_resumes_stopped_ones_and_the_table_i
     # table.json is what the eval.json files give, recomputed here directly.
     table = json.loads((out / "table.json").read_text())
     assert table["seeds"] == [0, 1] and table["pending"] == []
-    got = recompute(out, (0, 1))
-    for arm in abl.ARMS:
-        for kind in ("image", "video"):
-            t = table["arms"][arm][kind]
-            per_seed = [got[arm, kind, s] for s in (0, 1)]
-            assert [t["per_seed"][str(s)] for s in (0, 1)] == pytest.approx(per_seed, abs=1e-12)
-            assert t["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
-            assert t["se"] == pytest.approx(np.std(per_seed, ddof=1) / math.sqrt(2), abs=1e-12) and t["n"] == 2
-    for a, b in abl.PAIRS:
-        for kind in ("image", "video"):
-            diffs = [got[a, kind, s] - got[b, kind, s] for s in (0, 1)]
-            c = table["differences"][f"{a} - {b}"][kind]
-            assert c["mean"] == pytest.approx(np.mean(diffs), abs=1e-12) and c["n"] == 2
-            assert c["se"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(2), abs=1e-12)
+    for m in abl.MEASURES:
+        check_measure(table["measures"][m], recompute(out, (0, 1), m))
     assert table["freeze"]["1"] == {"frozen_at": 4, "reason": "reached step 4", "planned_steps": 6}
     assert "step 4 of 6 (reached step 4)" in (out / "table.md").read_text()
     assert (out / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "fig4.png").stat().st_size > 10000
@@ -117,8 +124,8 @@ def test_smoke_ablation_keeps_finished_runs_resumes_stopped_ones_and_the_table_i
     assert contents(out / "seed_0") == kept
     assert abl.dit_done(6, d / "two-step") and abl.eval_done(6, d / "norm-avg")
     table = json.loads((out / "table.json").read_text())
-    assert table["arms"]["norm-avg"]["image"]["per_seed"]["1"] == pytest.approx(
-        recompute(out, (1,))["norm-avg", "image", 1], abs=1e-12)
+    assert table["measures"]["floor"]["arms"]["norm-avg"]["image"]["per_seed"]["1"] == pytest.approx(
+        recompute(out, (1,), "floor")["norm-avg", "image", 1], abs=1e-12)
 
     # --analyse-only rebuilds the same table from the files alone.
     (out / "table.json").unlink()
@@ -168,6 +175,11 @@ def test_run_gains_leaves_out_aspects_without_a_value():
     gains, ses = abl.run_gains(report)
     assert gains == {"image": {"colour": 0.3, "count": 0.1}}
     assert ses["image"] == pytest.approx(0.05 / 2)  # sqrt(0.03^2 + 0.04^2) / 2 aspects
+    # the classifier's table has the same shape, and its "all" (over questions) gives the s.e., not the mean
+    report["classifier"] = {"results": {"image": {"colour": {"mean": 0.5, "se": 0.1}, "count": {"mean": 1.0, "se": 0.0},
+                                                  "all": {"mean": 0.6, "se": 0.07}}}}
+    gains, ses = abl.run_gains(report, "classifier")
+    assert gains == {"image": {"colour": 0.5, "count": 1.0}} and ses == {"image": 0.07}
 
 
 #################################################################################
