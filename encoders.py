@@ -184,13 +184,18 @@ def build_tiny_qwen3vl(out_dir, seed=0, cache_dir=DEFAULT_CACHE, layers=4, hidde
 #################################################################################
 # Qwen3-VL-8B-Instruct is already a pretrained MLLM when stage 1 fine-tunes it, and Qwen3-8B is its LLM.
 # The miniature of that pair starts from one random init (`tiny-qwen3vl`) and spends the same budget on
-# generic material: the world's captions of fresh scenes, as plain text for the LLM twin
+# the same material: the world's captions of fresh scenes, as plain text for the LLM twin
 # (`tiny-qwen3vl-llm`, whose vision tower never runs), and for the MLLM (`tiny-qwen3vl-base`) the same
-# captions with half of them asked for by a render ("Describe this image.").
+# captions with some of them asked for by a render ("Describe this image.").
+# Next-token loss alone leaves a tiny model nothing that needs a colour once its word is read, and its
+# features then carry too little of it for a DiT to read (docs/results.md); so pretraining also asks it
+# to tell a scene's caption from a one-aspect edit of it (InfoNCE on mean-pooled features), as text
+# encoders trained for retrieval are.
 # Stage 1 (03) then fine-tunes the base on the targeted VQA.
 
 LADDER_SIZE = dict(layers=4, hidden=128)
-PRETRAIN = dict(steps=400, batch_size=16, lr=2e-3, warmup=30, media_fraction=0.5, fps=4.0)
+PRETRAIN = dict(steps=1600, scenes=5, lr=2e-3, warmup=30, media_fraction=0.5, fps=4.0, contrastive=1.0,
+                temperature=0.05)
 IGNORE = -100  # label of a token the loss skips
 
 
@@ -212,22 +217,37 @@ def assistant_labels(input_ids, header_ids, end_id):
     return labels
 
 
-def pretrain_items(step, batch_size, seed):
-    """One step of generic material: (scene, caption) of `batch_size` fresh world scenes, images and
-    videos alternating; the same for the MLLM and its twin."""
+def pretrain_items(step, n_scenes, seed):
+    """One step of material, (scene, caption) for `n_scenes` fresh world scenes (images and videos
+    alternating) three times: a caption of each in one style; each in the other style; a one-aspect edit
+    of each (world.checker.hard_negatives) worded as the second, so the two differ only where the edit shows."""
     import random
-    from world import scenes
+    from world import checker, scenes
     rng = random.Random(f"pretrain:{seed}:{step}")
-    items = []
-    for i in range(batch_size):
+    first, second, edited = [], [], []
+    for i in range(n_scenes):
         scene = scenes.sample_scene(rng, ("image", "video")[i % 2])
-        items.append((scene, rng.choice(scenes.write_captions(scene, rng))))
-    return items
+        style = rng.randrange(2)
+        aspects = [a for a in checker.ASPECTS if checker.hard_negatives(scene, a, 1, 0, 1 - style)[1]]
+        true, negatives = checker.hard_negatives(scene, rng.choice(aspects), 1, rng.randrange(10**6), 1 - style)
+        first.append((scene, scenes.write_caption(scene, style, rng)))
+        second.append((scene, true))
+        edited.append((None, negatives[0]))
+    return first + second + edited
+
+
+def contrastive_loss(hidden, labels, n_scenes, temperature):
+    """InfoNCE from each scene's first caption to every second caption and edit (its own second caption is
+    the one to pick), on the last layer mean-pooled over the tokens the next-token loss covers."""
+    m = (labels != IGNORE).unsqueeze(-1).to(hidden.dtype)
+    e = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+    logits = e[:n_scenes] @ e[n_scenes:].T / temperature
+    return torch.nn.functional.cross_entropy(logits, torch.arange(n_scenes))
 
 
 def pretrain_batch(items, processor, n_media, fps):
     """Processor inputs with labels: the first `n_media` items are render -> caption (loss on the
-    caption), the rest plain caption text (loss on every token)."""
+    caption), the rest plain caption text (loss on every token); an edit's scene is never rendered."""
     from world import scenes
     tok = processor.tokenizer
     texts, images, videos, metas = [], [], [], []
@@ -270,15 +290,17 @@ def pretrain_tiny_qwen3vl(out_dir, media, seed=0, cache_dir=DEFAULT_CACHE, size=
     build_tiny_qwen3vl(out_dir, seed=seed, cache_dir=cache_dir, **size)  # the init, and the processor
     model, processor = load_qwen3vl(out_dir)
     model.train()
-    n_media = round(recipe["batch_size"] * recipe["media_fraction"]) if media else 0
+    n, n_media = recipe["scenes"], round(recipe["scenes"] * recipe["media_fraction"]) if media else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
     scheduler = plumbing.lr_scheduler(optimizer, recipe["steps"], recipe["warmup"], "cosine", floor=0.1)
     losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(recipe["steps"]):
-            batch = pretrain_batch(pretrain_items(step, recipe["batch_size"], seed), processor, n_media, recipe["fps"])
-            loss = model(**batch).loss
+            batch = pretrain_batch(pretrain_items(step, n, seed), processor, n_media, recipe["fps"])
+            out = model(**batch, output_hidden_states=True)
+            loss = out.loss + recipe["contrastive"] * contrastive_loss(out.hidden_states[-1], batch["labels"], n,
+                                                                       recipe["temperature"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -303,11 +325,11 @@ def ladder_dir(name, cache_dir=DEFAULT_CACHE, seed=0, size=None, recipe=None):
         raise KeyError(name)
     tok = world_tokenizer(cache_dir)
     size, recipe = dict(LADDER_SIZE, **(size or {})), dict(PRETRAIN, **(recipe or {}))
-    from world import scenes  # the generic material (the tokenizer's name covers the rest of the world)
-    key = recipe_digest(ladder_dir, pretrain_tiny_qwen3vl, pretrain_batch, pretrain_items, assistant_labels,
-                        tiny_qwen3vl_config, tiny_qwen3vl_processor, build_tiny_qwen3vl,
-                        [name, Path(tok.name_or_path).name, plumbing.file_digest(scenes.__file__), seed, size, recipe,
-                         transformers.__version__])
+    from world import checker, scenes  # the material (the tokenizer's name covers the rest of the world)
+    key = recipe_digest(ladder_dir, pretrain_tiny_qwen3vl, pretrain_batch, pretrain_items, contrastive_loss,
+                        assistant_labels, tiny_qwen3vl_config, tiny_qwen3vl_processor, build_tiny_qwen3vl,
+                        [name, Path(tok.name_or_path).name, plumbing.file_digest(scenes.__file__),
+                         plumbing.file_digest(checker.__file__), seed, size, recipe, transformers.__version__])
     media = name == "tiny-qwen3vl-base"
     return cached_dir(Path(cache_dir) / "models" / f"{name}-{key}",
                       lambda tmp: pretrain_tiny_qwen3vl(tmp, media, seed, cache_dir, size, recipe))

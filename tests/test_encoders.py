@@ -65,7 +65,7 @@ def test_tiny_qwen3vl_processes_image_and_video(tmp_path):
 
 # ----------------------------------------------------------------------------- the ladder
 
-LADDER_TEST = dict(size=dict(hidden=32), recipe=dict(steps=12, batch_size=4, warmup=2))
+LADDER_TEST = dict(size=dict(hidden=32), recipe=dict(steps=12, scenes=2, warmup=2))
 
 
 @pytest.fixture(scope="module")
