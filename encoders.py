@@ -194,7 +194,7 @@ def build_tiny_qwen3vl(out_dir, seed=0, cache_dir=DEFAULT_CACHE, layers=4, hidde
 # Stage 1 (03) then fine-tunes the base on the targeted VQA.
 
 LADDER_SIZE = dict(layers=4, hidden=128)
-PRETRAIN = dict(steps=1600, scenes=5, lr=2e-3, warmup=30, media_fraction=0.5, fps=4.0, contrastive=1.0,
+PRETRAIN = dict(steps=3200, scenes=5, lr=2e-3, warmup=30, media_fraction=0.5, fps=4.0, contrastive=1.0,
                 temperature=0.05)
 IGNORE = -100  # label of a token the loss skips
 
