@@ -49,8 +49,8 @@ class Config:
 # The design (issue 23): the three real encoders at a single layer and at Norm-Avg; dose-response series
 # whose order is predicted in advance (MiniLM's layers 1, 3 and 5 of 6 and its last; SmolLM2's layers 8 and
 # 16 of 30 and its last: deeper is better on both axes); and a control that carries the words but no
-# context (MiniLM's embeddings, `minilm-words`). The tiny Qwen3-VL ladder joins once its features are
-# readable: no DiT tried here reads its colour (docs/results.md).
+# context (MiniLM's embeddings, `minilm-words`); and the tiny Qwen3-VL ladder at Norm-Avg (the paper's chain:
+# LLM twin, MLLM base, stage 1).
 CONFIGS = (
     Config("minilm-last", "minilm", "last"),
     Config("minilm-norm-avg", "minilm", "norm-avg"),
@@ -64,6 +64,9 @@ CONFIGS = (
     Config("smollm2-layer7", "smollm2", "layer:7"),
     Config("smollm2-layer15", "smollm2", "layer:15"),
     Config("minilm-words", "minilm-words", "last"),
+    Config("tiny-qwen3vl-llm-norm-avg", "tiny-qwen3vl-llm", "norm-avg"),
+    Config("tiny-qwen3vl-base-norm-avg", "tiny-qwen3vl-base", "norm-avg"),
+    Config("stage1-norm-avg", "runs/stage1/model", "norm-avg", needs="03_finetune_qwen3vl.py"),
 )
 SMOKE_CONFIGS = (
     Config("tiny-qwen3-norm-avg", "tiny-qwen3", "norm-avg"),

