@@ -40,11 +40,9 @@ MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatc
 
 # One DiT recipe for every arm: 04 and 05 share their defaults.
 SAME = ["--ckpt-every", "200"]
-# Sizes: (full, smoke). The encoder: the paper uses its stage-1 encoder, but the tiny stage-1 Qwen3-VL of 03
-# gives the DiT no prompt signal at CPU size (docs/results.md: colour ignored), so every arm would sit at the
-# floor and the table would compare noise; MiniLM does carry the prompt. `--encoder runs/stage1/model` gives
-# the paper's setting.
-DEFAULTS = {"encoder": ("minilm", "tiny-qwen3"), "seeds": ([0, 1, 2], [0, 1]), "steps": (600, 6),
+# Sizes: (full, smoke). The encoder is the paper's: its stage-1 encoder (03's; since the ladder pretrains against
+# hard negatives its DiT draws the prompt's colour, docs/results.md). `--encoder minilm` gives the earlier table.
+DEFAULTS = {"encoder": ("runs/stage1/model", "tiny-qwen3"), "seeds": ([0, 1, 2], [0, 1]), "steps": (600, 6),
             "eval_images": (24, 4), "eval_videos": (12, 4), "eval_seeds": (2, 2), "sample_steps": (50, 4)}
 RECIPE = ("smoke", "encoder", "steps", "eval_images", "eval_videos", "eval_seeds", "sample_steps", "data",
           "eval_data", "train_args", "eval_args")
@@ -59,7 +57,7 @@ def get_parser():
     pos, nonneg = plumbing.positive_int, plumbing.nonneg_int
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--encoder", default=None,
-                   help="every arm's text encoder (default minilm; smoke tiny-qwen3; the paper's: runs/stage1/model)")
+                   help="every arm's text encoder (default 03's runs/stage1/model, as in the paper; smoke tiny-qwen3)")
     p.add_argument("--seeds", type=nonneg, nargs="+", default=None, help="DiT seeds (default 0 1 2; smoke 0 1)")
     p.add_argument("--steps", type=pos, default=None, help="total DiT steps of every arm (default 600; smoke 6)")
     p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 24)")
