@@ -27,16 +27,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, dit_done, eval_command, eval_done, keep_recipe,  # noqa: E402
-                    resolve, run_stage, script, world_command)
+from stages import (ASPECTS, KINDS, MEASURES, ROOT, SMOKE_TRAIN, dit_done, eval_command, eval_done,  # noqa: E402
+                    keep_recipe, measure_tables, resolve, run_stage, script, world_command)
 import models  # noqa: E402
 import plumbing  # noqa: E402
 from plumbing import DataError, newest_step  # noqa: E402
 ARMS = ("norm-avg", "continuous", "two-step")  # the evaluated arms, in the table's order
 JOINT = "two-step-joint"  # two-step's first half: 04 until the freeze
 PAIRS = (("two-step", "norm-avg"), ("continuous", "norm-avg"), ("two-step", "continuous"))
-# 06's three measures of one run (docs/results.md, "The generation side's instruments")
-MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatched", "floor": "prompt - floor"}
 
 # One DiT recipe for every arm: 04 and 05 share their defaults.
 SAME = ["--ckpt-every", "200"]
@@ -202,10 +200,8 @@ def run_gains(report, measure="floor"):
     aspects without a value (an image has no motion) are left out. The s.e. is 06's paired one over per-sample
     aspect means ("all"); an eval.json without it takes the aspects as independent."""
     gains, ses = {}, {}
-    table = report.get("classifier", {}).get("results", {}) if measure == "classifier" else \
-        report[f"gain over {measure}"]
-    for kind, aspects in table.items():
-        got = {a: v for a, v in aspects.items() if a not in ("all", "questions") and v.get("mean") is not None}
+    for kind, aspects in measure_tables(report, measure).items():
+        got = {a: v for a, v in aspects.items() if a in ASPECTS and v.get("mean") is not None}
         if not got:
             continue
         gains[kind] = {a: v["mean"] for a, v in got.items()}

@@ -13,6 +13,15 @@ from plumbing import DataError, newest_step  # noqa: E402
 
 ASPECTS = ("colour", "count", "position", "shape", "motion", "speed")  # 06's order
 KINDS = ("image", "video")
+# 06's three measures of one run (docs/results.md, "The generation side's instruments")
+MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatched", "floor": "prompt - floor"}
+
+
+def measure_tables(report, measure):
+    """{kind: {aspect or "all": {mean, se, ...}}} of one eval.json's `measure`; the classifier's is empty when
+    06 ran without it."""
+    return report.get("classifier", {}).get("results", {}) if measure == "classifier" else \
+        report[f"gain over {measure}"]
 SMOKE_WORLD = ["--bench-fraction", "0.02", "--t2x-images", "8", "--t2x-videos", "4", "--vqa", "4", "--pairs", "16",
                "--eval-scenes", "8", "--seed", "0"]
 SMOKE_TRAIN = ["--size", "8", "--dit", "32x2", "--patch", "4x2", "--batch", "4:2", "--warmup", "0", "--ckpt-every", "3",

@@ -32,8 +32,8 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stages import (ASPECTS, KINDS, ROOT, SMOKE_TRAIN, code_version, dit_done, eval_command,  # noqa: E402
-                    eval_done, keep_recipe, resolve, run_stage, script, world_command)
+from stages import (ASPECTS, KINDS, MEASURES, ROOT, SMOKE_TRAIN, code_version, dit_done, eval_command,  # noqa: E402
+                    eval_done, keep_recipe, measure_tables, resolve, run_stage, script, world_command)
 import plumbing  # noqa: E402
 from plumbing import DataError, newest_step  # noqa: E402
 
@@ -266,15 +266,13 @@ def run_config(args, cfg, label):
 # The generation measures of 06 --eval, each per aspect and over all aspects with its s.e.: the DiT's
 # diffusion-classifier accuracy, and its guided samples' paired gain over a mismatched prompt and over the
 # empty-caption floor.
-MEASURES = {"classifier": "classifier accuracy", "mismatched": "prompt - mismatched", "floor": "prompt - floor"}
 
 
 def generation(report):
     """Per kind and measure: {"all": {mean, se, n}, "aspects": {aspect: {mean, se, n}}} from one eval.json."""
     out = {}
     for kind, settings in report["settings"].items():
-        tables = {"classifier": report.get("classifier", {}).get("results", {}).get(kind),
-                  "mismatched": report["gain over mismatched"][kind], "floor": report["gain over floor"][kind]}
+        tables = {m: measure_tables(report, m).get(kind) for m in MEASURES}
         out[kind] = {"prompts": settings["prompts"], "seeds": settings["seeds"]}
         for m, t in tables.items():
             if t and t["all"]["mean"] is not None:

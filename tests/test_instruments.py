@@ -101,14 +101,20 @@ def test_mismatched_control_on_a_known_case():
     assert gain["all"] == {"mean": 0.75, "se": 0.0, "n": 2}
 
 
-def test_the_colour_readout_names_colours_from_their_words_and_nothing_without_them():
-    """experiments/colour_readout.py on features whose answer is known: a one-hot vector per word reads every
-    held-out colour set; the same captions with every colour word made one shared word leave it no better
-    than the commonest held-out set (the best guess that sees no colour)."""
+def load_readout():
+    """experiments/colour_readout.py as a module."""
     spec = importlib.util.spec_from_file_location(
         "colour_readout", Path(__file__).resolve().parents[1] / "experiments" / "colour_readout.py")
     readout = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(readout)
+    return readout
+
+
+def test_the_colour_readout_names_colours_from_their_words_and_nothing_without_them():
+    """experiments/colour_readout.py on features whose answer is known: a one-hot vector per word reads every
+    held-out colour set; the same captions with every colour word made one shared word leave it no better
+    than the commonest held-out set (the best guess that sees no colour)."""
+    readout = load_readout()
     data = readout.colour_captions(400, seed=0)
     sets = [colours for _, colours in data]
 
@@ -137,10 +143,7 @@ def test_a_dit_shaped_readout_names_the_colours_of_world_captions_from_each_ladd
     (twin) and 0.825 (base); four builds of the recipe read 0.555-0.985 (the readout is still rising at step
     400), the ladder pretrained on next-token loss alone 0.000 (docs/results.md)."""
     import encoders
-    spec = importlib.util.spec_from_file_location(
-        "colour_readout", Path(__file__).resolve().parents[1] / "experiments" / "colour_readout.py")
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
+    readout = load_readout()
     torch.set_num_threads(1)
     data = readout.colour_captions(800, seed=0)
     enc = encoders.load_encoder(rung)
