@@ -17,7 +17,10 @@ statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
 Restartable: finished stages are kept and an unfinished DiT continues from its newest checkpoint, so a
 killed sweep is continued by the same command; the recipe goes to OUT/settings.json and a rerun with
 other settings into the same OUT is refused. Seconds are each stage's process wall time. OUT/configs/NAME/
-holds each stage's outputs, logs and seconds.json; with --smoke, OUT/world/ holds the tiny world.
+holds each stage's outputs, logs and seconds.json; with --smoke, OUT/world/ holds the tiny world. The committed
+table continues in a fresh checkout (its rows are kept, only what they lack runs):
+
+    mkdir -p runs/sweep && cp docs/sweep.json runs/sweep/ && python experiments/sweep_ted_vs_generation.py
 """
 import functools
 import itertools
@@ -149,8 +152,26 @@ def select(args):
 
 
 def check_settings(args):
-    """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with."""
-    return keep_recipe(args.out, {k: getattr(args, k) for k in RECIPE}, "a sweep", args.dry_run)
+    """Write OUT/settings.json, or refuse a rerun whose recipe differs from the one the kept runs were made with.
+    Paths inside the checkout are kept relative, and a sweep.json without its settings.json (a committed table
+    copied into a fresh checkout) brings its own, so that another checkout can continue it."""
+    settings = {k: getattr(args, k) for k in RECIPE}
+    for k in ("benchmark", "caption_pairs", "data", "eval_data"):
+        if Path(settings[k]).is_relative_to(ROOT):
+            settings[k] = str(Path(settings[k]).relative_to(ROOT))
+    table = args.out / "sweep.json"
+    if table.is_file() and not (args.out / "settings.json").is_file() and not args.dry_run:
+        plumbing.atomic_write_json(args.out / "settings.json", plumbing.read_json(table)["settings"])
+    return keep_recipe(args.out, settings, "a sweep", args.dry_run)
+
+
+def kept_row(args, cfg):
+    """The configuration's row in OUT/sweep.json when its probe's folder is gone (a sweep continued in a fresh
+    checkout from a committed table): it stands for the probe and the seed-0 DiT, which are not redone."""
+    path = args.out / "sweep.json"
+    if (folders(args, cfg)[1] / "results.json").is_file() or not path.is_file():
+        return None
+    return next((r for r in plumbing.read_json(path)["configurations"] if r["name"] == cfg.name), None)
 
 
 #################################################################################
@@ -208,6 +229,10 @@ def run_config(args, cfg, label):
     seed = args.dit_seed
     d, probe, dit, ev = folders(args, cfg, seed)
     key = functools.partial(seed_key, seed=seed)
+    kept = kept_row(args, cfg)
+    if kept and not seed:
+        print(f"{label} kept in {args.out / 'sweep.json'} (commit {kept['commit']})")
+        return not args.dry_run
     secs_path = d / "seconds.json"
     secs = open_seconds(secs_path, seed, dit, args.dry_run)
 
@@ -219,8 +244,8 @@ def run_config(args, cfg, label):
         if not args.dry_run:
             raise DataError(message + "; run it first, or leave the configuration out with --only")
         print(f"{label} note: {message}")
-    if (probe / "results.json").is_file():
-        print(f"{label} 02 probe: kept ({probe / 'results.json'})")
+    if kept or (probe / "results.json").is_file():
+        print(f"{label} 02 probe: kept ({args.out / 'sweep.json' if kept else probe / 'results.json'})")
     elif args.dry_run:
         print(f"{label} 02 probe:\n  $ {shlex.join(probe_command(args, cfg, probe))}")
     else:
@@ -284,6 +309,16 @@ def generation(report):
 def table_row(args, cfg):
     """One configuration's row from its stages' own outputs; None until all three are done."""
     d, probe, dit, ev = folders(args, cfg)
+    secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
+    more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
+    for n in sorted(int(path.name[len("dit_seed"):]) for path in d.glob("dit_seed*")):
+        _, _, dit_n, ev_n = folders(args, cfg, n)
+        if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
+            more[str(n)] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
+                            "commit": secs.get(seed_key("commit", n))}
+    kept = kept_row(args, cfg)
+    if kept:
+        return {**kept, "dit_seeds": {**kept["dit_seeds"], **more}}
     if not ((probe / "results.json").is_file() and dit_done(args.steps, dit) and eval_done(args.steps, dit, ev)):
         return None
     res = plumbing.read_json(probe / "results.json")
@@ -292,13 +327,6 @@ def table_row(args, cfg):
         raise DataError(f"{probe / 'results.json'}: holds no {cfg.encoder} {cfg.strategy} result (another sweep's "
                         f"folder?): remove it to probe again")
     r = enc["strategies"][cfg.strategy]
-    secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
-    more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
-    for n in sorted(int(path.name[len("dit_seed"):]) for path in d.glob("dit_seed*")):
-        _, _, dit_n, ev_n = folders(args, cfg, n)
-        if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
-            more[str(n)] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
-                            "commit": secs.get(seed_key("commit", n))}
     return {
         "name": cfg.name, "encoder": cfg.encoder, "strategy": cfg.strategy, "family": enc["family"],
         "ted": {"overall": r["overall"], "std": r["std"]["overall"], "seeds": len(r["seeds"]),

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -145,6 +146,21 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     y = [row["generation"]["image"]["floor"]["all"]["mean"],
          row["dit_seeds"]["1"]["generation"]["image"]["floor"]["all"]["mean"]]
     assert noise["configurations_with_seeds"] == 1 and noise["seed_std"] == pytest.approx(np.std(y, ddof=1))
+
+    # A fresh checkout continues the committed table: B's folder and settings.json are gone, sweep.json stays.
+    # B's row stands for its probe and seed-0 DiT; a second DiT seed joins it; a rerun redoes nothing.
+    before = json.loads((out / "sweep.json").read_text())
+    shutil.rmtree(out / "configs" / B)
+    (out / "settings.json").unlink()
+    again = run_sweep(capsys, *flags, "--only", B, "--dit-seed", "1")
+    assert f"[1/1 {B}] 02 probe: kept ({out / 'sweep.json'})" in again and "02_probe_encoders.py" not in again
+    after = json.loads((out / "sweep.json").read_text())
+    assert after["settings"] == before["settings"] == json.loads((out / "settings.json").read_text())
+    b_before, b_after = before["configurations"][1], after["configurations"][1]
+    assert set(b_after["dit_seeds"]) == {"1"} and b_after["dit_seeds"]["1"]["commit"] is not None
+    assert {**b_after, "dit_seeds": {}} == {**b_before, "dit_seeds": {}}
+    assert after["configurations"][::2] == before["configurations"][::2]
+    assert "  $ " not in run_sweep(capsys, *flags, "--dry-run")
 
 
 #################################################################################
