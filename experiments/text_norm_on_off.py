@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stages import MEASURES, ROOT, measure_tables  # noqa: E402
 import plumbing  # noqa: E402
 
 ARMS = ("none", "standardise")  # the baseline, then the treatment
 # The sweep's 600-step DiT recipe (docs/results.md), the default here so the two are comparable.
 TRAIN = ("--steps 600 --dit 128x6 --batch 32:8 --lr 5e-4 --warmup 100 --ckpt-every 200")
 EVAL = "--eval-images 32 --eval-videos 16 --eval-seeds 2"
-MEASURES = (("classifier", "classifier accuracy"), ("mismatched", "prompt - mismatched"), ("floor", "prompt - floor"))
 
 
 def run_one(args, enc, fusion, seed, arm):
@@ -61,13 +60,8 @@ def _finished(out, train_args):
 
 def arm_measures(report):
     """{kind: {measure: (mean, se)}} of one eval.json: over all aspects."""
-    out = {}
-    for kind in report["settings"]:
-        c = report.get("classifier", {}).get("results", {}).get(kind, {}).get("all", {})
-        out[kind] = {"classifier": (c.get("mean"), c.get("se")),
-                     "mismatched": tuple(report["gain over mismatched"][kind]["all"][k] for k in ("mean", "se")),
-                     "floor": tuple(report["gain over floor"][kind]["all"][k] for k in ("mean", "se"))}
-    return out
+    return {kind: {m: tuple(measure_tables(report, m).get(kind, {}).get("all", {}).get(k) for k in ("mean", "se"))
+                   for m in MEASURES} for kind in report["settings"]}
 
 
 def colour(report, kind):
@@ -94,7 +88,7 @@ def analyse(out):
             continue
         for kind in ("image", "video"):
             row = {"config": cfg.name, "kind": kind, "seeds": sorted(per_seed)}
-            for m, _ in MEASURES:
+            for m in MEASURES:
                 vals = {arm: [per_seed[s][arm][kind][m] for s in per_seed] for arm in arms}
                 for arm in arms:
                     row[f"{m}:{arm}"] = float(np.mean([v[0] for v in vals[arm]]))
@@ -102,11 +96,11 @@ def analyse(out):
                 diff = [b[0] - a[0] for a, b in zip(vals[base], vals[treat])]
                 row[f"{m}:diff"] = diff
             rows.append(row)
-    table = {"arms": list(arms), "rows": rows, "measures": dict(MEASURES), "colour": colours}
+    table = {"arms": list(arms), "rows": rows, "measures": MEASURES, "colour": colours}
     plumbing.atomic_write_json(Path(out) / "table.json", table)
     lines = [f"| configuration | kind | measure | {base} | {treat} | {treat} - {base}, per seed |", "|---|---|---|---|---|---|"]
     for r in rows:
-        for m, label in MEASURES:
+        for m, label in MEASURES.items():
             lines.append(f"| {r['config']} | {r['kind']} | {label} | {r[f'{m}:{base}']:+.3f} ± {r[f'{m}:{base}:eval_se']:.3f} | "
                          f"{r[f'{m}:{treat}']:+.3f} ± {r[f'{m}:{treat}:eval_se']:.3f} | "
                          + ", ".join(f"{d:+.3f}" for d in r[f"{m}:diff"]) + " |")

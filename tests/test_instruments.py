@@ -101,20 +101,48 @@ def test_mismatched_control_on_a_known_case():
     assert gain["all"] == {"mean": 0.75, "se": 0.0, "n": 2}
 
 
-def load_readout():
-    """experiments/colour_readout.py as a module."""
-    spec = importlib.util.spec_from_file_location(
-        "colour_readout", Path(__file__).resolve().parents[1] / "experiments" / "colour_readout.py")
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
-    return readout
+def load_experiment(name="colour_readout"):
+    """experiments/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_norm_on_off_pairs_the_arms_by_seed_on_known_reports(tmp_path, capsys):
+    """experiments/text_norm_on_off.py --analyse-only on eval.json files whose numbers are known."""
+    import json
+    values = {(0, "none"): 0.2, (0, "standardise"): 0.5, (1, "none"): 0.4, (1, "standardise"): 0.3}
+    for (seed, arm), x in values.items():
+        def cell(v):
+            return {"all": {"mean": v, "se": 0.01}, "colour": {"mean": v, "se": 0.02}}
+        report = {"settings": {"image": {}, "video": {}},
+                  "classifier": {"results": {k: cell(x) for k in ("image", "video")}},
+                  "gain over mismatched": {k: cell(x / 2) for k in ("image", "video")},
+                  "gain over floor": {k: cell(x / 4) for k in ("image", "video")}}
+        path = tmp_path / "enc-norm-avg" / f"seed_{seed}" / arm / "eval" / "eval.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(report))
+    load_experiment("text_norm_on_off").analyse(tmp_path)
+    table = json.loads((tmp_path / "table.json").read_text())
+    image, video = table["rows"]
+    assert image["kind"] == "image" and video["kind"] == "video" and image["seeds"] == ["seed_0", "seed_1"]
+    for measure, scale in (("classifier", 1), ("mismatched", 0.5), ("floor", 0.25)):
+        assert image[f"{measure}:none"] == pytest.approx(0.3 * scale)
+        assert image[f"{measure}:standardise"] == pytest.approx(0.4 * scale)
+        assert image[f"{measure}:diff"] == pytest.approx([0.3 * scale, -0.1 * scale])
+        assert image[f"{measure}:none:eval_se"] == pytest.approx(0.01)
+    assert [c["image"] for c in table["colour"]] == [[[0.2, 0.02], [0.1, 0.02]], [[0.5, 0.02], [0.25, 0.02]],
+                                                    [[0.4, 0.02], [0.2, 0.02]], [[0.3, 0.02], [0.15, 0.02]]]
+    assert "| enc-norm-avg | image | prompt - floor | +0.075 ± 0.010 | +0.100 ± 0.010 | +0.075, -0.025 |" \
+        in capsys.readouterr().out
 
 
 def test_the_colour_readout_names_colours_from_their_words_and_nothing_without_them():
     """experiments/colour_readout.py on features whose answer is known: a one-hot vector per word reads every
     held-out colour set; the same captions with every colour word made one shared word leave it no better
     than the commonest held-out set (the best guess that sees no colour)."""
-    readout = load_readout()
+    readout = load_experiment()
     data = readout.colour_captions(400, seed=0)
     sets = [colours for _, colours in data]
 
@@ -143,7 +171,7 @@ def test_a_dit_shaped_readout_names_the_colours_of_world_captions_from_each_ladd
     (twin) and 0.825 (base); four builds of the recipe read 0.555-0.985 (the readout is still rising at step
     400), the ladder pretrained on next-token loss alone 0.000 (docs/results.md)."""
     import encoders
-    readout = load_readout()
+    readout = load_experiment()
     torch.set_num_threads(1)
     data = readout.colour_captions(800, seed=0)
     enc = encoders.load_encoder(rung)
