@@ -10,13 +10,14 @@ same prompts and noise. Paper (GenAI-Bench T2I): Norm-Avg 76.17, learned through
     python experiments/ablation_layer_weights.py --dry-run                     # print the commands still to run
     python experiments/ablation_layer_weights.py --smoke --out /tmp/ablation   # tiny world, encoder, DiT: minutes
     python experiments/ablation_layer_weights.py --analyse-only runs/ablation  # table and Fig. 4 from disk alone
+    python experiments/ablation_layer_weights.py --analyse-only docs/table5.json   # from a kept table alone
 
 Restartable: a killed run is continued by the same command (finished arms and evals are kept); the recipe
 goes to OUT/settings.json and a rerun with another into the same OUT is refused. OUT/table.json and
 table.md hold, per arm, the mean +- s.e. over seeds of 06's three measures (classifier accuracy, prompt -
 mismatched, prompt - floor) and the paired differences between arms
-(mean +- s.e. of the per-seed differences, and how many are > 0); OUT/fig4.png the layer weights against
-the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its eval/, logs/ and seconds.json.
+(mean +- s.e. of the per-seed differences, and how many are > 0), and the layer weights of every 04 run;
+OUT/table_fig4.png plots them against the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its eval/, logs/ and seconds.json.
 """
 import math
 import shlex
@@ -71,7 +72,8 @@ def get_parser():
     p.add_argument("--smoke", action="store_true", help="tiny world, encoder and DiT: all arms in minutes (the tests)")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     p.add_argument("--analyse-only", default=None, metavar="OUT",
-                   help="rewrite OUT's table.json, table.md and fig4.png from its runs on disk, run nothing")
+                   help="rewrite OUT's table.json, table.md and table_fig4.png from its runs on disk (or, given "
+                        "a table's .json, its .md and _fig4.png from it alone), run nothing")
     return p
 
 
@@ -280,8 +282,10 @@ def build_table(out):
              "measures": {m: analyse(gains[m], ses[m]) for m in MEASURES}}
     table["freeze"] = {s: {k: summ.get(k) for k in ("frozen_at", "reason", "planned_steps")}
                        for s, summ in summaries[JOINT].items()}
+    table["layer_weights"] = {arm: {s: {k: summ.get(k) for k in ("snapshots", "weights", "frozen_at", "planned_steps")}
+                                    for s, summ in runs.items()} for arm, runs in summaries.items()}
     table["seconds"], table["pending"] = seconds, pending
-    return table, summaries
+    return table
 
 
 def _cell(v, sign=True):
@@ -385,13 +389,23 @@ def plot_fig4(summaries, path):
     plt.close(fig)
 
 
-def write_analysis(out):
-    """OUT/table.json, table.md and fig4.png from OUT's settings.json and runs alone; the table."""
-    table, summaries = build_table(out)
-    plumbing.atomic_write_json(out / "table.json", table)
-    plumbing.atomic_write_text(out / "table.md", markdown(table))
-    if any(summaries.values()):
-        plot_fig4(summaries, out / "fig4.png")
+def write_analysis(path):
+    """From a run folder's settings.json and runs (OUT/table.json written), or from a kept table's .json alone:
+    the table's markdown (.md) and Fig. 4 (_fig4.png) beside it; the table."""
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        table = plumbing.read_json(path)
+    else:
+        table, path = build_table(path), path / "table.json"
+        plumbing.atomic_write_json(path, table)
+    try:
+        text = markdown(table)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a table this script wrote ({type(e).__name__}: {plumbing.first_line(e)})") \
+            from None
+    plumbing.atomic_write_text(path.with_suffix(".md"), text)
+    if any(table.get("layer_weights", {}).values()):
+        plot_fig4(table["layer_weights"], path.with_name(f"{path.stem}_fig4.png"))
     return table
 
 

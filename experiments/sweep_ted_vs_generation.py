@@ -3,8 +3,8 @@
 For each encoder configuration (encoder x layer-feature strategy) the sweep runs the stages as they are:
 02 for the TED score (mean and seed std), 05 for a DiT with one recipe for all (only the encoder and
 fusion change), 06 --eval for its generation measures per aspect, images and videos apart. After each finished
-configuration it writes OUT/sweep.json, and from that table alone OUT/analysis.{json,md}, scatter.png and
-heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and p-values (scipy.stats), the
+configuration it writes OUT/sweep.json, and from that table alone OUT/sweep_analysis.{json,md},
+sweep_scatter.png and sweep_heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and p-values (scipy.stats), the
 statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
 
     python experiments/sweep_ted_vs_generation.py --threads 1             # the default configurations (hours)
@@ -13,6 +13,7 @@ statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
     python experiments/sweep_ted_vs_generation.py --dit-seed 1 --only minilm-last,smollm2-last   # a second DiT each
     python experiments/sweep_ted_vs_generation.py --smoke --out /tmp/sweep    # 3 tiny configurations, minutes
     python experiments/sweep_ted_vs_generation.py --analyse-only runs/sweep/sweep.json
+    python experiments/sweep_ted_vs_generation.py --analyse-only docs/sweep.json     # the committed table
 
 Restartable: finished stages are kept and an unfinished DiT continues from its newest checkpoint, so a
 killed sweep is continued by the same command; the recipe goes to OUT/settings.json and a rerun with
@@ -468,7 +469,7 @@ def _mean_se(v, digits=3):
 
 
 def robustness_markdown(a, cols):
-    """The leave-one-encoder-out and DiT-seed tables of analysis.md."""
+    """The leave-one-encoder-out and DiT-seed tables of sweep_analysis.md."""
     encs = sorted({e for k, m in cols for e in a["leave_one_out"][k][m]})
     lines = ["", "## Leave one encoder out: Pearson r / Spearman rho of TED with the rest", "",
              "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
@@ -523,7 +524,7 @@ def markdown(sweep, a):
             lines.append(f"| {what} | {task} | {MEASURES[m]} | {c['n']} | " + " | ".join(cells) + " |")
     lines += ["", f"Intervals: percentile bootstrap over configurations, {a['bootstrap']['resamples']} resamples, "
                   f"seed {a['bootstrap']['seed']} (resamples with a constant side dropped). p: "
-                  f"scipy.stats.pearsonr / spearmanr; the permutation p is in analysis.json. Paper: r = 0.99 "
+                  f"scipy.stats.pearsonr / spearmanr; the permutation p is in sweep_analysis.json. Paper: r = 0.99 "
                   f"over 6 T2I configurations (p = 1.1e-4), 0.96 over 4 T2V."]
     lines += robustness_markdown(a, cols)
     m = a["matrix"]
@@ -590,7 +591,8 @@ def plot_heatmap(a, path):
 
 
 def write_analysis(sweep_path, n_boot=10000):
-    """analysis.json, analysis.md, scatter.png and heatmap.png next to sweep.json, from it alone."""
+    """From sweep.json (or a kept table, e.g. docs/sweep.json) alone: sweep_analysis.json, sweep_analysis.md,
+    sweep_scatter.png and sweep_heatmap.png beside it (the table's name first); the analysis and its markdown."""
     sweep_path = Path(sweep_path)
     if sweep_path.is_dir():
         sweep_path = sweep_path / "sweep.json"
@@ -605,13 +607,14 @@ def write_analysis(sweep_path, n_boot=10000):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{sweep_path}: not a sweep table this script wrote ({type(e).__name__}: "
                         f"{plumbing.first_line(e)})") from None
-    out = sweep_path.parent
-    plumbing.atomic_write_json(out / "analysis.json", a)
-    plumbing.atomic_write_text(out / "analysis.md", text)
+    def beside(name):
+        return sweep_path.with_name(f"{sweep_path.stem}_{name}")
+    plumbing.atomic_write_json(beside("analysis.json"), a)
+    plumbing.atomic_write_text(beside("analysis.md"), text)
     if sweep["configurations"]:
-        plumbing.atomic_write(out / "scatter.png", lambda tmp: plot_scatter(sweep, a, tmp))
-        plumbing.atomic_write(out / "heatmap.png", lambda tmp: plot_heatmap(a, tmp))
-    return a
+        plumbing.atomic_write(beside("scatter.png"), lambda tmp: plot_scatter(sweep, a, tmp))
+        plumbing.atomic_write(beside("heatmap.png"), lambda tmp: plot_heatmap(a, tmp))
+    return a, text
 
 
 #################################################################################
@@ -621,9 +624,7 @@ def write_analysis(sweep_path, n_boot=10000):
 def main(argv=None):
     args = parse_args(argv)
     if args.analyse_only:
-        write_analysis(args.analyse_only, args.bootstrap)
-        folder = Path(args.analyse_only) if Path(args.analyse_only).is_dir() else Path(args.analyse_only).parent
-        print((folder / "analysis.md").read_text(encoding="utf-8"))
+        print(write_analysis(args.analyse_only, args.bootstrap)[1])
         return
     chosen, table = select(args)
     if args.list:
@@ -648,10 +649,10 @@ def main(argv=None):
     if args.dry_run:
         return
     sweep = write_table(args, settings, table)
-    a = write_analysis(args.out / "sweep.json", args.bootstrap)
+    text = write_analysis(args.out / "sweep.json", args.bootstrap)[1]
     print(f"\n{len(sweep['configurations'])} configurations in {args.out / 'sweep.json'} "
           f"({time.time() - t0:.0f} s this run); pending: {', '.join(sweep['pending']) or 'none'}\n")
-    print(markdown(sweep, a))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,10 @@ def test_smoke_ablation_keeps_finished_runs_resumes_stopped_ones_and_the_table_i
         check_measure(table["measures"][m], recompute(out, (0, 1), m))
     assert table["freeze"]["1"] == {"frozen_at": 4, "reason": "reached step 4", "planned_steps": 6}
     assert "step 4 of 6 (reached step 4)" in (out / "table.md").read_text()
-    assert (out / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "fig4.png").stat().st_size > 10000
+    fig4 = out / "table_fig4.png"
+    assert fig4.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig4.stat().st_size > 10000
+    assert table["layer_weights"]["continuous"]["1"]["weights"] == json.loads(
+        (out / "seed_1/continuous/summary.json").read_text())["weights"]
 
     # A rerun launches nothing and changes nothing (logs included) but the analysis it rewrites.
     before = {p: b for p, b in contents(out).items() if p.parent != out}
@@ -127,11 +130,17 @@ def test_smoke_ablation_keeps_finished_runs_resumes_stopped_ones_and_the_table_i
     assert table["measures"]["floor"]["arms"]["norm-avg"]["image"]["per_seed"]["1"] == pytest.approx(
         recompute(out, (1,), "floor")["norm-avg", "image", 1], abs=1e-12)
 
-    # --analyse-only rebuilds the same table from the files alone.
+    # --analyse-only rebuilds the same table from the files alone, and its markdown and Fig. 4 from a kept table.
     (out / "table.json").unlink()
-    (out / "fig4.png").unlink()
+    (out / "table_fig4.png").unlink()
     abl.main(["--analyse-only", str(out)])
-    assert json.loads((out / "table.json").read_text()) == table and (out / "fig4.png").is_file()
+    assert json.loads((out / "table.json").read_text()) == table and (out / "table_fig4.png").is_file()
+    kept = tmp_path / "kept" / "table5.json"
+    kept.parent.mkdir()
+    kept.write_text((out / "table.json").read_text())
+    abl.main(["--analyse-only", str(kept)])
+    assert (kept.parent / "table5.md").read_text() == (out / "table.md").read_text()
+    assert (kept.parent / "table5_fig4.png").stat().st_size > 10000
 
 
 #################################################################################
@@ -210,6 +219,13 @@ def test_a_bad_flag_from_the_real_command_line_is_one_line(tmp_path):
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     assert_one_line(*cli_error(abl.main, ["--smoke", "--out", str(tmp_path / "a"), *argv], capsys), message)
+
+
+def test_a_json_that_is_not_a_table_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "table5.json"
+    bad.write_text('{"settings": {"encoder": "x"}}')
+    assert_one_line(*cli_error(abl.main, ["--analyse-only", str(bad)], capsys), "not a table this script wrote")
+    assert not (tmp_path / "table5.md").exists()
 
 
 def test_a_rerun_with_another_recipe_is_refused_and_a_dry_run_writes_nothing(tmp_path, capsys):

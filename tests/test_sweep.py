@@ -109,7 +109,7 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
         assert all(r["seconds"][k] > 0 for k in ("probe", "train", "eval"))
 
     # The analysis on disk is what the table alone gives: r as numpy computes it, the same cost sums.
-    analysis = json.loads((out / "analysis.json").read_text())
+    analysis = json.loads((out / "sweep_analysis.json").read_text())
     x = np.array([r["ted"]["overall"] for r in rows])
     for kind, m in itertools.product(("image", "video"), sweep.MEASURES):
         y = np.array([r["generation"][kind][m]["all"]["mean"] for r in rows])
@@ -123,13 +123,13 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     probe = sum(r["seconds"]["probe"] for r in rows)
     gen = sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in rows)
     assert analysis["cost"]["ratio"] == pytest.approx(gen / probe)
-    assert (out / "scatter.png").stat().st_size > 1000 and (out / "heatmap.png").stat().st_size > 1000
-    assert "Pearson r" in (out / "analysis.md").read_text()
+    assert (out / "sweep_scatter.png").stat().st_size > 1000 and (out / "sweep_heatmap.png").stat().st_size > 1000
+    assert "Pearson r" in (out / "sweep_analysis.md").read_text()
 
     # --analyse-only rebuilds the same analysis from sweep.json alone.
-    (out / "analysis.json").unlink()
+    (out / "sweep_analysis.json").unlink()
     run_sweep(capsys, "--analyse-only", str(out / "sweep.json"))
-    assert json.loads((out / "analysis.json").read_text()) == analysis
+    assert json.loads((out / "sweep_analysis.json").read_text()) == analysis
 
     # A second DiT seed for A: its own 05 and 06 beside the kept probe and seed-0 DiT, in A's row.
     kept_a = mtimes(a_dir / "probe") | mtimes(a_dir / "dit") | mtimes(a_dir / "eval")
@@ -142,7 +142,7 @@ def test_smoke_sweep_keeps_finished_runs_resumes_a_stopped_dit_and_analysis_reco
     assert set(row["dit_seeds"]) == {"1"} and row["dit_seeds"]["1"]["generation"] == sweep.generation(ev1)
     assert row["dit_seeds"]["1"]["commit"] == row["commit"]
     assert json.loads((a_dir / "seconds.json").read_text())["train_seed1"] > 0
-    noise = json.loads((out / "analysis.json").read_text())["dit_seed_noise"]["image"]["floor"]
+    noise = json.loads((out / "sweep_analysis.json").read_text())["dit_seed_noise"]["image"]["floor"]
     y = [row["generation"]["image"]["floor"]["all"]["mean"],
          row["dit_seeds"]["1"]["generation"]["image"]["floor"]["all"]["mean"]]
     assert noise["configurations_with_seeds"] == 1 and noise["seed_std"] == pytest.approx(np.std(y, ddof=1))
@@ -212,7 +212,7 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(make_table(xs, shuffled)))
     sweep.write_analysis(path, n_boot=200)
-    assert {p.name for p in tmp_path.iterdir()} >= {"analysis.json", "analysis.md", "scatter.png", "heatmap.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep_analysis.json", "sweep_analysis.md", "sweep_scatter.png", "sweep_heatmap.png"}
 
 
 def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
