@@ -2,7 +2,7 @@
 # bash run.sh        install what is missing, then run 01 -> 06 on the built-in data: a fast subset, CPU
 # bash run.sh test   install what is missing, then run the test suite
 #
-# The fast subset (about 50 minutes on 2 CPU cores the first time, which builds the tiny Qwen3-VL base
+# The fast subset (about 50 minutes on 2 idle CPU cores the first time, which builds the tiny Qwen3-VL base
 # once) runs every stage at its default size except:
 #   02 probes MiniLM, then the tiny Qwen3-VL base and 03's fine-tune of it (norm-avg), on 150 of the
 #      benchmark's captions with aggregator seeds 0 and 1 (default: the whole benchmark, the seven-encoder
