@@ -17,7 +17,8 @@ goes to OUT/settings.json and a rerun with another into the same OUT is refused.
 table.md hold, per arm, the mean +- s.e. over seeds of 06's three measures (classifier accuracy, prompt -
 mismatched, prompt - floor) and the paired differences between arms
 (mean +- s.e. of the per-seed differences, and how many are > 0), and the layer weights of every 04 run;
-OUT/table_fig4.png plots them against the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its eval/, logs/ and seconds.json.
+OUT/table_fig4.png plots them against the step (the paper's Fig. 4). OUT/seed_S/ARM/ holds each run, its
+eval/, logs/ and seconds.json.
 """
 import math
 import shlex

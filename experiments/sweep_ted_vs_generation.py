@@ -4,8 +4,8 @@ For each encoder configuration (encoder x layer-feature strategy) the sweep runs
 02 for the TED score (mean and seed std), 05 for a DiT with one recipe for all (only the encoder and
 fusion change), 06 --eval for its generation measures per aspect, images and videos apart. After each finished
 configuration it writes OUT/sweep.json, and from that table alone OUT/sweep_analysis.{json,md},
-sweep_scatter.png and sweep_heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and p-values (scipy.stats), the
-statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
+sweep_scatter.png and sweep_heatmap.png: Pearson r and Spearman rho with bootstrap 95% intervals and
+p-values (scipy.stats), the statement-type x aspect matrix, and the cost of ranking with 02 vs with 05 + 06.
 
     python experiments/sweep_ted_vs_generation.py --threads 1             # the default configurations (hours)
     python experiments/sweep_ted_vs_generation.py --dry-run               # print the commands, run nothing
@@ -166,13 +166,12 @@ def check_settings(args):
     return keep_recipe(args.out, settings, "a sweep", args.dry_run)
 
 
-def kept_row(args, cfg):
-    """The configuration's row in OUT/sweep.json when its probe's folder is gone (a sweep continued in a fresh
-    checkout from a committed table): it stands for the probe and the seed-0 DiT, which are not redone."""
+def kept_rows(args):
+    """{name: row} of OUT/sweep.json's rows whose probe folder is gone (a sweep continued in a fresh checkout
+    from a committed table): each stands for its probe and seed-0 DiT, which are not redone."""
     path = args.out / "sweep.json"
-    if (folders(args, cfg)[1] / "results.json").is_file() or not path.is_file():
-        return None
-    return next((r for r in plumbing.read_json(path)["configurations"] if r["name"] == cfg.name), None)
+    rows = plumbing.read_json(path)["configurations"] if path.is_file() else []
+    return {r["name"]: r for r in rows if not (args.out / "configs" / r["name"] / "probe/results.json").is_file()}
 
 
 #################################################################################
@@ -230,7 +229,7 @@ def run_config(args, cfg, label):
     seed = args.dit_seed
     d, probe, dit, ev = folders(args, cfg, seed)
     key = functools.partial(seed_key, seed=seed)
-    kept = kept_row(args, cfg)
+    kept = kept_rows(args).get(cfg.name)
     if kept and not seed:
         print(f"{label} kept in {args.out / 'sweep.json'} (commit {kept['commit']})")
         return not args.dry_run
@@ -307,8 +306,9 @@ def generation(report):
     return out
 
 
-def table_row(args, cfg):
-    """One configuration's row from its stages' own outputs; None until all three are done."""
+def table_row(args, cfg, kept=None):
+    """One configuration's row from its stages' own outputs (or its kept row, with any further DiT seeds);
+    None until all three are done."""
     d, probe, dit, ev = folders(args, cfg)
     secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
     more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
@@ -317,7 +317,6 @@ def table_row(args, cfg):
         if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
             more[str(n)] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
                             "commit": secs.get(seed_key("commit", n))}
-    kept = kept_row(args, cfg)
     if kept:
         return {**kept, "dit_seeds": {**kept["dit_seeds"], **more}}
     if not ((probe / "results.json").is_file() and dit_done(args.steps, dit) and eval_done(args.steps, dit, ev)):
@@ -349,7 +348,8 @@ def table_row(args, cfg):
 
 def write_table(args, settings, table):
     """sweep.json: every finished configuration of this OUT (not only --only's), in the list's order."""
-    rows = [r for r in (table_row(args, c) for c in table) if r is not None]
+    kept = kept_rows(args)
+    rows = [r for r in (table_row(args, c, kept.get(c.name)) for c in table) if r is not None]
     sweep = {"settings": settings, "configurations": rows,
              "pending": [c.name for c in table if c.name not in {r["name"] for r in rows}]}
     plumbing.atomic_write_json(args.out / "sweep.json", sweep)

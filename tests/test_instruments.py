@@ -103,7 +103,8 @@ def test_mismatched_control_on_a_known_case():
 
 def load_experiment(name="colour_readout"):
     """experiments/NAME.py as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -212,7 +212,8 @@ def test_perfect_table_gives_r_1_and_a_shuffled_one_does_not(tmp_path):
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(make_table(xs, shuffled)))
     sweep.write_analysis(path, n_boot=200)
-    assert {p.name for p in tmp_path.iterdir()} >= {"sweep_analysis.json", "sweep_analysis.md", "sweep_scatter.png", "sweep_heatmap.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep_analysis.json", "sweep_analysis.md", "sweep_scatter.png",
+                                                    "sweep_heatmap.png"}
 
 
 def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
