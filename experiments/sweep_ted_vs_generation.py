@@ -425,11 +425,13 @@ def analyse(sweep, n_boot=10000, seed=0):
         for key, ted in (("correlation_zero_shot", "zero_shot"), ("correlation_beyond_words", "beyond_words")):
             pts = [(r["ted"][ted], yr) for r, yr in zip(have, y) if r["ted"].get(ted) is not None]
             out[key].setdefault(kind, {})[m] = correlation(*zip(*pts), n_boot, seed) if pts else correlation([], [])
-        # Does one encoder carry r? The correlation with each encoder's configurations left out in turn.
-        for enc in sorted({r["encoder"] for r in have}):
-            rest = [(r["ted"]["overall"], yr) for r, yr in zip(have, y) if r["encoder"] != enc]
+        # Does one encoder, or one family, carry r? The correlation with its configurations left out in turn.
+        groups = [("encoder", e, e) for e in sorted({r["encoder"] for r in have})]
+        groups += [("family", f, f"{f} family") for f in sorted({r["family"] for r in have})]
+        for field, value, label in groups:
+            rest = [(r["ted"]["overall"], yr) for r, yr in zip(have, y) if r[field] != value]
             c = correlation(*zip(*rest), n_boot=1) if rest else correlation([], [])
-            out["leave_one_out"].setdefault(kind, {}).setdefault(m, {})[enc] = {
+            out["leave_one_out"].setdefault(kind, {}).setdefault(m, {})[label] = {
                 "n": c["n"], "pearson": c["pearson"]["value"], "spearman": c["spearman"]["value"]}
         out["dit_seed_noise"].setdefault(kind, {})[m] = seed_noise(have, kind, m)
     # Statement type (rows) x the classifier's aspects (columns): Adjective <-> colour, Quantity <-> count,
@@ -469,9 +471,9 @@ def _mean_se(v, digits=3):
 
 
 def robustness_markdown(a, cols):
-    """The leave-one-encoder-out and DiT-seed tables of sweep_analysis.md."""
-    encs = sorted({e for k, m in cols for e in a["leave_one_out"][k][m]})
-    lines = ["", "## Leave one encoder out: Pearson r / Spearman rho of TED with the rest", "",
+    """The leave-one-encoder-or-family-out and DiT-seed tables of sweep_analysis.md."""
+    encs = list(dict.fromkeys(e for k, m in cols for e in a["leave_one_out"][k][m]))
+    lines = ["", "## Leave one encoder, or one family, out: Pearson r / Spearman rho of TED with the rest", "",
              "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
     for kind, m in cols:
         loo = a["leave_one_out"][kind][m]

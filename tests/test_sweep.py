@@ -173,7 +173,8 @@ def make_table(xs, ys):
     for i, (x, y) in enumerate(zip(xs, ys)):
         cell = {"all": {"mean": y, "se": 0.01, "n": 8}, "aspects": {"colour": {"mean": y, "se": 0.01, "n": 8}}}
         gen = {k: {"prompts": 4, "seeds": 2, **{m: cell for m in sweep.MEASURES}} for k in ("image", "video")}
-        rows.append({"name": f"c{i}", "encoder": f"e{i}", "strategy": "norm-avg",
+        rows.append({"name": f"c{i}", "encoder": f"e{i}", "family": "A" if 2 * i < len(xs) else "B",
+                     "strategy": "norm-avg",
                      "ted": {"overall": x, "std": 0.5, "seeds": 3, "zero_shot": 60 - x, "beyond_words": x / 2,
                              "beyond_words_std": 0.5,
                              "by_type": {"Adjective": x, "Quantity": -x},
@@ -226,11 +227,13 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
     loo = a["leave_one_out"]["image"]["classifier"]
     assert loo["e5"]["pearson"] is None and loo["e5"]["n"] == 5  # the rest is constant: only e5 made r
     assert loo["e0"]["pearson"] == pytest.approx(np.corrcoef(xs[1:], ys[1:])[0, 1])
+    assert loo["B family"]["pearson"] is None and loo["B family"]["n"] == 3  # family A alone is constant
+    assert loo["A family"]["pearson"] == pytest.approx(np.corrcoef(xs[3:], ys[3:])[0, 1])
     noise = a["dit_seed_noise"]["video"]["mismatched"]
     assert noise["configurations_with_seeds"] == 2
     assert noise["seed_std"] == pytest.approx(np.sqrt(0.02))
     assert noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
-    assert "without e5" in sweep.markdown(table, a)
+    assert "without e5" in sweep.markdown(table, a) and "without B family" in sweep.markdown(table, a)
 
 
 def test_exact_permutation_p_and_constant_sides():
