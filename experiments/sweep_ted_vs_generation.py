@@ -171,7 +171,7 @@ def kept_rows(args):
     from a committed table): each stands for its probe and seed-0 DiT, which are not redone."""
     path = args.out / "sweep.json"
     rows = plumbing.read_json(path)["configurations"] if path.is_file() else []
-    return {r["name"]: r for r in rows if not (args.out / "configs" / r["name"] / "probe/results.json").is_file()}
+    return {r["name"]: r for r in rows if not (folders(args, r["name"])[1] / "results.json").is_file()}
 
 
 #################################################################################
@@ -194,9 +194,9 @@ def train_command(args, cfg, out, seed=0):
         *(["--seed", str(seed)] if seed else []), *(SMOKE_TRAIN if args.smoke else []), *args.train_args]
 
 
-def folders(args, cfg, seed=0):
-    """The configuration's folder, its probe, and the DiT and eval of one DiT seed (0: dit/ and eval/)."""
-    d = args.out / "configs" / cfg.name
+def folders(args, name, seed=0):
+    """Configuration NAME's folder, its probe, and the DiT and eval of one DiT seed (0: dit/ and eval/)."""
+    d = args.out / "configs" / name
     tag = f"_seed{seed}" if seed else ""
     return d, d / "probe", d / f"dit{tag}", d / f"eval{tag}"
 
@@ -227,7 +227,7 @@ def open_seconds(path, seed, dit, dry_run):
 def run_config(args, cfg, label):
     """02, 05, 06 for one configuration, each skipped when its result is kept; True once all three are done."""
     seed = args.dit_seed
-    d, probe, dit, ev = folders(args, cfg, seed)
+    d, probe, dit, ev = folders(args, cfg.name, seed)
     key = functools.partial(seed_key, seed=seed)
     kept = kept_rows(args).get(cfg.name)
     if kept and not seed:
@@ -309,11 +309,11 @@ def generation(report):
 def table_row(args, cfg, kept=None):
     """One configuration's row from its stages' own outputs (or its kept row, with any further DiT seeds);
     None until all three are done."""
-    d, probe, dit, ev = folders(args, cfg)
+    d, probe, dit, ev = folders(args, cfg.name)
     secs = plumbing.read_json(d / "seconds.json") if (d / "seconds.json").is_file() else {}
     more = {}  # further DiT seeds (--dit-seed) whose eval is done: their generation measures
     for n in sorted(int(path.name[len("dit_seed"):]) for path in d.glob("dit_seed*")):
-        _, _, dit_n, ev_n = folders(args, cfg, n)
+        _, _, dit_n, ev_n = folders(args, cfg.name, n)
         if dit_done(args.steps, dit_n) and eval_done(args.steps, dit_n, ev_n):
             more[str(n)] = {"generation": generation(plumbing.read_json(ev_n / "eval.json")),
                             "commit": secs.get(seed_key("commit", n))}
@@ -472,14 +472,15 @@ def _mean_se(v, digits=3):
 
 def robustness_markdown(a, cols):
     """The leave-one-encoder-or-family-out and DiT-seed tables of sweep_analysis.md."""
-    encs = list(dict.fromkeys(e for k, m in cols for e in a["leave_one_out"][k][m]))
+    left_out = list(dict.fromkeys(e for k, m in cols for e in a["leave_one_out"][k][m]))
     lines = ["", "## Leave one encoder, or one family, out: Pearson r / Spearman rho of TED with the rest", "",
-             "| kind | measure | " + " | ".join(f"without {e}" for e in encs) + " |", "|---|---|" + "---|" * len(encs)]
+             "| kind | measure | " + " | ".join(f"without {e}" for e in left_out) + " |",
+             "|---|---|" + "---|" * len(left_out)]
     for kind, m in cols:
         loo = a["leave_one_out"][kind][m]
         lines.append(f"| {kind} | {MEASURES[m]} | " + " | ".join(
             f"{_fmt(loo[e]['pearson'], 2)} / {_fmt(loo[e]['spearman'], 2)} (n {loo[e]['n']})" if e in loo else "-"
-            for e in encs) + " |")
+            for e in left_out) + " |")
     lines += ["", "## The DiT's own seed noise vs the spread between configurations", "",
               "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | std over configurations |",
               "|---|---|---|---|---|"]

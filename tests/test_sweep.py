@@ -233,7 +233,8 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
     assert noise["configurations_with_seeds"] == 2
     assert noise["seed_std"] == pytest.approx(np.sqrt(0.02))
     assert noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
-    assert "without e5" in sweep.markdown(table, a) and "without B family" in sweep.markdown(table, a)
+    md = sweep.markdown(table, a)
+    assert "without e5" in md and "without B family" in md
 
 
 def test_exact_permutation_p_and_constant_sides():
@@ -284,7 +285,7 @@ def test_a_sweep_killed_during_05_counts_that_attempt_up_to_its_newest_checkpoin
     import os
     args = sweep.parse_args(["--smoke", "--out", str(tmp_path)])
     cfg = sweep.SMOKE_CONFIGS[0]
-    d, probe, dit, ev = sweep.folders(args, cfg)
+    d, probe, dit, ev = sweep.folders(args, cfg.name)
     for path, text in [(probe / "results.json", "{}"), (dit / "checkpoints/step_00000006.pt", ""),
                        (dit / "model.safetensors", ""), (ev / "eval.json", '{"step": 6}'),
                        (d / "seconds.json", '{"probe": 2.0, "train": 10.0, "train_started": 1000.0}')]:
