@@ -102,7 +102,8 @@ def get_parser():
     p.add_argument("--steps", type=pos, default=None, help="DiT optimiser steps (default 3000; smoke 6)")
     p.add_argument("--dit-seed", type=nonneg, default=0,
                    help="05's seed; another than 0 trains and evaluates a further DiT beside the kept probe")
-    p.add_argument("--seeds", type=nonneg, nargs="+", default=None, help="02's aggregator seeds (default 0 1 2; smoke 0 1)")
+    p.add_argument("--seeds", type=nonneg, nargs="+", default=None,
+                   help="02's aggregator seeds (default 0 1 2; smoke 0 1)")
     p.add_argument("--max-captions", type=nonneg, default=None, help="02: benchmark captions scored (0 = all)")
     p.add_argument("--eval-images", type=nonneg, default=None, help="06: held-out image prompts (default 48)")
     p.add_argument("--eval-videos", type=nonneg, default=None, help="06: held-out video prompts (default 24)")
@@ -425,11 +426,14 @@ def analyse(sweep, n_boot=10000, seed=0):
         for key, ted in (("correlation_zero_shot", "zero_shot"), ("correlation_beyond_words", "beyond_words")):
             pts = [(r["ted"][ted], yr) for r, yr in zip(have, y) if r["ted"].get(ted) is not None]
             out[key].setdefault(kind, {})[m] = correlation(*zip(*pts), n_boot, seed) if pts else correlation([], [])
-        # Does one encoder, or one family, carry r? The correlation with its configurations left out in turn.
-        groups = [("encoder", e, e) for e in sorted({r["encoder"] for r in have})]
-        groups += [("family", f, f"{f} family") for f in sorted({r["family"] for r in have})]
-        for field, value, label in groups:
-            rest = [(r["ted"]["overall"], yr) for r, yr in zip(have, y) if r[field] != value]
+        # Does one encoder, or one family, carry r? The correlation with its configurations left out in turn;
+        # and does TED rank the configurations inside one family? The correlation within each family alone.
+        families = sorted({r["family"] for r in have})
+        groups = [("encoder", e, f"without {e}", False) for e in sorted({r["encoder"] for r in have})]
+        groups += [("family", f, f"without {f} family", False) for f in families]
+        groups += [("family", f, f"{f} family alone", True) for f in families]
+        for field, value, label, alone in groups:
+            rest = [(r["ted"]["overall"], yr) for r, yr in zip(have, y) if (r[field] == value) == alone]
             c = correlation(*zip(*rest), n_boot=1) if rest else correlation([], [])
             out["leave_one_out"].setdefault(kind, {}).setdefault(m, {})[label] = {
                 "n": c["n"], "pearson": c["pearson"]["value"], "spearman": c["spearman"]["value"]}
@@ -471,10 +475,10 @@ def _mean_se(v, digits=3):
 
 
 def robustness_markdown(a, cols):
-    """The leave-one-encoder-or-family-out and DiT-seed tables of sweep_analysis.md."""
+    """The leave-one-encoder-or-family-out, family-alone and DiT-seed tables of sweep_analysis.md."""
     left_out = list(dict.fromkeys(e for k, m in cols for e in a["leave_one_out"][k][m]))
-    lines = ["", "## Leave one encoder, or one family, out: Pearson r / Spearman rho of TED with the rest", "",
-             "| kind | measure | " + " | ".join(f"without {e}" for e in left_out) + " |",
+    lines = ["", "## Leave one encoder or family out, or keep one family alone: Pearson r / Spearman rho of TED", "",
+             "| kind | measure | " + " | ".join(left_out) + " |",
              "|---|---|" + "---|" * len(left_out)]
     for kind, m in cols:
         loo = a["leave_one_out"][kind][m]

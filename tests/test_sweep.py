@@ -225,16 +225,18 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
         r["dit_seeds"] = {"1": {"generation": again, "commit": None}}
     a = sweep.analyse(table, n_boot=200)
     loo = a["leave_one_out"]["image"]["classifier"]
-    assert loo["e5"]["pearson"] is None and loo["e5"]["n"] == 5  # the rest is constant: only e5 made r
-    assert loo["e0"]["pearson"] == pytest.approx(np.corrcoef(xs[1:], ys[1:])[0, 1])
-    assert loo["B family"]["pearson"] is None and loo["B family"]["n"] == 3  # family A alone is constant
-    assert loo["A family"]["pearson"] == pytest.approx(np.corrcoef(xs[3:], ys[3:])[0, 1])
+    assert loo["without e5"]["pearson"] is None and loo["without e5"]["n"] == 5  # the rest is constant
+    assert loo["without e0"]["pearson"] == pytest.approx(np.corrcoef(xs[1:], ys[1:])[0, 1])
+    assert loo["without B family"]["pearson"] is None and loo["without B family"]["n"] == 3  # A is constant
+    assert loo["A family alone"]["pearson"] is None and loo["A family alone"]["n"] == 3
+    assert loo["without A family"]["pearson"] == pytest.approx(np.corrcoef(xs[3:], ys[3:])[0, 1])
+    assert loo["B family alone"] == loo["without A family"]
     noise = a["dit_seed_noise"]["video"]["mismatched"]
     assert noise["configurations_with_seeds"] == 2
     assert noise["seed_std"] == pytest.approx(np.sqrt(0.02))
     assert noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
     md = sweep.markdown(table, a)
-    assert "without e5" in md and "without B family" in md
+    assert "without e5" in md and "without B family" in md and "B family alone" in md
 
 
 def test_exact_permutation_p_and_constant_sides():
