@@ -400,12 +400,22 @@ def seed_noise(rows, kind, m):
     between = [r["generation"][kind][m]["all"]["mean"] for r in rows]
     groups = []
     for y0, r in zip(between, rows):
-        more = [x["generation"][kind][m]["all"]["mean"] for x in r.get("dit_seeds", {}).values()
-                if m in x["generation"].get(kind, {})]
+        more = {s: x["generation"][kind][m]["all"]["mean"] for s, x in r.get("dit_seeds", {}).items()
+                if m in x["generation"].get(kind, {})}
         if more:
-            groups.append([y0] + more)
-    within = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in groups]))) if groups else None
-    return {"configurations_with_seeds": len(groups), "seed_std": within,
+            groups.append({"0": y0, **more})
+    within = float(np.sqrt(np.mean([np.var(list(v.values()), ddof=1) for v in groups]))) if groups else None
+    # A DiT seed fixes init and data order for every configuration, so part of its effect is shared and
+    # cancels between rows at the same seed. What does not cancel is the configuration x seed interaction:
+    # the two-way residual std over the configurations that ran the most common set of seeds.
+    sets = [tuple(sorted(v)) for v in groups]
+    common = max(sets, key=sets.count, default=())
+    y = np.array([[v[s] for s in common] for v in groups if tuple(sorted(v)) == common])
+    interaction = None
+    if len(y) > 1:
+        res = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
+        interaction = float(np.sqrt((res ** 2).sum() / ((y.shape[0] - 1) * (y.shape[1] - 1))))
+    return {"configurations_with_seeds": len(groups), "seed_std": within, "interaction_std": interaction,
             "between_std": float(np.std(between, ddof=1)) if len(between) > 1 else None}
 
 
@@ -486,12 +496,12 @@ def robustness_markdown(a, cols):
             f"{_fmt(loo[e]['pearson'], 2)} / {_fmt(loo[e]['spearman'], 2)} (n {loo[e]['n']})" if e in loo else "-"
             for e in left_out) + " |")
     lines += ["", "## The DiT's own seed noise vs the spread between configurations", "",
-              "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | std over configurations |",
-              "|---|---|---|---|---|"]
+              "| kind | measure | configurations with >1 DiT seed | std over DiT seeds | configuration x seed std | "
+              "std over configurations |", "|---|---|---|---|---|---|"]
     for kind, m in cols:
         sn = a["dit_seed_noise"][kind][m]
         lines.append(f"| {kind} | {MEASURES[m]} | {sn['configurations_with_seeds']} | {_fmt(sn['seed_std'])} | "
-                     f"{_fmt(sn['between_std'])} |")
+                     f"{_fmt(sn['interaction_std'])} | {_fmt(sn['between_std'])} |")
     return lines
 
 
@@ -515,6 +525,10 @@ def markdown(sweep, a):
                      + ("-" if beyond is None else f"{beyond:.2f} ± {_fmt(r['ted']['beyond_words_std'], 2)}") + " | "
                      + " | ".join(_mean_se(g.get(k, {}).get(m, {}).get("all")) for k, m in cols)
                      + f" | {sec['probe']:.0f} | {(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
+        for seed, x in sorted(r.get("dit_seeds", {}).items()):  # the same encoder, another DiT seed
+            lines.append(f"| {r['name']} (DiT seed {seed}) | | | "
+                         + " | ".join(_mean_se(x["generation"].get(k, {}).get(m, {}).get("all")) for k, m in cols)
+                         + " | | |")
     lines += ["", "## TED overall vs each generation measure", "",
               "| TED | kind | measure | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |",
               "|---|---|---|---|---|---|---|---|"]
