@@ -410,7 +410,7 @@ def seed_noise(rows, kind, m):
     # the two-way residual std over the configurations that ran the most common set of seeds.
     sets = [tuple(sorted(v)) for v in groups]
     common = max(sets, key=sets.count, default=())
-    y = np.array([[v[s] for s in common] for v in groups if tuple(sorted(v)) == common])
+    y = np.array([[v[s] for s in common] for v, ran in zip(groups, sets) if ran == common])
     interaction = None
     if len(y) > 1:
         res = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
@@ -509,6 +509,10 @@ def markdown(sweep, a):
     rows = sweep["configurations"]
     s = sweep["settings"]
     cols = list(itertools.product(KINDS, MEASURES))
+
+    def measures(g):
+        return " | ".join(_mean_se(g.get(k, {}).get(m, {}).get("all")) for k, m in cols)
+
     lines = ["# Does TED predict generation?", "",
              f"{len(rows)} configurations; DiT {s['steps']} steps each, the same recipe; TED: mean ± std over "
              f"{len(s['seeds'])} aggregator seeds; generation: 06 --eval over all aspects ± s.e. (classifier "
@@ -523,12 +527,9 @@ def markdown(sweep, a):
         beyond = r["ted"].get("beyond_words")
         lines.append(f"| {r['name']} | {r['ted']['overall']:.2f} ± {_fmt(r['ted']['std'], 2)} | "
                      + ("-" if beyond is None else f"{beyond:.2f} ± {_fmt(r['ted']['beyond_words_std'], 2)}") + " | "
-                     + " | ".join(_mean_se(g.get(k, {}).get(m, {}).get("all")) for k, m in cols)
-                     + f" | {sec['probe']:.0f} | {(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
+                     + measures(g) + f" | {sec['probe']:.0f} | {(sec['train'] or 0) + (sec['eval'] or 0):.0f} |")
         for seed, x in sorted(r.get("dit_seeds", {}).items()):  # the same encoder, another DiT seed
-            lines.append(f"| {r['name']} (DiT seed {seed}) | | | "
-                         + " | ".join(_mean_se(x["generation"].get(k, {}).get(m, {}).get("all")) for k, m in cols)
-                         + " | | |")
+            lines.append(f"| {r['name']} (DiT seed {seed}) | | | " + measures(x["generation"]) + " | | |")
     lines += ["", "## TED overall vs each generation measure", "",
               "| TED | kind | measure | n | Pearson r [95% CI] | p | Spearman rho [95% CI] | p |",
               "|---|---|---|---|---|---|---|---|"]

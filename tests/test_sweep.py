@@ -236,12 +236,12 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
     assert noise["seed_std"] == pytest.approx(np.sqrt(0.02))
     assert noise["interaction_std"] == pytest.approx(0.2)  # residuals +-0.1 over (2 - 1) x (2 - 1)
     assert noise["between_std"] == pytest.approx(np.std(ys, ddof=1))
-    table["configurations"][0]["dit_seeds"]["1"] = table["configurations"][1]["dit_seeds"]["1"]  # both +0.2
-    shared = sweep.analyse(table, n_boot=20)["dit_seed_noise"]["video"]["mismatched"]
-    assert shared["interaction_std"] == pytest.approx(0.0) and shared["seed_std"] > 0.1  # a shared shift cancels
     md = sweep.markdown(table, a)
     assert "without e5" in md and "without B family" in md and "B family alone" in md
     assert "| c1 (DiT seed 1) | | | +0.300 ± 0.010 |" in md
+    table["configurations"][0]["dit_seeds"]["1"] = table["configurations"][1]["dit_seeds"]["1"]  # both +0.2
+    shared = sweep.analyse(table, n_boot=20)["dit_seed_noise"]["video"]["mismatched"]
+    assert shared["interaction_std"] == pytest.approx(0.0) and shared["seed_std"] > 0.1  # a shared shift cancels
 
 
 def test_exact_permutation_p_and_constant_sides():
