@@ -244,6 +244,19 @@ def test_leave_one_out_and_the_dit_seed_noise_on_known_tables():
     assert shared["interaction_std"] == pytest.approx(0.0) and shared["seed_std"] > 0.1  # a shared shift cancels
 
 
+def test_r_on_the_mean_of_dit_seeds_sees_through_their_noise():
+    xs, noise = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.9, -1.2, 1.1, -0.8])
+    table = make_table(list(xs), list(xs + noise))  # seed 0 and seed 1 err in opposite directions
+    for r, y1 in zip(table["configurations"], xs - noise):
+        r["dit_seeds"] = {"1": {"generation": make_table([0.0], [y1])["configurations"][0]["generation"]}}
+    a = sweep.analyse(table, n_boot=20)
+    sn = a["dit_seed_noise"]["image"]["classifier"]
+    assert sn["seeds"] == ["0", "1"] and sn["n_common"] == 4
+    assert sn["r_each_seed"] == pytest.approx([np.corrcoef(xs, xs + noise)[0, 1], np.corrcoef(xs, xs - noise)[0, 1]])
+    assert max(sn["r_each_seed"]) < 0.9 and sn["r_seed_mean"] == pytest.approx(1.0)  # the mean is xs itself
+    assert "| 0.64 (seed 0), 0.83 (seed 1) | 1.00 (n 4) |" in sweep.markdown(table, a)
+
+
 def test_exact_permutation_p_and_constant_sides():
     # 4! = 24 orderings, fewer than the resamples: exact; only the identity reaches r = 1, doubled
     c = sweep.correlation([1, 2, 3, 4], [1, 8, 27, 64])
